@@ -1,0 +1,212 @@
+//! Bedrock ARNs and model ids: parsing and normalisation, with no I/O.
+//!
+//! Owns the one place that knows how a model id can be spelled (foundation model id, system
+//! cross-region profile id with a geo prefix, or an ARN of a foundation model, a system profile
+//! or an application inference profile) and how to reduce each to the base model id.
+
+/// Geo prefixes of system-defined cross-region inference profiles (`us.anthropic...`).
+const GEO_PREFIXES: &[&str] = &["us", "us-gov", "eu", "apac", "global", "jp", "au", "ca"];
+
+/// What a Bedrock ARN points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResourceKind {
+    FoundationModel,
+    /// A system-defined (cross-region) inference profile.
+    InferenceProfile,
+    ApplicationInferenceProfile,
+}
+
+/// A parsed `arn:{partition}:bedrock:{region}:{account}:{kind}/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BedrockArn {
+    pub partition: String,
+    pub region: String,
+    /// Empty for foundation models, which have no account.
+    pub account: String,
+    pub kind: ResourceKind,
+    pub resource_id: String,
+}
+
+fn is_region(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Characters Bedrock allows in model ids: letters, digits, `.`, `-`, `_`, `:`.
+fn is_model_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
+}
+
+impl BedrockArn {
+    /// Parses a Bedrock ARN, or says why it is not one.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = s.splitn(6, ':');
+        let (Some("arn"), Some(partition), Some(service), Some(region), Some(account), Some(rest)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err("expected arn:aws:bedrock:{region}:{account}:{type}/{id}".into());
+        };
+        if !partition.starts_with("aws") {
+            return Err(format!("unknown partition `{partition}`"));
+        }
+        if service != "bedrock" {
+            return Err(format!("service is `{service}`, expected `bedrock`"));
+        }
+        if !is_region(region) {
+            return Err(format!("`{region}` is not a region"));
+        }
+        let Some((kind, id)) = rest.split_once('/') else {
+            return Err("missing `/` between resource type and id".into());
+        };
+        let kind = match kind {
+            "foundation-model" => ResourceKind::FoundationModel,
+            "inference-profile" => ResourceKind::InferenceProfile,
+            "application-inference-profile" => ResourceKind::ApplicationInferenceProfile,
+            other => return Err(format!("resource type `{other}` is not a model or profile")),
+        };
+        let account_ok = account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit());
+        match kind {
+            ResourceKind::FoundationModel if !(account.is_empty() || account_ok) => {
+                return Err(format!("`{account}` is not a 12-digit account id"));
+            }
+            ResourceKind::InferenceProfile | ResourceKind::ApplicationInferenceProfile
+                if !account_ok =>
+            {
+                return Err(format!("`{account}` is not a 12-digit account id"));
+            }
+            _ => {}
+        }
+        let id_ok = match kind {
+            ResourceKind::ApplicationInferenceProfile => {
+                !id.is_empty()
+                    && id.len() <= 64
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            }
+            _ => is_model_id(id),
+        };
+        if !id_ok {
+            return Err(format!("`{id}` is not a valid resource id"));
+        }
+        Ok(BedrockArn {
+            partition: partition.to_string(),
+            region: region.to_string(),
+            account: account.to_string(),
+            kind,
+            resource_id: id.to_string(),
+        })
+    }
+}
+
+/// Strips a cross-region geo prefix: `us.anthropic.claude-x` becomes `anthropic.claude-x`.
+/// Ids without a known prefix come back unchanged.
+pub fn strip_geo_prefix(id: &str) -> &str {
+    if let Some((prefix, rest)) = id.split_once('.')
+        && GEO_PREFIXES.contains(&prefix)
+        && rest.contains('.')
+    {
+        return rest;
+    }
+    id
+}
+
+/// How a requested model id names its model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRef {
+    /// A plain id: a foundation model id, a system profile id, or the id part of an
+    /// application inference profile ARN.
+    Id(String),
+    /// An ARN. For foundation models and system profiles the base model id is derived.
+    Arn(BedrockArn),
+}
+
+impl ModelRef {
+    /// Parses a decoded model id from a request path.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.starts_with("arn:") {
+            return BedrockArn::parse(s).map(ModelRef::Arn);
+        }
+        if !is_model_id(s) {
+            return Err("a model id has only letters, digits, `.`, `-`, `_` and `:`".into());
+        }
+        Ok(ModelRef::Id(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_application_profile_arn() {
+        let arn = BedrockArn::parse(
+            "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc123",
+        )
+        .unwrap();
+        assert_eq!(arn.region, "us-east-1");
+        assert_eq!(arn.account, "123456789012");
+        assert_eq!(arn.kind, ResourceKind::ApplicationInferenceProfile);
+        assert_eq!(arn.resource_id, "abc123");
+    }
+
+    #[test]
+    fn parses_foundation_model_arn_without_account() {
+        let arn = BedrockArn::parse(
+            "arn:aws:bedrock:us-west-2::foundation-model/anthropic.claude-sonnet-4-5-20250929-v1:0",
+        )
+        .unwrap();
+        assert_eq!(arn.kind, ResourceKind::FoundationModel);
+        assert_eq!(arn.resource_id, "anthropic.claude-sonnet-4-5-20250929-v1:0");
+    }
+
+    #[test]
+    fn rejects_malformed_arns() {
+        for bad in [
+            "arn:aws:bedrock:us-east-1:123:application-inference-profile/abc",
+            "arn:aws:s3:us-east-1:123456789012:application-inference-profile/abc",
+            "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile",
+            "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/ABC",
+            "arn:aws:bedrock:US_EAST:123456789012:application-inference-profile/abc",
+            "arn:aws:bedrock:us-east-1:123456789012:agent/abc",
+            "arn:aws:bedrock",
+            "",
+        ] {
+            assert!(BedrockArn::parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn strips_known_geo_prefixes_only() {
+        assert_eq!(
+            strip_geo_prefix("us.anthropic.claude-haiku-4-5-20251001-v1:0"),
+            "anthropic.claude-haiku-4-5-20251001-v1:0"
+        );
+        assert_eq!(strip_geo_prefix("global.anthropic.x"), "anthropic.x");
+        assert_eq!(strip_geo_prefix("apac.anthropic.x"), "anthropic.x");
+        assert_eq!(strip_geo_prefix("anthropic.claude"), "anthropic.claude");
+        assert_eq!(strip_geo_prefix("us.claude"), "us.claude");
+        assert_eq!(
+            strip_geo_prefix("xx.anthropic.claude"),
+            "xx.anthropic.claude"
+        );
+    }
+
+    #[test]
+    fn model_ref_rejects_odd_characters() {
+        assert!(ModelRef::parse("anthropic.claude v1").is_err());
+        assert!(ModelRef::parse("../etc").is_err());
+        assert!(ModelRef::parse("").is_err());
+        assert!(ModelRef::parse("anthropic.claude-3:0").is_ok());
+    }
+}

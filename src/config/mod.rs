@@ -1,0 +1,481 @@
+//! Configuration: the TOML file parsed into [`raw`] types, then validated into [`Config`].
+//!
+//! `serve` and `check` both call [`Config::load`], so a config that passes `check` is exactly
+//! one that `serve` accepts. Every error names the key path it is about. This module owns the
+//! routing table (who may use which profile); it never touches the network.
+
+pub mod raw;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::arn::{BedrockArn, ModelRef, ResourceKind};
+use crate::auth::KeyHash;
+use raw::RawConfig;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 20 * 1024 * 1024;
+/// Larger bodies than this are never sensible for one model call and would let one caller
+/// pin a lot of proxy memory.
+const MAX_MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
+const DEFAULT_RUNTIME_ENDPOINT: &str = "https://bedrock-runtime.{region}.amazonaws.com";
+const DEFAULT_CONTROL_ENDPOINT: &str = "https://bedrock.{region}.amazonaws.com";
+
+/// A config problem, with the dotted key path it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A validated, ready-to-serve configuration. Immutable: a reload builds a new one.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub aws: AwsSettings,
+    pub max_body_bytes: usize,
+    pub timeouts: Timeouts,
+    pub users: Users,
+}
+
+#[derive(Debug, Clone)]
+pub struct AwsSettings {
+    /// Region for control-plane calls and for ids that carry no region.
+    pub region: String,
+    pub runtime_endpoint: EndpointTemplate,
+    pub control_endpoint: EndpointTemplate,
+    /// Named AWS profile; `None` means the default credential chain.
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP + TLS connect to Bedrock.
+    pub connect: Duration,
+    /// From sending the request to receiving response headers. Non-streaming calls only
+    /// answer when the whole completion is done, so this is long.
+    pub first_byte: Duration,
+    /// How long a client may take to send its request body.
+    pub request_body: Duration,
+}
+
+/// An endpoint URL in which `{region}` is replaced by the target's region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointTemplate(String);
+
+impl EndpointTemplate {
+    fn parse(path: &str, s: &str) -> Result<Self, ConfigError> {
+        let trimmed = s.trim_end_matches('/');
+        let probe = trimmed.replace("{region}", "us-east-1");
+        let uri: http::Uri = probe
+            .parse()
+            .map_err(|e| ConfigError::new(path, format!("`{s}` is not a URL: {e}")))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => {
+                return Err(ConfigError::new(
+                    path,
+                    format!("`{s}` must start with https:// or http://"),
+                ));
+            }
+        }
+        if uri.authority().is_none() {
+            return Err(ConfigError::new(path, format!("`{s}` has no host")));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(ConfigError::new(
+                path,
+                format!("`{s}` must be a bare scheme://host[:port] with no path"),
+            ));
+        }
+        Ok(EndpointTemplate(trimmed.to_string()))
+    }
+
+    /// The base URL (no trailing slash) for a region.
+    pub fn for_region(&self, region: &str) -> String {
+        self.0.replace("{region}", region)
+    }
+}
+
+/// One application inference profile a user may call, and the model it was mapped from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// The full ARN as configured; it is what Bedrock receives.
+    pub arn: String,
+    pub parsed: BedrockArn,
+    /// The config key it is mapped from (a base model id such as `anthropic.claude-...`).
+    pub model: String,
+}
+
+/// A user of the proxy: their name and the profiles they may call.
+#[derive(Debug)]
+pub struct User {
+    pub name: String,
+    /// Config key (model id) to profile.
+    pub models: BTreeMap<String, Arc<Profile>>,
+}
+
+impl User {
+    /// The caller's own profile with this ARN, if any.
+    pub fn profile_by_arn(&self, arn: &str) -> Option<&Arc<Profile>> {
+        self.models.values().find(|p| p.arn == arn)
+    }
+
+    /// The caller's own profile whose ARN ends in this id, if any.
+    pub fn profile_by_id(&self, id: &str) -> Option<&Arc<Profile>> {
+        self.models.values().find(|p| p.parsed.resource_id == id)
+    }
+}
+
+/// The routing table: key hash to user, and profile ARN to its owner.
+#[derive(Debug, Default)]
+pub struct Users {
+    by_key: HashMap<KeyHash, Arc<User>>,
+    owners: HashMap<String, String>,
+    all: Vec<Arc<User>>,
+}
+
+impl Users {
+    pub fn by_key(&self, hash: &KeyHash) -> Option<&Arc<User>> {
+        self.by_key.get(hash)
+    }
+
+    /// Name of the user a profile ARN belongs to.
+    pub fn owner_of(&self, arn: &str) -> Option<&str> {
+        self.owners.get(arn).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    /// Every user, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<User>> {
+        self.all.iter()
+    }
+}
+
+fn line_of(src: &str, offset: usize) -> usize {
+    src.get(..offset).map_or(0, |s| s.matches('\n').count()) + 1
+}
+
+fn is_user_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de =
+            toml::Deserializer::parse(text).map_err(|e| Self::toml_error("(file)", text, &e))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            Self::toml_error(&path, text, e.inner())
+        })?;
+        Self::from_raw(raw)
+    }
+
+    fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+        let message = match e.span() {
+            Some(span) => format!(
+                "{} (line {})",
+                e.message().trim(),
+                line_of(text, span.start)
+            ),
+            None => e.message().trim().to_string(),
+        };
+        let path = if path == "." || path.is_empty() {
+            "(file)"
+        } else {
+            path
+        };
+        ConfigError::new(path, message)
+    }
+
+    /// Validates raw config into a typed one.
+    pub fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            ConfigError::new(
+                "listen",
+                format!("`{listen_text}` is not an address like 127.0.0.1:8787"),
+            )
+        })?;
+
+        let region = raw.aws.region.unwrap_or_else(|| "us-east-1".to_string());
+        if BedrockArn::parse(&format!("arn:aws:bedrock:{region}::foundation-model/x")).is_err() {
+            return Err(ConfigError::new(
+                "aws.region",
+                format!("`{region}` is not a region"),
+            ));
+        }
+        let aws = AwsSettings {
+            region,
+            runtime_endpoint: EndpointTemplate::parse(
+                "aws.runtime_endpoint",
+                raw.aws
+                    .runtime_endpoint
+                    .as_deref()
+                    .unwrap_or(DEFAULT_RUNTIME_ENDPOINT),
+            )?,
+            control_endpoint: EndpointTemplate::parse(
+                "aws.control_endpoint",
+                raw.aws
+                    .control_endpoint
+                    .as_deref()
+                    .unwrap_or(DEFAULT_CONTROL_ENDPOINT),
+            )?,
+            profile: raw.aws.profile,
+        };
+
+        let max_body = raw.limits.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body == 0 || max_body > MAX_MAX_BODY_BYTES {
+            return Err(ConfigError::new(
+                "limits.max_body_bytes",
+                format!("must be between 1 and {MAX_MAX_BODY_BYTES}"),
+            ));
+        }
+        let secs = |path: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(ConfigError::new(path, "must be at least 1 second")),
+                n if n > 24 * 3600 => Err(ConfigError::new(path, "must be at most 86400 seconds")),
+                n => Ok(Duration::from_secs(n)),
+            }
+        };
+        let timeouts = Timeouts {
+            connect: secs("timeouts.connect_secs", raw.timeouts.connect_secs, 10)?,
+            first_byte: secs(
+                "timeouts.first_byte_secs",
+                raw.timeouts.first_byte_secs,
+                900,
+            )?,
+            request_body: secs(
+                "timeouts.request_body_secs",
+                raw.timeouts.request_body_secs,
+                120,
+            )?,
+        };
+
+        let users = Self::users(raw.users)?;
+        Ok(Config {
+            listen,
+            aws,
+            max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
+            timeouts,
+            users,
+        })
+    }
+
+    fn users(raw: BTreeMap<String, raw::RawUser>) -> Result<Users, ConfigError> {
+        let mut users = Users::default();
+        let mut key_owner: HashMap<KeyHash, String> = HashMap::new();
+        for (name, user) in raw {
+            let base = format!("users.{name}");
+            if !is_user_name(&name) {
+                return Err(ConfigError::new(
+                    &base,
+                    "user names use letters, digits, `-`, `_`, `.` and `@` (at most 64)",
+                ));
+            }
+            let keys = user.keys;
+            let mut models = BTreeMap::new();
+            for (model, value) in user.models {
+                let path = format!("{base}.models.\"{model}\"");
+                match ModelRef::parse(&model) {
+                    Ok(ModelRef::Id(_)) => {}
+                    Ok(ModelRef::Arn(_)) | Err(_) => {
+                        return Err(ConfigError::new(
+                            &path,
+                            "the key must be a model id such as anthropic.claude-sonnet-4-5-20250929-v1:0",
+                        ));
+                    }
+                }
+                let parsed = BedrockArn::parse(&value).map_err(|e| {
+                    ConfigError::new(&path, format!("`{value}` is not a profile ARN: {e}"))
+                })?;
+                if parsed.kind != ResourceKind::ApplicationInferenceProfile {
+                    return Err(ConfigError::new(
+                        &path,
+                        format!(
+                            "`{value}` is not an application inference profile ARN (…:application-inference-profile/ID)"
+                        ),
+                    ));
+                }
+                if let Some(other) = users.owners.get(&value)
+                    && other != &name
+                {
+                    return Err(ConfigError::new(
+                        &path,
+                        format!(
+                            "profile `{value}` is also mapped for user `{other}`; one profile per user keeps their costs apart"
+                        ),
+                    ));
+                }
+                users.owners.insert(value.clone(), name.clone());
+                models.insert(
+                    model.clone(),
+                    Arc::new(Profile {
+                        arn: value,
+                        parsed,
+                        model,
+                    }),
+                );
+            }
+            let user = Arc::new(User {
+                name: name.clone(),
+                models,
+            });
+            for (i, key) in keys.iter().enumerate() {
+                let path = format!("{base}.keys[{i}]");
+                let hash = KeyHash::from_config(key).map_err(|e| ConfigError::new(&path, e))?;
+                if let Some(other) = key_owner.get(&hash) {
+                    return Err(ConfigError::new(
+                        &path,
+                        format!(
+                            "this key hash is also listed for user `{other}`; a key must identify one user"
+                        ),
+                    ));
+                }
+                key_owner.insert(hash.clone(), name.clone());
+                users.by_key.insert(hash, Arc::clone(&user));
+            }
+            users.all.push(user);
+        }
+        Ok(users)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ARN: &str = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc123";
+
+    fn key(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    fn err(text: &str) -> ConfigError {
+        Config::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let c = Config::parse(include_str!("../../config/bedrock-gate.example.toml")).unwrap();
+        assert!(!c.users.is_empty());
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.aws.region, "us-east-1");
+        assert_eq!(c.max_body_bytes, 20 * 1024 * 1024);
+        assert_eq!(
+            c.aws.runtime_endpoint.for_region("eu-west-1"),
+            "https://bedrock-runtime.eu-west-1.amazonaws.com"
+        );
+        assert_eq!(
+            c.aws.control_endpoint.for_region("us-west-2"),
+            "https://bedrock.us-west-2.amazonaws.com"
+        );
+    }
+
+    #[test]
+    fn misspelt_keys_name_their_path() {
+        let e = err("lisen = \"127.0.0.1:1\"");
+        assert!(e.message.contains("lisen"), "{e}");
+        let e = err("[aws]\nregoin = \"us-east-1\"");
+        assert_eq!(e.path, "aws.regoin");
+        assert!(
+            e.message.contains("regoin") && e.message.contains("line 2"),
+            "{e}"
+        );
+        let e = err(&format!("[users.alice]\nkeyz = [\"{}\"]", key('a')));
+        assert_eq!(e.path, "users.alice.keyz");
+        let e = err("[limits]\nmax_body_bytes = \"big\"");
+        assert_eq!(e.path, "limits.max_body_bytes");
+    }
+
+    #[test]
+    fn malformed_arn_and_hash_are_rejected_with_path() {
+        let e = err(
+            "[users.alice.models]\n\"anthropic.claude-x\" = \"arn:aws:bedrock:us-east-1:1:application-inference-profile/x\"",
+        );
+        assert_eq!(e.path, "users.alice.models.\"anthropic.claude-x\"");
+        let e = err(
+            "[users.alice.models]\n\"anthropic.claude-x\" = \"arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-x\"",
+        );
+        assert!(e.message.contains("application inference profile"), "{e}");
+        let e = err("[users.alice]\nkeys = [\"plain-text-key\"]");
+        assert_eq!(e.path, "users.alice.keys[0]");
+    }
+
+    #[test]
+    fn a_key_or_profile_in_two_users_is_rejected() {
+        let e = err(&format!(
+            "[users.alice]\nkeys = [\"{k}\"]\n[users.bob]\nkeys = [\"{k}\"]",
+            k = key('a')
+        ));
+        assert_eq!(e.path, "users.bob.keys[0]");
+        assert!(e.message.contains("alice"), "{e}");
+        let e = err(&format!(
+            "[users.alice.models]\n\"anthropic.a\" = \"{ARN}\"\n[users.bob.models]\n\"anthropic.b\" = \"{ARN}\""
+        ));
+        assert_eq!(e.path, "users.bob.models.\"anthropic.b\"");
+        assert!(e.message.contains("alice"), "{e}");
+    }
+
+    #[test]
+    fn endpoints_limits_and_listen_are_checked() {
+        assert_eq!(err("listen = \"localhost\"").path, "listen");
+        assert_eq!(
+            err("[aws]\nruntime_endpoint = \"ftp://x\"").path,
+            "aws.runtime_endpoint"
+        );
+        assert_eq!(
+            err("[aws]\ncontrol_endpoint = \"https://x/path\"").path,
+            "aws.control_endpoint"
+        );
+        assert_eq!(err("[aws]\nregion = \"US EAST\"").path, "aws.region");
+        assert_eq!(
+            err("[limits]\nmax_body_bytes = 0").path,
+            "limits.max_body_bytes"
+        );
+        assert_eq!(
+            err("[timeouts]\nconnect_secs = 0").path,
+            "timeouts.connect_secs"
+        );
+        assert_eq!(err("[users.\"a b\"]").path, "users.a b");
+        let c = Config::parse("[aws]\nruntime_endpoint = \"http://127.0.0.1:9/\"").unwrap();
+        assert_eq!(c.aws.runtime_endpoint.for_region("x"), "http://127.0.0.1:9");
+    }
+}

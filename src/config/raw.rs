@@ -1,0 +1,54 @@
+//! The config file as written: serde types that mirror the TOML one to one.
+//!
+//! Every table denies unknown fields so a misspelt key is an error, never a silent default.
+//! Nothing here is validated; [`super::Config::from_raw`] does that.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub aws: RawAws,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub users: BTreeMap<String, RawUser>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAws {
+    pub region: Option<String>,
+    pub runtime_endpoint: Option<String>,
+    pub control_endpoint: Option<String>,
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect_secs: Option<u64>,
+    pub first_byte_secs: Option<u64>,
+    pub request_body_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
+}

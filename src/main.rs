@@ -1,0 +1,88 @@
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use bedrock_gate::cli::{Cli, Command, LogFormat};
+use bedrock_gate::config::Config;
+use bedrock_gate::server::{self, ServeOptions};
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            log_format,
+            shutdown_grace_secs,
+        } => {
+            init_tracing(log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("bedrock-gate: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = ServeOptions {
+                config_path: config,
+                listen,
+                grace: Duration::from_secs(shutdown_grace_secs),
+            };
+            match runtime.block_on(server::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("bedrock-gate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                let profiles: usize = c.users.iter().map(|u| u.models.len()).sum();
+                println!(
+                    "{}: ok ({} users, {} profiles, listen {})",
+                    config.display(),
+                    c.users.len(),
+                    profiles,
+                    c.listen
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Keygen => match bedrock_gate::auth::generate_key() {
+            Ok(k) => {
+                println!("key:    {}", k.key.expose());
+                println!("config: keys = [\"{}\"]", k.hash);
+                eprintln!(
+                    "Give the key to the user once; only the sha256 line goes in the config."
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bedrock-gate: no randomness from the OS: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,402 @@
+//! The HTTP front: router, the proxy handler and `serve(listener, shutdown)`.
+//!
+//! Request path, in order: parse the route from method and raw path → health answers at once →
+//! extract and hash the API key → resolve the caller's profile → read the body under the size
+//! and time limits → sign and send → stream the response back as it arrives, counting bytes for
+//! the one log line written when the body ends (or the client goes away).
+//!
+//! Middleware (outermost first): `SetSensitiveRequestHeaders` (Authorization, x-api-key), then
+//! the handler. Nothing here buffers a response; a refusal never reaches AWS.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderName, Method, StatusCode, header};
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt, Limited};
+use tokio::net::TcpListener;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+
+use crate::config::Config;
+use crate::error::{ApiError, ErrorKind};
+use crate::route::{self, Route, RuntimeOp};
+use crate::upstream::{Outbound, Upstream, headers};
+
+/// Longest query string forwarded to ListInferenceProfiles.
+const MAX_QUERY_LEN: usize = 1024;
+
+/// Shared state: the live config snapshot and the upstream client.
+pub struct AppState {
+    /// Swapped whole on reload; each request takes one snapshot and keeps it to the end.
+    pub config: ArcSwap<Config>,
+    pub upstream: Upstream,
+}
+
+impl AppState {
+    pub fn new(config: Config, upstream: Upstream) -> Arc<AppState> {
+        Arc::new(AppState {
+            config: ArcSwap::from_pointee(config),
+            upstream,
+        })
+    }
+}
+
+/// Builds the router around the state.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .fallback(proxy)
+        .with_state(state)
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            HeaderName::from_static("x-api-key"),
+        ]))
+}
+
+/// Serves on an already-bound listener until `shutdown` resolves, then stops accepting and
+/// waits up to `grace` for requests in flight (streams included).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
+    let server = server.into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        res = &mut server => res,
+        _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "grace period over; dropping requests still in flight");
+            Ok(())
+        }
+    }
+}
+
+/// What the request log line says about a request.
+#[derive(Debug, Default)]
+struct RequestLog {
+    request_id: String,
+    user: Option<String>,
+    operation: &'static str,
+    model: Option<String>,
+    profile: Option<String>,
+    status: u16,
+    bytes_in: usize,
+    ttfb: Option<Duration>,
+}
+
+impl RequestLog {
+    fn emit(&self, started: Instant, bytes_out: u64, outcome: &'static str) {
+        tracing::info!(
+            target: "bedrock_gate::access",
+            request_id = %self.request_id,
+            user = self.user.as_deref().unwrap_or("-"),
+            operation = self.operation,
+            model = self.model.as_deref().unwrap_or("-"),
+            profile = self.profile.as_deref().unwrap_or("-"),
+            status = self.status,
+            latency_ms = started.elapsed().as_millis() as u64,
+            ttfb_ms = self.ttfb.map(|d| d.as_millis() as u64),
+            bytes_in = self.bytes_in,
+            bytes_out,
+            outcome,
+            "request"
+        );
+    }
+}
+
+fn new_request_id() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        return "-".to_string();
+    }
+    hex::encode(b)
+}
+
+async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let started = Instant::now();
+    let mut log = RequestLog {
+        request_id: new_request_id(),
+        operation: "Unknown",
+        ..Default::default()
+    };
+    match handle(&state, request, &mut log, started).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            log.status = e.status.as_u16();
+            let id = log.request_id.clone();
+            let kind = e.aws_type();
+            log.emit(started, 0, kind);
+            e.into_response_with_id(&id)
+        }
+    }
+}
+
+async fn handle(
+    state: &AppState,
+    request: Request,
+    log: &mut RequestLog,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let route = route::parse(&parts.method, parts.uri.path())?;
+    log.operation = route.operation();
+    let config = state.config.load_full();
+
+    if route == Route::Health {
+        let body = serde_json::json!({ "status": "ok", "users": config.users.len() });
+        return Ok((StatusCode::OK, axum::Json(body)).into_response());
+    }
+
+    let key = crate::auth::extract_key(&parts.headers)?;
+    let user = config
+        .users
+        .by_key(&key.hash())
+        .cloned()
+        .ok_or_else(|| ApiError::access_denied(crate::auth::unknown_key_message()))?;
+    drop(key);
+    log.user = Some(user.name.clone());
+
+    let (method, url, region) = match &route {
+        Route::Runtime { op, model } => {
+            log.model = Some(model.clone());
+            let profile = route::resolve_runtime(&user, &config.users, model)?;
+            log.profile = Some(profile.arn.clone());
+            let region = profile.parsed.region.clone();
+            // CountTokens is free and takes a foundation model id, not a profile.
+            let upstream_id = match op {
+                RuntimeOp::CountTokens => crate::arn::strip_geo_prefix(&profile.model).to_string(),
+                _ => profile.arn.clone(),
+            };
+            let url = format!(
+                "{}/model/{}/{}",
+                config.aws.runtime_endpoint.for_region(&region),
+                route::encode_segment(&upstream_id),
+                op.suffix()
+            );
+            (Method::POST, url, region)
+        }
+        Route::ListProfiles => {
+            let region = config.aws.region.clone();
+            let mut url = format!(
+                "{}/inference-profiles",
+                config.aws.control_endpoint.for_region(&region)
+            );
+            if let Some(q) = parts.uri.query().filter(|q| !q.is_empty()) {
+                if q.len() > MAX_QUERY_LEN {
+                    return Err(ApiError::validation(format!(
+                        "The query string is longer than {MAX_QUERY_LEN} bytes."
+                    )));
+                }
+                url.push('?');
+                url.push_str(q);
+            }
+            (Method::GET, url, region)
+        }
+        Route::GetProfile { id } => {
+            log.model = Some(id.clone());
+            let lookup = route::resolve_profile_lookup(&user, &config.users, id)?;
+            let region = lookup.region.unwrap_or_else(|| config.aws.region.clone());
+            let url = format!(
+                "{}/inference-profiles/{}",
+                config.aws.control_endpoint.for_region(&region),
+                route::encode_segment(&lookup.id)
+            );
+            (Method::GET, url, region)
+        }
+        Route::Health => return Err(ApiError::new(ErrorKind::Internal, "unreachable")),
+    };
+
+    let body = read_body(
+        body,
+        &parts.headers,
+        config.max_body_bytes,
+        config.timeouts.request_body,
+    )
+    .await?;
+    log.bytes_in = body.len();
+    let out = Outbound {
+        method,
+        url,
+        region,
+        headers: headers::forwardable_request_headers(&parts.headers),
+        body,
+    };
+    let upstream = state.upstream.send(out, config.timeouts.first_byte).await?;
+    log.ttfb = Some(started.elapsed());
+    log.status = upstream.status().as_u16();
+
+    let (mut head, incoming) = upstream.into_parts();
+    headers::strip_hop_by_hop(&mut head.headers);
+    let observed = Observed {
+        inner: incoming,
+        log: Some(std::mem::take(log)),
+        started,
+        bytes_out: 0,
+    };
+    Ok(Response::from_parts(head, Body::new(observed)))
+}
+
+async fn read_body(
+    body: Body,
+    headers: &http::HeaderMap,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::validation(format!(
+            "The request body is larger than this bedrock-gate accepts ({limit} bytes, limits.max_body_bytes)."
+        ))
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ApiError::validation(format!(
+            "The request body did not arrive within {} s.",
+            timeout.as_secs()
+        ))
+        .with_status(StatusCode::REQUEST_TIMEOUT)),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(ApiError::validation("The request body could not be read.")),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// The upstream body on its way to the client, frame by frame, unchanged. Counts bytes and
+/// writes the request's log line when the body ends, fails, or is dropped early (the client
+/// went away), in which case the upstream connection is dropped with it.
+struct Observed<B> {
+    inner: B,
+    log: Option<RequestLog>,
+    started: Instant,
+    bytes_out: u64,
+}
+
+impl<B> Observed<B> {
+    fn finish(&mut self, outcome: &'static str) {
+        if let Some(log) = self.log.take() {
+            log.emit(self.started, self.bytes_out, outcome);
+        }
+    }
+}
+
+impl<B> http_body::Body for Observed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes_out += data.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish("complete");
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(error = %crate::upstream::error_chain(e), "upstream body failed mid-stream");
+                this.finish("upstream_error");
+            }
+            Poll::Ready(None) => this.finish("complete"),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Observed<B> {
+    fn drop(&mut self) {
+        self.finish("client_gone");
+    }
+}
+
+/// How `serve` was asked to run.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub config_path: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub grace: Duration,
+}
+
+/// Loads the config, binds, prints the address and serves until SIGTERM or SIGINT.
+pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
+    let config =
+        Config::load(&opts.config_path).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let listen = opts.listen.unwrap_or(config.listen);
+    let upstream = Upstream::new(&config.aws, config.timeouts.connect).await?;
+    let users = config.users.len();
+    let state = AppState::new(config, upstream);
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, users, config = %opts.config_path.display(), "bedrock-gate listening");
+    // A plain line on stdout for scripts and tests that start us on port 0.
+    println!("bedrock-gate listening on http://{local}");
+    serve(listener, state, shutdown_signal(), opts.grace).await?;
+    tracing::info!("bedrock-gate stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received; finishing requests in flight");
+}

@@ -1,0 +1,210 @@
+//! The way out to AWS: header hygiene, SigV4 signing and the pooled HTTP client.
+//!
+//! Owns the proxy's AWS identity. Credentials come from aws-config's default chain (or a named
+//! profile) and are asked for on every request, so rotation and refresh work; the provider
+//! caches. This module must never forward a caller credential: it signs only headers it built.
+
+pub mod headers;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_config::BehaviorVersion;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::identity::Identity;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::AwsSettings;
+use crate::error::{ApiError, ErrorKind};
+
+/// SigV4 service name for both Bedrock Runtime and the Bedrock control plane.
+const SIGNING_SERVICE: &str = "bedrock";
+
+/// A request ready to be signed and sent.
+#[derive(Debug)]
+pub struct Outbound {
+    pub method: Method,
+    /// Full URL: endpoint for the region + encoded path (+ query).
+    pub url: String,
+    /// Region to sign for.
+    pub region: String,
+    /// Headers to forward (already filtered by [`headers::forwardable_request_headers`]).
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// The pooled client and the proxy's AWS credentials.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    credentials: SharedCredentialsProvider,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Builds the client and resolves (without calling) the credential provider.
+    pub async fn new(aws: &AwsSettings, connect_timeout: Duration) -> anyhow::Result<Upstream> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new(aws.region.clone()));
+        if let Some(profile) = &aws.profile {
+            loader = loader.profile_name(profile);
+        }
+        let sdk = loader.load().await;
+        let credentials = sdk
+            .credentials_provider()
+            .ok_or_else(|| anyhow::anyhow!("no AWS credential provider could be configured"))?;
+        Ok(Self::with_credentials(credentials, connect_timeout))
+    }
+
+    /// Builds the client around a given credential provider.
+    pub fn with_credentials(
+        credentials: SharedCredentialsProvider,
+        connect_timeout: Duration,
+    ) -> Upstream {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .unwrap_or_else(|_| hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(50))
+            .pool_max_idle_per_host(64)
+            .build(https);
+        Upstream {
+            client,
+            credentials,
+        }
+    }
+
+    /// Signs and sends; resolves when response headers arrive (or the first-byte timeout hits).
+    /// The body is left streaming.
+    pub async fn send(
+        &self,
+        out: Outbound,
+        first_byte_timeout: Duration,
+    ) -> Result<Response<Incoming>, ApiError> {
+        let request = self.sign(out).await?;
+        match tokio::time::timeout(first_byte_timeout, self.client.request(request)).await {
+            Err(_) => Err(ApiError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "Bedrock did not start answering within {} s (bedrock-gate timeouts.first_byte_secs).",
+                    first_byte_timeout.as_secs()
+                ),
+            )),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %error_chain(&e), "upstream request failed");
+                Err(ApiError::new(
+                    ErrorKind::BadGateway,
+                    "bedrock-gate could not reach Bedrock; try again. The operator can see the cause in the proxy log.",
+                ))
+            }
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    async fn sign(&self, out: Outbound) -> Result<Request<Full<Bytes>>, ApiError> {
+        let uri: http::Uri = out.url.parse().map_err(|_| {
+            ApiError::new(
+                ErrorKind::Internal,
+                "bedrock-gate built an invalid upstream URL.",
+            )
+        })?;
+        let host = uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::Internal,
+                    "bedrock-gate built an upstream URL with no host.",
+                )
+            })?;
+
+        let mut headers = out.headers;
+        headers.insert(
+            header::HOST,
+            HeaderValue::from_str(&host)
+                .map_err(|_| ApiError::new(ErrorKind::Internal, "invalid upstream host"))?,
+        );
+        if out.method != Method::GET || !out.body.is_empty() {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(out.body.len()));
+        }
+
+        let creds = self.credentials.provide_credentials().await.map_err(|e| {
+            tracing::error!(error = %error_chain(&e), "no AWS credentials to sign with");
+            ApiError::new(
+                ErrorKind::Internal,
+                "bedrock-gate has no AWS credentials to sign with; the operator must fix its AWS credential chain.",
+            )
+        })?;
+        let identity: Identity = creds.into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&out.region)
+            .name(SIGNING_SERVICE)
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("signing parameters: {e}")))?
+            .into();
+
+        let signable_headers: Vec<(&str, &str)> = headers
+            .iter()
+            .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v)))
+            .collect();
+        let signable = SignableRequest::new(
+            out.method.as_str(),
+            out.url.as_str(),
+            signable_headers.into_iter(),
+            SignableBody::Bytes(&out.body),
+        )
+        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("cannot sign request: {e}")))?;
+        let (instructions, _signature) = sign(signable, &params)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("cannot sign request: {e}")))?
+            .into_parts();
+
+        let mut request = Request::builder()
+            .method(out.method)
+            .uri(uri)
+            .body(Full::new(out.body))
+            .map_err(|e| {
+                ApiError::new(ErrorKind::Internal, format!("cannot build request: {e}"))
+            })?;
+        *request.headers_mut() = headers;
+        instructions.apply_to_request_http1x(&mut request);
+        Ok(request)
+    }
+}
+
+/// Formats an error with its sources, for the log.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
