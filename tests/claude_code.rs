@@ -1,0 +1,208 @@
+//! Claude Code itself, unchanged, through the proxy against the fake Bedrock.
+//!
+//! Needs the pinned Claude Code that `.ci/run` installs (into
+//! `~/.cache/bedrock-gate/claude-code`), or `BEDROCK_GATE_CLAUDE` pointing at a `claude`
+//! binary. Without one the test fails and says how to get it: a skipped test proves nothing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+/// Claude Code's default opus tier on Bedrock (us-east-1), as it probes it.
+const CLAUDE_OPUS_DEFAULT: &str = "anthropic.claude-opus-5-5";
+
+fn claude_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("BEDROCK_GATE_CLAUDE") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = PathBuf::from(home).join(".cache/bedrock-gate/claude-code/node_modules/.bin/claude");
+    assert!(
+        p.exists(),
+        "Claude Code is not installed at {}. Run `.ci/run` once (it installs the pinned version with npm) \
+         or set BEDROCK_GATE_CLAUDE to a claude binary.",
+        p.display()
+    );
+    p
+}
+
+fn config(fake: &FakeBedrock) -> String {
+    config_with(
+        fake,
+        &format!(
+            "\"{CLAUDE_OPUS_DEFAULT}\" = \"{}\"",
+            arn("us-east-1", "devopus")
+        ),
+    )
+}
+
+fn config_with(fake: &FakeBedrock, extra_models: &str) -> String {
+    format!(
+        r#"
+[aws]
+region = "us-east-1"
+runtime_endpoint = "{url}"
+control_endpoint = "{url}"
+[users.dev]
+keys = ["{k}"]
+[users.dev.models]
+"{SONNET}" = "{s}"
+"{HAIKU}" = "{h}"
+{extra_models}
+"#,
+        url = fake.url(),
+        k = hash(ALICE_KEY),
+        s = arn("us-east-1", "devsonnet"),
+        h = arn("us-east-1", "devhaiku"),
+    )
+}
+
+async fn run_claude(proxy: &Proxy, extra_env: &[(&str, &str)]) -> (bool, String, String) {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(claude_binary());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .env("CLAUDE_CODE_USE_BEDROCK", "1")
+        .env("ANTHROPIC_BEDROCK_BASE_URL", proxy.url())
+        .env("AWS_BEARER_TOKEN_BEDROCK", ALICE_KEY)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("DISABLE_TELEMETRY", "1")
+        .env("DISABLE_ERROR_REPORTING", "1")
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .env("DISABLE_AUTOUPDATER", "1")
+        .current_dir(home.path())
+        .arg("-p")
+        .arg("Say hello")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .expect("claude -p did not finish in 180 s")
+        .expect("run claude");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_all_attributed(fake: &FakeBedrock) {
+    let got = fake.received();
+    if std::env::var_os("BEDROCK_GATE_SHOW_CALLS").is_some() {
+        for r in &got {
+            eprintln!("upstream: {} {}", r.method, r.raw_path);
+        }
+    }
+    let runtime: Vec<_> = got
+        .iter()
+        .filter(|r| r.raw_path.starts_with("/model/"))
+        .collect();
+    assert!(
+        runtime
+            .iter()
+            .any(|r| r.op == "invoke-with-response-stream"),
+        "no turn reached Bedrock: {got:#?}"
+    );
+    for r in &runtime {
+        assert!(r.signature.is_ok(), "{:?}", r.signature);
+        if r.op != "count-tokens" {
+            assert!(
+                r.model.contains(":application-inference-profile/dev"),
+                "a call reached Bedrock without the user's profile: {} {}",
+                r.op,
+                r.model
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn claude_code_with_its_default_models() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&config(&fake)).await;
+    let (ok, stdout, stderr) = run_claude(&proxy, &[]).await;
+    let calls: Vec<String> = fake
+        .received()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.raw_path))
+        .collect();
+    assert!(
+        ok && stdout.contains(fake::TEXT),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nupstream calls: {calls:#?}\nproxy log:\n{}",
+        proxy.logs()
+    );
+    if std::env::var_os("BEDROCK_GATE_SHOW_CALLS").is_some() {
+        eprintln!("{}", proxy.logs());
+    }
+    assert_all_attributed(&fake);
+}
+
+#[tokio::test]
+async fn claude_code_with_anthropic_model_pinned_to_a_plain_id() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&config(&fake)).await;
+    let (ok, stdout, stderr) =
+        run_claude(&proxy, &[("ANTHROPIC_MODEL", &format!("us.{HAIKU}"))]).await;
+    let calls: Vec<String> = fake
+        .received()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.raw_path))
+        .collect();
+    assert!(
+        ok && stdout.contains(fake::TEXT),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nupstream calls: {calls:#?}\nproxy log:\n{}",
+        proxy.logs()
+    );
+    assert_all_attributed(&fake);
+    let turns: Vec<_> = fake
+        .received()
+        .into_iter()
+        .filter(|r| r.op == "invoke-with-response-stream")
+        .collect();
+    assert!(
+        turns
+            .iter()
+            .any(|r| r.model == arn("us-east-1", "devhaiku")),
+        "the pinned model's profile was used"
+    );
+}
+
+#[tokio::test]
+async fn claude_code_falls_back_when_a_tier_is_not_mapped() {
+    // Only sonnet and haiku are mapped: the opus probe gets a 403 and Claude Code must settle
+    // on a tier the user has, never reaching Bedrock without a profile.
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&config_with(&fake, "")).await;
+    let (ok, stdout, stderr) = run_claude(&proxy, &[]).await;
+    let calls: Vec<String> = fake
+        .received()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.raw_path))
+        .collect();
+    assert!(
+        ok && stdout.contains(fake::TEXT),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nupstream calls: {calls:#?}\nproxy log:\n{}",
+        proxy.logs()
+    );
+    assert_all_attributed(&fake);
+    assert!(
+        proxy.logs().contains("AccessDeniedException"),
+        "the opus probe was refused"
+    );
+}

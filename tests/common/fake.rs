@@ -1,0 +1,401 @@
+//! A fake Bedrock (runtime and control plane) on 127.0.0.1:0. It verifies the SigV4 signature
+//! of every request, records what it received, and answers with real Bedrock shapes, including
+//! real event streams. Tests script failures per upstream model id.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+
+use super::sigv4;
+
+pub const TEXT: &str = "Hello from the fake Bedrock";
+
+/// What the fake received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub raw_path: String,
+    pub query: Option<String>,
+    /// Percent-decoded model or profile id from the path.
+    pub model: String,
+    /// The operation suffix (`invoke`, `converse`, ...) or `inference-profiles`.
+    pub op: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub signature: Result<sigv4::Verified, String>,
+}
+
+/// A scripted answer for one upstream model id.
+#[derive(Debug, Clone)]
+pub enum Script {
+    /// Status, `x-amzn-ErrorType`, message.
+    Error(u16, &'static str, &'static str),
+    /// A stream that sends one chunk, then an exception frame of this type.
+    MidStreamException(&'static str, &'static str),
+    /// Status 200 with a JSON body that is not an event stream (Bedrock does this for paths it
+    /// does not know).
+    Json200(&'static str),
+}
+
+#[derive(Default)]
+struct Inner {
+    received: Vec<Received>,
+    scripts: HashMap<String, Script>,
+    /// When set, streaming responses send event N+1 only after a message on this channel.
+    gate: Option<mpsc::Receiver<()>>,
+}
+
+#[derive(Clone)]
+pub struct FakeBedrock {
+    pub addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl FakeBedrock {
+    pub async fn start() -> FakeBedrock {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake");
+        let addr = listener.local_addr().expect("addr");
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeBedrock { addr, inner }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.inner.lock().expect("lock").received.clone()
+    }
+
+    pub fn script(&self, model: &str, script: Script) {
+        self.inner
+            .lock()
+            .expect("lock")
+            .scripts
+            .insert(model.to_string(), script);
+    }
+
+    /// Makes the next streaming response wait for a message on the returned sender before
+    /// each event after the first.
+    pub fn gate_streams(&self) -> mpsc::Sender<()> {
+        let (tx, rx) = mpsc::channel(1);
+        self.inner.lock().expect("lock").gate = Some(rx);
+        tx
+    }
+}
+
+fn split_path(path: &str) -> (String, String) {
+    if let Some(rest) = path.strip_prefix("/model/")
+        && let Some((model, op)) = rest.rsplit_once('/')
+    {
+        return (decode(model), op.to_string());
+    }
+    if let Some(id) = path.strip_prefix("/inference-profiles/") {
+        return (decode(id), "get-inference-profile".into());
+    }
+    (String::new(), path.trim_start_matches('/').to_string())
+}
+
+fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let raw_path = parts.uri.path().to_string();
+    let query = parts.uri.query().map(str::to_string);
+    let signature = sigv4::verify(
+        parts.method.as_str(),
+        &raw_path,
+        query.as_deref(),
+        &parts.headers,
+        &body,
+    );
+    let (model, op) = split_path(&raw_path);
+    let (script, gate) = {
+        let mut inner = inner.lock().expect("lock");
+        inner.received.push(Received {
+            method: parts.method.to_string(),
+            raw_path: raw_path.clone(),
+            query: query.clone(),
+            model: model.clone(),
+            op: op.clone(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            signature: signature.clone(),
+        });
+        let gate = if op.ends_with("stream") {
+            inner.gate.take()
+        } else {
+            None
+        };
+        (inner.scripts.get(&model).cloned(), gate)
+    };
+    if let Err(e) = &signature {
+        return error(403, "InvalidSignatureException", &format!("fake: {e}"));
+    }
+    match script {
+        Some(Script::Error(status, kind, message)) => return error(status, kind, message),
+        Some(Script::Json200(body)) => return json(200, body.to_string()),
+        Some(Script::MidStreamException(kind, message)) => {
+            let first = chunk_event(
+                &serde_json::json!({"type": "message_start", "message": message_start_body(&model)}),
+            );
+            let exc = exception_event(kind, message);
+            return event_stream(vec![first, exc], None);
+        }
+        None => {}
+    }
+    match op.as_str() {
+        "invoke" => {
+            let reply = serde_json::json!({
+                "id": "msg_fake_1", "type": "message", "role": "assistant", "model": "claude-fake",
+                "content": [{"type": "text", "text": TEXT}],
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": 11, "output_tokens": 7}
+            });
+            let mut resp = json(200, reply.to_string());
+            let h = resp.headers_mut();
+            h.insert("x-amzn-bedrock-input-token-count", "11".parse().expect("hv"));
+            h.insert("x-amzn-bedrock-output-token-count", "7".parse().expect("hv"));
+            h.insert("x-amzn-requestid", "fake-request-id".parse().expect("hv"));
+            resp
+        }
+        "invoke-with-response-stream" => event_stream(anthropic_stream_events(&model), gate),
+        "converse" => json(
+            200,
+            serde_json::json!({
+                "output": {"message": {"role": "assistant", "content": [{"text": TEXT}]}},
+                "stopReason": "end_turn",
+                "usage": {"inputTokens": 9, "outputTokens": 4, "totalTokens": 13},
+                "metrics": {"latencyMs": 5}
+            })
+            .to_string(),
+        ),
+        "converse-stream" => event_stream(converse_stream_events(), gate),
+        "count-tokens" => json(200, r#"{"inputTokens":42}"#.to_string()),
+        "inference-profiles" => json(
+            200,
+            serde_json::json!({"inferenceProfileSummaries": [{
+                "inferenceProfileName": "US Anthropic Claude Sonnet 4.5",
+                "inferenceProfileId": "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                "inferenceProfileArn": "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                "models": [{"modelArn": "arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-sonnet-4-5-20250929-v1:0"}],
+                "status": "ACTIVE", "type": "SYSTEM_DEFINED"
+            }]})
+            .to_string(),
+        ),
+        "get-inference-profile" => {
+            let underlying = "anthropic.claude-sonnet-4-5-20250929-v1:0";
+            json(
+                200,
+                serde_json::json!({
+                    "inferenceProfileName": "fake",
+                    "inferenceProfileArn": model,
+                    "inferenceProfileId": model.rsplit('/').next().unwrap_or(""),
+                    "models": [{"modelArn": format!("arn:aws:bedrock:us-east-1::foundation-model/{underlying}")}],
+                    "status": "ACTIVE",
+                    "type": if model.contains("application-inference-profile") { "APPLICATION" } else { "SYSTEM_DEFINED" }
+                })
+                .to_string(),
+            )
+        }
+        _ => json(200, r#"{"Output":{"__type":"com.amazon.coral.service#UnknownOperationException"}}"#.to_string()),
+    }
+}
+
+fn json(status: u16, body: String) -> Response {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .expect("response")
+}
+
+fn error(status: u16, kind: &str, message: &str) -> Response {
+    let mut resp = json(
+        status,
+        serde_json::json!({ "message": message }).to_string(),
+    );
+    resp.headers_mut().insert(
+        "x-amzn-errortype",
+        format!("{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/")
+            .parse()
+            .expect("hv"),
+    );
+    resp
+}
+
+fn message_start_body(model: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": "msg_fake_stream", "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": null, "stop_sequence": null,
+        "usage": {"input_tokens": 25, "output_tokens": 1, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2}
+    })
+}
+
+/// An Anthropic Messages stream as Bedrock's InvokeModelWithResponseStream sends it.
+pub fn anthropic_events(model: &str) -> Vec<serde_json::Value> {
+    let words = ["Hello ", "from ", "the ", "fake ", "Bedrock"];
+    let mut events = vec![
+        serde_json::json!({"type": "message_start", "message": message_start_body(model)}),
+        serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ];
+    for w in words {
+        events.push(serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}));
+    }
+    events.push(serde_json::json!({"type": "content_block_stop", "index": 0}));
+    events.push(serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 6}}));
+    events.push(serde_json::json!({"type": "message_stop", "amazon-bedrock-invocationMetrics": {
+        "inputTokenCount": 25, "outputTokenCount": 6, "invocationLatency": 100, "firstByteLatency": 50,
+        "cacheReadInputTokenCount": 3, "cacheWriteInputTokenCount": 2
+    }}));
+    events
+}
+
+fn anthropic_stream_events(model: &str) -> Vec<Bytes> {
+    anthropic_events(model).iter().map(chunk_event).collect()
+}
+
+fn frame(headers: Vec<(&'static str, String)>, payload: Vec<u8>) -> Bytes {
+    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+    let mut msg = Message::new(payload);
+    for (k, v) in headers {
+        msg = msg.add_header(Header::new(k, HeaderValue::String(v.into())));
+    }
+    let mut buf = Vec::new();
+    aws_smithy_eventstream::frame::write_message_to(&msg, &mut buf).expect("encode frame");
+    Bytes::from(buf)
+}
+
+/// A `chunk` event wrapping one provider JSON event, with Bedrock's padding field.
+pub fn chunk_event(event: &serde_json::Value) -> Bytes {
+    let bytes = base64::engine::general_purpose::STANDARD.encode(event.to_string());
+    let payload = serde_json::json!({"bytes": bytes, "p": "abcdefghijkl"}).to_string();
+    frame(
+        vec![
+            (":event-type", "chunk".into()),
+            (":content-type", "application/json".into()),
+            (":message-type", "event".into()),
+        ],
+        payload.into_bytes(),
+    )
+}
+
+fn typed_event(event_type: &str, payload: serde_json::Value) -> Bytes {
+    frame(
+        vec![
+            (":event-type", event_type.to_string()),
+            (":content-type", "application/json".into()),
+            (":message-type", "event".into()),
+        ],
+        payload.to_string().into_bytes(),
+    )
+}
+
+pub fn exception_event(kind: &str, message: &str) -> Bytes {
+    frame(
+        vec![
+            (":exception-type", kind.to_string()),
+            (":content-type", "application/json".into()),
+            (":message-type", "exception".into()),
+        ],
+        serde_json::json!({ "message": message })
+            .to_string()
+            .into_bytes(),
+    )
+}
+
+fn converse_stream_events() -> Vec<Bytes> {
+    let mut v = vec![typed_event(
+        "messageStart",
+        serde_json::json!({"role": "assistant", "p": "ab"}),
+    )];
+    for w in ["Hello ", "from ", "the ", "fake ", "Bedrock"] {
+        v.push(typed_event(
+            "contentBlockDelta",
+            serde_json::json!({"contentBlockIndex": 0, "delta": {"text": w}}),
+        ));
+    }
+    v.push(typed_event(
+        "contentBlockStop",
+        serde_json::json!({"contentBlockIndex": 0}),
+    ));
+    v.push(typed_event(
+        "messageStop",
+        serde_json::json!({"stopReason": "end_turn"}),
+    ));
+    v.push(typed_event(
+        "metadata",
+        serde_json::json!({"usage": {"inputTokens": 9, "outputTokens": 5, "totalTokens": 14}, "metrics": {"latencyMs": 7}}),
+    ));
+    v
+}
+
+fn event_stream(events: Vec<Bytes>, gate: Option<mpsc::Receiver<()>>) -> Response {
+    let stream = futures_util::stream::unfold(
+        (events.into_iter(), gate, true),
+        |(mut it, mut gate, first)| async move {
+            let next = it.next()?;
+            if !first && let Some(g) = gate.as_mut() {
+                // Wait until the test client says it has the previous event.
+                g.recv().await?;
+            }
+            Some((Ok::<Bytes, std::io::Error>(next), (it, gate, false)))
+        },
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/vnd.amazon.eventstream")
+        .header("x-amzn-requestid", "fake-stream-request-id")
+        .body(Body::from_stream(stream))
+        .expect("response")
+}
+
+/// Decodes every complete event-stream message in `buf`, leaving a partial one in place.
+pub fn decode_messages(
+    decoder: &mut aws_smithy_eventstream::frame::MessageFrameDecoder,
+    buf: &mut BytesMut,
+) -> Vec<aws_smithy_types::event_stream::Message> {
+    use aws_smithy_eventstream::frame::DecodedFrame;
+    let mut out = Vec::new();
+    loop {
+        match decoder.decode_frame(&mut *buf).expect("valid event stream") {
+            DecodedFrame::Complete(m) => out.push(m),
+            DecodedFrame::Incomplete => return out,
+        }
+    }
+}
+
+/// The string value of an event-stream header.
+pub fn header_str(m: &aws_smithy_types::event_stream::Message, name: &str) -> Option<String> {
+    m.headers()
+        .iter()
+        .find(|h| h.name().as_str() == name)
+        .and_then(|h| h.value().as_string().ok())
+        .map(|s| s.as_str().to_string())
+}

@@ -1,0 +1,295 @@
+//! Test helpers: start the real `bedrock-gate` binary on port 0 with a temp config, a fake
+//! Bedrock on 127.0.0.1:0, and a plain HTTP client for raw requests.
+#![allow(dead_code)]
+
+pub mod fake;
+pub mod sigv4;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub use fake::FakeBedrock;
+
+pub const SONNET: &str = "anthropic.claude-sonnet-4-5-20250929-v1:0";
+pub const HAIKU: &str = "anthropic.claude-haiku-4-5-20251001-v1:0";
+pub const OPUS: &str = "anthropic.claude-opus-4-1-20250805-v1:0";
+
+pub const ALICE_KEY: &str = "bgk_test_alice_0123456789abcdefghijklmnopqrstu";
+pub const BOB_KEY: &str = "bgk_test_bob_0123456789abcdefghijklmnopqrstuvw";
+
+pub fn arn(region: &str, id: &str) -> String {
+    format!("arn:aws:bedrock:{region}:123456789012:application-inference-profile/{id}")
+}
+
+pub fn alice_sonnet() -> String {
+    arn("us-east-1", "alicesonnet1")
+}
+pub fn alice_haiku() -> String {
+    arn("us-west-2", "alicehaiku1")
+}
+pub fn bob_sonnet() -> String {
+    arn("us-east-1", "bobsonnet1")
+}
+
+pub fn hash(key: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(key.as_bytes()))
+    )
+}
+
+/// The standard two-user config pointing at the fake.
+pub fn two_user_config(fake: &FakeBedrock, extra: &str) -> String {
+    format!(
+        r#"
+[aws]
+region = "us-east-1"
+runtime_endpoint = "{url}"
+control_endpoint = "{url}"
+{extra}
+[users.alice]
+keys = ["{ka}"]
+[users.alice.models]
+"{SONNET}" = "{a_sonnet}"
+"{HAIKU}" = "{a_haiku}"
+[users.bob]
+keys = ["{kb}"]
+[users.bob.models]
+"{SONNET}" = "{b_sonnet}"
+"#,
+        url = fake.url(),
+        ka = hash(ALICE_KEY),
+        kb = hash(BOB_KEY),
+        a_sonnet = alice_sonnet(),
+        a_haiku = alice_haiku(),
+        b_sonnet = bob_sonnet(),
+    )
+}
+
+/// The real binary, running on a free port with a temp config and dummy AWS credentials.
+pub struct Proxy {
+    pub addr: String,
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    logs: Arc<Mutex<String>>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_bedrock-gate")
+}
+
+/// A command for the binary with a hermetic AWS environment: dummy static credentials, no
+/// shared config files, and no instance-metadata lookups.
+pub fn command(dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .env("AWS_ACCESS_KEY_ID", sigv4::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", sigv4::SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", dir.join("no-aws-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            dir.join("no-aws-credentials"),
+        )
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+impl Proxy {
+    pub async fn start(config: &str) -> Proxy {
+        Self::start_with_args(config, &[]).await
+    }
+
+    pub async fn start_with_args(config: &str, args: &[&str]) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("bedrock-gate.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut child = command(dir.path())
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bedrock-gate");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().expect("lock");
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let addr = tokio::task::spawn_blocking(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            while reader.read_line(&mut line).ok()? > 0 {
+                if let Some(a) = line
+                    .trim()
+                    .strip_prefix("bedrock-gate listening on http://")
+                {
+                    return Some(a.to_string());
+                }
+                line.clear();
+            }
+            None
+        })
+        .await
+        .expect("join");
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "bedrock-gate did not start; stderr:\n{}",
+                logs.lock().expect("lock")
+            );
+        };
+        Proxy {
+            addr,
+            child,
+            dir,
+            config_path,
+            logs,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything the proxy wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("lock").clone()
+    }
+
+    /// Waits until the log contains `needle` (log lines are written when a response body ends).
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        for _ in 0..200 {
+            let l = self.logs();
+            if l.contains(needle) {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("log never contained {needle:?}:\n{}", self.logs());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// A complete response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn error_type(&self) -> String {
+        self.headers
+            .get("x-amzn-errortype")
+            .map(|v| v.to_str().expect("text").to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn message(&self) -> String {
+        self.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+pub fn request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(body.into())).expect("request")
+}
+
+pub async fn send(req: Request<Full<Bytes>>) -> Reply {
+    let resp = client().request(req).await.expect("send");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// POST to the proxy with a bearer key.
+pub async fn post(proxy: &Proxy, path: &str, key: &str, body: &str) -> Reply {
+    let auth = format!("Bearer {key}");
+    send(request(
+        Method::POST,
+        &format!("{}{path}", proxy.url()),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body.to_string(),
+    ))
+    .await
+}
+
+pub const INVOKE_BODY: &str = r#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+pub const CONVERSE_BODY: &str = r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
