@@ -1,0 +1,3 @@
+//! Metering: what each response cost, read alongside the bytes as they pass.
+
+pub mod usage;

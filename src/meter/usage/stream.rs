@@ -1,0 +1,254 @@
+//! The event-stream half of the meter: frames are decoded inline with
+//! `aws-smithy-eventstream` as chunks pass, keeping only the bytes of the one frame not yet
+//! complete.
+//!
+//! It never buffers more than [`MAX_FRAME_LEN`]; a longer declared frame or any decode error
+//! stops metering for the response instead of resynchronising on a guess.
+
+use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
+use aws_smithy_types::event_stream::Message;
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use bytes::Buf;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{MAX_FRAME_LEN, Metered, Tally};
+
+/// Bedrock pads `bytes` correctly, but being lenient costs nothing and loses no usage.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// A partial-frame buffer that grew past this is released once the frame is done, so one large
+/// frame does not pin its memory for the rest of a long stream.
+const KEEP_CAPACITY: usize = 64 * 1024;
+
+/// Which operation's events the stream carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    /// InvokeModelWithResponseStream: `chunk` events wrapping provider JSON in base64.
+    InvokeModel,
+    /// ConverseStream: typed events, usage in `metadata`.
+    Converse,
+}
+
+/// The payload of an InvokeModelWithResponseStream `chunk` event; the `p` padding and anything
+/// else is ignored.
+#[derive(Deserialize)]
+struct ChunkPayload {
+    bytes: String,
+}
+
+#[derive(Debug)]
+pub(super) struct EventStreamMeter {
+    dialect: Dialect,
+    decoder: MessageFrameDecoder,
+    /// Bytes of the frame being assembled that the decoder has not taken yet.
+    pending: Vec<u8>,
+    /// Declared total length of that frame, once its first four bytes have arrived.
+    frame_len: Option<usize>,
+    /// Metering gave up on this response (oversized frame or decode error).
+    stopped: bool,
+    /// The operation's terminal event was seen.
+    terminal: bool,
+    /// Usage from the provider's own events (Anthropic `message_*`, Converse `metadata`).
+    events: Tally,
+    /// Usage from `amazon-bedrock-invocationMetrics`, which overrides `events` field by field.
+    metrics: Tally,
+    exception: Option<String>,
+}
+
+impl EventStreamMeter {
+    pub(super) fn new(dialect: Dialect) -> Self {
+        EventStreamMeter {
+            dialect,
+            decoder: MessageFrameDecoder::new(),
+            pending: Vec::new(),
+            frame_len: None,
+            stopped: false,
+            terminal: false,
+            events: Tally::default(),
+            metrics: Tally::default(),
+            exception: None,
+        }
+    }
+
+    pub(super) fn feed(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        while !self.stopped {
+            if self.frame_len.is_none() {
+                match declared_len(&self.pending, rest) {
+                    None => {
+                        self.pending.extend_from_slice(rest);
+                        return;
+                    }
+                    Some(len) if len > MAX_FRAME_LEN => {
+                        self.stop();
+                        return;
+                    }
+                    Some(len) => self.frame_len = Some(len),
+                }
+            }
+
+            let held = self.pending.len();
+            let (decoded, held_left, unread) = {
+                let mut buf = self.pending.as_slice().chain(rest);
+                let decoded = self.decoder.decode_frame(&mut buf);
+                let (held_rest, unread) = buf.into_inner();
+                (decoded, held_rest.len(), unread)
+            };
+            self.pending.drain(..held - held_left);
+            rest = unread;
+
+            match decoded {
+                Ok(DecodedFrame::Incomplete) => {
+                    // Everything left belongs to the unfinished frame, which is at most
+                    // `frame_len` long.
+                    self.pending.extend_from_slice(rest);
+                    return;
+                }
+                Ok(DecodedFrame::Complete(message)) => {
+                    self.frame_len = None;
+                    if self.pending.is_empty() && self.pending.capacity() > KEEP_CAPACITY {
+                        self.pending = Vec::new();
+                    }
+                    self.on_message(&message);
+                }
+                Err(_) => self.stop(),
+            }
+        }
+    }
+
+    pub(super) fn finish(self) -> Metered {
+        let tally = self.events.overlaid_with(self.metrics);
+        Metered {
+            usage: tally.usage(),
+            complete: self.terminal && !self.stopped && self.exception.is_none(),
+            found: tally.found(),
+            exception: self.exception,
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn buffered(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn stop(&mut self) {
+        self.stopped = true;
+        self.pending = Vec::new();
+    }
+
+    fn on_message(&mut self, message: &Message) {
+        match header_str(message, ":message-type") {
+            Some("event") => {}
+            Some("exception") => {
+                let kind = header_str(message, ":exception-type").unwrap_or("exception");
+                self.exception = Some(kind.to_owned());
+                return;
+            }
+            // The event-stream spec's other failure shape; Bedrock uses `exception`, but an
+            // `error` frame ends the stream just the same.
+            Some("error") => {
+                let kind = header_str(message, ":error-code").unwrap_or("error");
+                self.exception = Some(kind.to_owned());
+                return;
+            }
+            _ => return,
+        }
+        match (self.dialect, header_str(message, ":event-type")) {
+            (Dialect::InvokeModel, Some("chunk")) => self.on_invoke_chunk(message.payload()),
+            (Dialect::Converse, Some("metadata")) => self.on_converse_metadata(message.payload()),
+            _ => {}
+        }
+    }
+
+    fn on_invoke_chunk(&mut self, payload: &[u8]) {
+        let Ok(chunk) = serde_json::from_slice::<ChunkPayload>(payload) else {
+            return;
+        };
+        let Ok(decoded) = BASE64.decode(chunk.bytes.as_bytes()) else {
+            return;
+        };
+        let Ok(Value::Object(event)) = serde_json::from_slice::<Value>(&decoded) else {
+            return;
+        };
+        let anthropic = |usage: Option<&Value>| {
+            usage.and_then(Value::as_object).map(|u| {
+                Tally::from_object(
+                    u,
+                    [
+                        "input_tokens",
+                        "output_tokens",
+                        "cache_read_input_tokens",
+                        "cache_creation_input_tokens",
+                    ],
+                )
+            })
+        };
+        let from_event = match event.get("type").and_then(Value::as_str) {
+            Some("message_start") => anthropic(event.get("message").and_then(|m| m.get("usage"))),
+            // Counts here are cumulative, so the latest simply replaces what came before.
+            Some("message_delta") => anthropic(event.get("usage")),
+            Some("message_stop") => {
+                self.terminal = true;
+                None
+            }
+            _ => None,
+        };
+        if let Some(tally) = from_event {
+            self.events = self.events.overlaid_with(tally);
+        }
+        // Bedrock adds this to the last chunk of every provider's stream; it is what Bedrock
+        // bills, so it wins over the provider's own figures.
+        if let Some(metrics) = event
+            .get("amazon-bedrock-invocationMetrics")
+            .and_then(Value::as_object)
+        {
+            let tally = Tally::from_object(
+                metrics,
+                [
+                    "inputTokenCount",
+                    "outputTokenCount",
+                    "cacheReadInputTokenCount",
+                    "cacheWriteInputTokenCount",
+                ],
+            );
+            self.metrics = self.metrics.overlaid_with(tally);
+            self.terminal = true;
+        }
+    }
+
+    fn on_converse_metadata(&mut self, payload: &[u8]) {
+        let Ok(Value::Object(metadata)) = serde_json::from_slice::<Value>(payload) else {
+            return;
+        };
+        if let Some(usage) = metadata.get("usage") {
+            self.events = self.events.overlaid_with(Tally::from_converse_usage(usage));
+        }
+        self.terminal = true;
+    }
+}
+
+/// The big-endian total length that starts every frame, read across the held bytes and the new
+/// chunk without copying either.
+fn declared_len(held: &[u8], rest: &[u8]) -> Option<usize> {
+    let mut bytes = held.iter().chain(rest).copied();
+    let mut word = [0u8; 4];
+    for slot in &mut word {
+        *slot = bytes.next()?;
+    }
+    Some(usize::try_from(u32::from_be_bytes(word)).unwrap_or(usize::MAX))
+}
+
+fn header_str<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
+    message
+        .headers()
+        .iter()
+        .find(|h| h.name().as_str() == name)
+        .and_then(|h| h.value().as_string().ok())
+        .map(|s| s.as_str())
+}
