@@ -30,6 +30,9 @@ pub enum Command {
         /// Seconds to let requests in flight finish after SIGTERM/SIGINT.
         #[arg(long, default_value_t = 30, env = "BEDROCK_GATE_SHUTDOWN_GRACE_SECS")]
         shutdown_grace_secs: u64,
+        /// Do not watch the config file for changes (SIGHUP still reloads it).
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Validate a config file with exactly the checks `serve` runs; exits 1 naming the bad key.
     Check {
@@ -38,6 +41,104 @@ pub enum Command {
     },
     /// Print a new random API key and the `sha256:` line to put in a user's `keys`.
     Keygen,
+    /// Add or remove users in the config (edits it in place, keeping comments).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Issue or revoke a user's API keys (only hashes are stored).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Create and tag application inference profiles for models mapped to "auto", and check them.
+    Profiles {
+        #[command(subcommand)]
+        command: ProfilesCommand,
+    },
+}
+
+/// The config file a command reads or edits.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// Config file (TOML).
+    #[arg(long, short = 'c', env = "BEDROCK_GATE_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Add a user with no keys yet.
+    Add {
+        name: String,
+        /// Extra cost-allocation tag for this user's profiles (repeatable).
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// Map a model to "auto", for `profiles apply` to provision (repeatable).
+        #[arg(long = "model", value_name = "MODEL_ID")]
+        models: Vec<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Remove a user and their keys and mappings (their profiles stay in AWS).
+    Remove {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new key for a user; prints it once and stores only its hash.
+    Add {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Revoke one key (by its `sha256:` hash) or all of a user's keys.
+    Revoke {
+        name: String,
+        /// The hash to revoke, as it stands in the config.
+        #[arg(
+            long,
+            value_name = "sha256:HEX",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        hash: Option<String>,
+        /// Revoke every key of the user.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProfilesCommand {
+    /// Show what `apply` would do; changes nothing.
+    Plan {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Create missing profiles, repair their tags and write the ARNs into the config.
+    Apply {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Check every configured profile in AWS; exits 1 on any drift.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -69,6 +170,7 @@ mod tests {
                 listen,
                 log_format,
                 shutdown_grace_secs,
+                ..
             } => {
                 assert_eq!(config, PathBuf::from("c.toml"));
                 assert_eq!(listen, Some("127.0.0.1:0".parse().unwrap()));
@@ -87,5 +189,72 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["bedrock-gate", "check"]).is_err());
         assert!(Cli::try_parse_from(["bedrock-gate", "keygen"]).is_ok());
+    }
+
+    #[test]
+    fn parses_admin_commands() {
+        let cli = Cli::try_parse_from([
+            "bedrock-gate",
+            "users",
+            "add",
+            "alice",
+            "--tag",
+            "team=ml",
+            "--model",
+            "anthropic.x",
+            "-c",
+            "c.toml",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Users {
+                command:
+                    UsersCommand::Add {
+                        name,
+                        tags,
+                        models,
+                        config,
+                    },
+            } => {
+                assert_eq!(name, "alice");
+                assert_eq!(tags, [("team".to_string(), "ml".to_string())]);
+                assert_eq!(models, ["anthropic.x"]);
+                assert_eq!(config.config, PathBuf::from("c.toml"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            Cli::try_parse_from([
+                "bedrock-gate",
+                "users",
+                "add",
+                "a",
+                "--tag",
+                "novalue",
+                "-c",
+                "c"
+            ])
+            .is_err()
+        );
+        assert!(Cli::try_parse_from(["bedrock-gate", "keys", "revoke", "a", "-c", "c"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "bedrock-gate",
+                "keys",
+                "revoke",
+                "a",
+                "--all",
+                "--hash",
+                "x",
+                "-c",
+                "c"
+            ])
+            .is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["bedrock-gate", "keys", "revoke", "a", "--all", "-c", "c"])
+                .is_ok()
+        );
+        assert!(Cli::try_parse_from(["bedrock-gate", "profiles", "verify", "-c", "c"]).is_ok());
     }
 }

@@ -15,11 +15,14 @@
 //! - [`server`]: router, the proxy handler, body limits, response streaming, `serve`.
 //! - [`error`]: AWS-shaped errors (`x-amzn-ErrorType` + `{"message"}`) the proxy produces.
 
+pub mod admin;
 pub mod arn;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod meter;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod upstream;

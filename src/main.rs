@@ -29,6 +29,7 @@ fn main() -> ExitCode {
             listen,
             log_format,
             shutdown_grace_secs,
+            no_watch,
         } => {
             init_tracing(log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -45,6 +46,7 @@ fn main() -> ExitCode {
                 config_path: config,
                 listen,
                 grace: Duration::from_secs(shutdown_grace_secs),
+                watch: !no_watch,
             };
             match runtime.block_on(server::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -72,6 +74,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Users { command } => report(bedrock_gate::admin::users(command)),
+        Command::Keys { command } => report(bedrock_gate::admin::keys(command)),
+        Command::Profiles { command } => match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => report(rt.block_on(bedrock_gate::admin::profiles(command))),
+            Err(e) => {
+                eprintln!("bedrock-gate: cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Keygen => match bedrock_gate::auth::generate_key() {
             Ok(k) => {
                 println!("key:    {}", k.key.expose());
@@ -87,4 +101,11 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("bedrock-gate: {e:#}");
+        ExitCode::FAILURE
+    })
 }

@@ -172,7 +172,15 @@ fn by_base_model<'u>(user: &'u User, base: &str) -> Option<&'u Arc<Profile>> {
     })
 }
 
-fn no_profile(user: &User, requested: &str) -> ApiError {
+fn no_profile(user: &User, requested: &str, base: &str) -> ApiError {
+    if user.pending.iter().any(|k| strip_geo_prefix(k) == base) {
+        return ApiError::access_denied(format!(
+            "User `{}`'s inference profile for model `{}` is not provisioned yet. \
+             Ask your bedrock-gate admin to run `bedrock-gate profiles apply`.",
+            user.name,
+            shown(requested)
+        ));
+    }
     let mapped: Vec<&str> = user.models.keys().map(String::as_str).collect();
     let mapped = if mapped.is_empty() {
         "none".to_string()
@@ -215,6 +223,10 @@ pub fn resolve_runtime(
             shown(requested)
         ))
     })?;
+    let base = match &parsed {
+        ModelRef::Arn(arn) => strip_geo_prefix(&arn.resource_id),
+        ModelRef::Id(id) => strip_geo_prefix(id),
+    };
     let found = match &parsed {
         ModelRef::Arn(arn) => match arn.kind {
             ResourceKind::ApplicationInferenceProfile => {
@@ -234,7 +246,9 @@ pub fn resolve_runtime(
             .or_else(|| user.profile_by_id(id))
             .or_else(|| by_base_model(user, strip_geo_prefix(id))),
     };
-    found.cloned().ok_or_else(|| no_profile(user, requested))
+    found
+        .cloned()
+        .ok_or_else(|| no_profile(user, requested, base))
 }
 
 /// Where a GetInferenceProfile call may go.
@@ -311,6 +325,7 @@ mod tests {
     const B1: &str = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/bbb111";
     const SONNET: &str = "anthropic.claude-sonnet-4-5-20250929-v1:0";
     const HAIKU: &str = "anthropic.claude-haiku-4-5-20251001-v1:0";
+    const OPUS: &str = "anthropic.claude-opus-4-5-20251101-v1:0";
 
     fn config() -> Config {
         Config::parse(&format!(
@@ -320,6 +335,7 @@ keys = ["sha256:{ka}"]
 [users.alice.models]
 "{SONNET}" = "{A1}"
 "us.{HAIKU}" = "{A2}"
+"{OPUS}" = "auto"
 [users.bob]
 keys = ["sha256:{kb}"]
 [users.bob.models]
@@ -446,6 +462,8 @@ keys = ["sha256:{kb}"]
             );
         }
         // A config key written with a geo prefix matches the base id and other prefixes.
+        let e = resolve_runtime(&a, &c.users, &format!("us.{OPUS}")).unwrap_err();
+        assert!(e.message.contains("not provisioned yet"), "{}", e.message);
         assert_eq!(resolve_runtime(&a, &c.users, HAIKU).unwrap().arn, A2);
         assert_eq!(
             resolve_runtime(&a, &c.users, &format!("eu.{HAIKU}"))

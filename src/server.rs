@@ -36,17 +36,32 @@ use crate::upstream::{Outbound, Upstream, headers};
 /// Longest query string forwarded to ListInferenceProfiles.
 const MAX_QUERY_LEN: usize = 1024;
 
+/// The config in force, with what identifies it to an operator.
+#[derive(Debug)]
+pub struct Live {
+    pub config: Config,
+    /// 1 at start, +1 on every successful reload.
+    pub generation: u64,
+    /// SHA-256 of the file bytes this config was parsed from.
+    pub sha256: String,
+}
+
 /// Shared state: the live config snapshot and the upstream client.
 pub struct AppState {
-    /// Swapped whole on reload; each request takes one snapshot and keeps it to the end.
-    pub config: ArcSwap<Config>,
+    /// Swapped whole on reload; each request takes one snapshot and keeps it to the end, so a
+    /// stream in flight finishes on the config it started with.
+    pub live: ArcSwap<Live>,
     pub upstream: Upstream,
 }
 
 impl AppState {
-    pub fn new(config: Config, upstream: Upstream) -> Arc<AppState> {
+    pub fn new(config: Config, sha256: String, upstream: Upstream) -> Arc<AppState> {
         Arc::new(AppState {
-            config: ArcSwap::from_pointee(config),
+            live: ArcSwap::from_pointee(Live {
+                config,
+                generation: 1,
+                sha256,
+            }),
             upstream,
         })
     }
@@ -156,10 +171,16 @@ async fn handle(
     let (parts, body) = request.into_parts();
     let route = route::parse(&parts.method, parts.uri.path())?;
     log.operation = route.operation();
-    let config = state.config.load_full();
+    let live = state.live.load_full();
+    let config = &live.config;
 
     if route == Route::Health {
-        let body = serde_json::json!({ "status": "ok", "users": config.users.len() });
+        let body = serde_json::json!({
+            "status": "ok",
+            "users": config.users.len(),
+            "config_generation": live.generation,
+            "config_sha256": live.sha256,
+        });
         return Ok((StatusCode::OK, axum::Json(body)).into_response());
     }
 
@@ -356,16 +377,19 @@ pub struct ServeOptions {
     pub config_path: PathBuf,
     pub listen: Option<SocketAddr>,
     pub grace: Duration,
+    /// Reload when the config file changes (SIGHUP reloads either way).
+    pub watch: bool,
 }
 
 /// Loads the config, binds, prints the address and serves until SIGTERM or SIGINT.
 pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
-    let config =
-        Config::load(&opts.config_path).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let (config, sha256) = crate::reload::read_config(&opts.config_path)
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
     let listen = opts.listen.unwrap_or(config.listen);
     let upstream = Upstream::new(&config.aws, config.timeouts.connect).await?;
     let users = config.users.len();
-    let state = AppState::new(config, upstream);
+    let state = AppState::new(config, sha256, upstream);
+    let _reloader = crate::reload::spawn(state.clone(), opts.config_path.clone(), opts.watch)?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

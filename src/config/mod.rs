@@ -48,7 +48,49 @@ pub struct Config {
     pub aws: AwsSettings,
     pub max_body_bytes: usize,
     pub timeouts: Timeouts,
+    pub provisioning: Provisioning,
     pub users: Users,
+}
+
+/// The value that asks `profiles apply` to create a user's profile for a model.
+pub const AUTO: &str = "auto";
+
+/// Where provisioned profiles copy their model from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProfileSource {
+    /// The system-defined cross-region profile (`us.`/`eu.`/`apac.` + model id) of `aws.region`.
+    CrossRegion,
+    /// The foundation model in `aws.region`.
+    FoundationModel,
+}
+
+/// How `profiles apply` names and tags the profiles it creates.
+#[derive(Debug, Clone)]
+pub struct Provisioning {
+    /// Cost-allocation tag whose value is the user's name.
+    pub tag_key: String,
+    pub name_prefix: String,
+    pub source: ProfileSource,
+    /// Extra tags on every profile.
+    pub tags: BTreeMap<String, String>,
+}
+
+fn check_tags(path: &str, tags: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (k, v) in tags {
+        if k.is_empty() || k.len() > 128 || k.starts_with("aws:") {
+            return Err(ConfigError::new(
+                format!("{path}.{k}"),
+                "a tag key has 1 to 128 characters and may not start with `aws:`",
+            ));
+        }
+        if v.len() > 256 {
+            return Err(ConfigError::new(
+                format!("{path}.{k}"),
+                "a tag value has at most 256 characters",
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +168,10 @@ pub struct User {
     pub name: String,
     /// Config key (model id) to profile.
     pub models: BTreeMap<String, Arc<Profile>>,
+    /// Models mapped to `"auto"` that `profiles apply` has not provisioned yet.
+    pub pending: Vec<String>,
+    /// Extra cost-allocation tags for this user's profiles.
+    pub tags: BTreeMap<String, String>,
 }
 
 impl User {
@@ -284,13 +330,60 @@ impl Config {
             )?,
         };
 
+        let provisioning = Self::provisioning(raw.provisioning)?;
         let users = Self::users(raw.users)?;
         Ok(Config {
             listen,
             aws,
             max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
             timeouts,
+            provisioning,
             users,
+        })
+    }
+
+    fn provisioning(raw: raw::RawProvisioning) -> Result<Provisioning, ConfigError> {
+        let tag_key = raw.tag_key.unwrap_or_else(|| "BedrockUser".to_string());
+        check_tags(
+            "provisioning.tag_key",
+            &BTreeMap::from([(tag_key.clone(), String::new())]),
+        )
+        .map_err(|e| ConfigError::new("provisioning.tag_key", e.message))?;
+        let name_prefix = raw.name_prefix.unwrap_or_else(|| "bg".to_string());
+        if name_prefix.is_empty()
+            || name_prefix.len() > 20
+            || !name_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || !name_prefix.as_bytes()[0].is_ascii_alphanumeric()
+        {
+            return Err(ConfigError::new(
+                "provisioning.name_prefix",
+                "1 to 20 letters, digits or `-`, starting with a letter or digit",
+            ));
+        }
+        let source = match raw.source.as_deref().unwrap_or("cross-region") {
+            "cross-region" => ProfileSource::CrossRegion,
+            "foundation-model" => ProfileSource::FoundationModel,
+            other => {
+                return Err(ConfigError::new(
+                    "provisioning.source",
+                    format!("`{other}`: expected \"cross-region\" or \"foundation-model\""),
+                ));
+            }
+        };
+        check_tags("provisioning.tags", &raw.tags)?;
+        if raw.tags.contains_key(&tag_key) {
+            return Err(ConfigError::new(
+                format!("provisioning.tags.{tag_key}"),
+                "this is the per-user tag key (provisioning.tag_key); its value is always the user name",
+            ));
+        }
+        Ok(Provisioning {
+            tag_key,
+            name_prefix,
+            source,
+            tags: raw.tags,
         })
     }
 
@@ -306,7 +399,9 @@ impl Config {
                 ));
             }
             let keys = user.keys;
+            check_tags(&format!("{base}.tags"), &user.tags)?;
             let mut models = BTreeMap::new();
+            let mut pending = Vec::new();
             for (model, value) in user.models {
                 let path = format!("{base}.models.\"{model}\"");
                 match ModelRef::parse(&model) {
@@ -317,6 +412,10 @@ impl Config {
                             "the key must be a model id such as anthropic.claude-sonnet-4-5-20250929-v1:0",
                         ));
                     }
+                }
+                if value == AUTO {
+                    pending.push(model);
+                    continue;
                 }
                 let parsed = BedrockArn::parse(&value).map_err(|e| {
                     ConfigError::new(&path, format!("`{value}` is not a profile ARN: {e}"))
@@ -352,6 +451,8 @@ impl Config {
             let user = Arc::new(User {
                 name: name.clone(),
                 models,
+                pending,
+                tags: user.tags,
             });
             for (i, key) in keys.iter().enumerate() {
                 let path = format!("{base}.keys[{i}]");

@@ -18,7 +18,19 @@ pub struct RawConfig {
     #[serde(default)]
     pub timeouts: RawTimeouts,
     #[serde(default)]
+    pub provisioning: RawProvisioning,
+    #[serde(default)]
     pub users: BTreeMap<String, RawUser>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvisioning {
+    pub tag_key: Option<String>,
+    pub name_prefix: Option<String>,
+    pub source: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -51,4 +63,7 @@ pub struct RawUser {
     pub keys: Vec<String>,
     #[serde(default)]
     pub models: BTreeMap<String, String>,
+    /// Extra cost-allocation tags on this user's profiles.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
 }

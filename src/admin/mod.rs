@@ -1,0 +1,146 @@
+//! Admin commands: users, keys and profile provisioning, all editing the config in place.
+//!
+//! [`doc`] edits the TOML keeping comments; [`provision`] talks to the Bedrock control plane.
+//! These run from the CLI; a running `serve` picks their edits up through live reload.
+
+pub mod doc;
+pub mod provision;
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use crate::auth::{KeyHash, generate_key};
+use crate::cli::{KeysCommand, ProfilesCommand, UsersCommand};
+use crate::config::Config;
+use doc::ConfigDoc;
+
+pub fn users(cmd: UsersCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        UsersCommand::Add {
+            name,
+            tags,
+            models,
+            config,
+        } => {
+            let mut d = ConfigDoc::open(&config.config)?;
+            d.add_user(&name, &tags, &models)?;
+            d.save()?;
+            println!(
+                "added user `{name}`; give them a key with: bedrock-gate keys add {name} --config {}",
+                config.config.display()
+            );
+            if !models.is_empty() {
+                println!(
+                    "then provision their profiles with: bedrock-gate profiles apply --config {}",
+                    config.config.display()
+                );
+            }
+        }
+        UsersCommand::Remove { name, config } => {
+            let mut d = ConfigDoc::open(&config.config)?;
+            d.remove_user(&name)?;
+            d.save()?;
+            println!(
+                "removed user `{name}`; their keys stop working as soon as a running proxy reloads"
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        KeysCommand::Add { name, config } => {
+            let mut d = ConfigDoc::open(&config.config)?;
+            let new =
+                generate_key().map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+            d.add_key(&name, &new.hash)?;
+            d.save()?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", new.key.expose())?;
+            eprintln!(
+                "New key for `{name}` printed above; it is shown only this once. The config stores {}.",
+                new.hash
+            );
+        }
+        KeysCommand::Revoke {
+            name,
+            hash,
+            all,
+            config,
+        } => {
+            let mut d = ConfigDoc::open(&config.config)?;
+            let hash = match (&hash, all) {
+                (Some(h), false) => {
+                    Some(KeyHash::from_config(h).map_err(|e| anyhow::anyhow!("--hash: {e}"))?)
+                }
+                _ => None,
+            };
+            let n = d.revoke_keys(&name, hash.as_ref())?;
+            if n == 0 {
+                anyhow::bail!("user `{name}` has no such key");
+            }
+            d.save()?;
+            println!("revoked {n} key(s) of `{name}`");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn profiles(cmd: ProfilesCommand) -> anyhow::Result<ExitCode> {
+    let path = match &cmd {
+        ProfilesCommand::Plan { config }
+        | ProfilesCommand::Apply { config }
+        | ProfilesCommand::Verify { config } => config.config.clone(),
+    };
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let cp = provision::ControlPlane::new(&config).await;
+    match cmd {
+        ProfilesCommand::Plan { .. } => {
+            let actions = provision::plan(&cp, &config).await?;
+            print_plan(&actions);
+            Ok(exit_for(&actions))
+        }
+        ProfilesCommand::Apply { .. } => {
+            let actions = provision::plan(&cp, &config).await?;
+            let mut d = ConfigDoc::open(&path)?;
+            let done = provision::apply(&cp, &mut d, &actions, &mut std::io::stdout()).await?;
+            println!("apply: {done} change(s) made");
+            Ok(exit_for(&actions))
+        }
+        ProfilesCommand::Verify { .. } => {
+            let rows = provision::verify(&cp, &config).await?;
+            print!("{}", provision::verify_table(&rows));
+            let drift = rows.iter().filter(|r| !r.ok()).count();
+            if drift == 0 {
+                println!("verify: {} profile(s), all ok", rows.len());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("verify: {drift} of {} profile(s) drifted", rows.len());
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+fn print_plan(actions: &[provision::Action]) {
+    for a in actions {
+        println!("{a}");
+    }
+    let count = |f: fn(&provision::Action) -> bool| actions.iter().filter(|a| f(a)).count();
+    println!(
+        "plan: {} to create, {} to adopt, {} to tag, {} problem(s)",
+        count(|a| matches!(a, provision::Action::Create { .. })),
+        count(|a| matches!(a, provision::Action::Adopt { .. })),
+        count(|a| matches!(a, provision::Action::Tag { .. })),
+        count(provision::Action::is_problem),
+    );
+}
+
+fn exit_for(actions: &[provision::Action]) -> ExitCode {
+    if actions.iter().any(provision::Action::is_problem) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,154 @@
+//! Live reload of the config: on file change (notify) and on SIGHUP.
+//!
+//! A reload reads the file, parses and validates it completely, and only then swaps it in
+//! whole (ArcSwap); an invalid file is logged and the running config stays. Nothing is ever
+//! half-applied, and requests in flight keep the snapshot they started with. `listen` and
+//! `timeouts.connect_secs` are read at start only; a change to them is logged as needing a
+//! restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ConfigError};
+use crate::server::{AppState, Live};
+
+/// Editors and `mv` produce bursts of events; one reload per burst is enough.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// Reads and validates a config file, returning it with the SHA-256 of its bytes.
+pub fn read_config(path: &Path) -> Result<(Config, String), ConfigError> {
+    let bytes = std::fs::read(path).map_err(|e| ConfigError {
+        path: path.display().to_string(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let text = String::from_utf8(bytes).map_err(|_| ConfigError {
+        path: path.display().to_string(),
+        message: "not UTF-8".into(),
+    })?;
+    Ok((Config::parse(&text)?, sha256))
+}
+
+/// What a reload attempt did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The file's bytes are what is already live.
+    Unchanged,
+    /// Swapped in as this generation.
+    Reloaded(u64),
+}
+
+/// Reloads once: validate completely, then swap. On error the live config is untouched.
+pub fn reload(state: &AppState, path: &Path) -> Result<Outcome, ConfigError> {
+    let current = state.live.load();
+    let (config, sha256) = read_config(path)?;
+    if sha256 == current.sha256 {
+        return Ok(Outcome::Unchanged);
+    }
+    if config.listen != current.config.listen {
+        tracing::warn!(old = %current.config.listen, new = %config.listen, "`listen` changed; it takes effect after a restart");
+    }
+    if config.timeouts.connect != current.config.timeouts.connect {
+        tracing::warn!("`timeouts.connect_secs` changed; it takes effect after a restart");
+    }
+    let generation = current.generation + 1;
+    let users = config.users.len();
+    state.live.store(Arc::new(Live {
+        config,
+        generation,
+        sha256: sha256.clone(),
+    }));
+    tracing::info!(generation, users, config_sha256 = %sha256, "config reloaded");
+    Ok(Outcome::Reloaded(generation))
+}
+
+fn reload_and_log(state: &AppState, path: &Path, why: &str) {
+    match reload(state, path) {
+        Ok(Outcome::Unchanged) => tracing::debug!(why, "config unchanged"),
+        Ok(Outcome::Reloaded(_)) => {}
+        Err(e) => {
+            tracing::error!(why, error = %e, "config reload rejected; the running config stays")
+        }
+    }
+}
+
+/// Keeps the watcher alive; dropping it stops watching.
+pub struct Reloader {
+    _watcher: Option<notify::RecommendedWatcher>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Reloader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts reloading on SIGHUP and, with `watch`, on changes to the file.
+pub fn spawn(state: Arc<AppState>, path: PathBuf, watch: bool) -> anyhow::Result<Reloader> {
+    let (tx, mut rx) = mpsc::channel::<&'static str>(1);
+    let watcher = if watch {
+        Some(watch_file(&path, tx.clone())?)
+    } else {
+        None
+    };
+    #[cfg(unix)]
+    {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if tx.send("SIGHUP").await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let task = tokio::spawn(async move {
+        while let Some(why) = rx.recv().await {
+            tokio::time::sleep(DEBOUNCE).await;
+            while rx.try_recv().is_ok() {}
+            let (state, path) = (state.clone(), path.clone());
+            let _ = tokio::task::spawn_blocking(move || reload_and_log(&state, &path, why)).await;
+        }
+    });
+    Ok(Reloader {
+        _watcher: watcher,
+        task,
+    })
+}
+
+/// Watches the file's directory, so a file replaced by rename (editors, `bedrock-gate` admin
+/// commands, Kubernetes ConfigMap symlink swaps) is still seen.
+fn watch_file(
+    path: &Path,
+    tx: mpsc::Sender<&'static str>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_os_string());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        let relevant = event.paths.iter().any(|p| {
+            let n = p.file_name();
+            n == name.as_deref() || n.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+        });
+        if relevant {
+            // A full channel already means "reload soon"; dropping this event loses nothing.
+            let _ = tx.try_send("file changed");
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}

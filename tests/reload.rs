@@ -1,0 +1,226 @@
+//! Live reload of the running binary: file changes and SIGHUP swap the config atomically; an
+//! invalid file is refused and the old config keeps serving; streams in flight finish.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::Method;
+use http_body_util::BodyExt;
+
+async fn health(proxy: &Proxy) -> serde_json::Value {
+    send(request(
+        Method::GET,
+        &format!("{}/healthz", proxy.url()),
+        &[],
+        "",
+    ))
+    .await
+    .json()
+}
+
+/// Polls until `generation` is live. Reload is asynchronous by design; this waits for it
+/// rather than sleeping a guessed time.
+async fn wait_generation(proxy: &Proxy, generation: u64) {
+    for _ in 0..400 {
+        if health(proxy).await["config_generation"] == generation {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "generation {generation} never went live; log:\n{}",
+        proxy.logs()
+    );
+}
+
+fn admin(proxy: &Proxy, args: &[&str]) -> String {
+    let out = command(proxy.dir.path())
+        .args(args)
+        .arg("--config")
+        .arg(&proxy.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn a_key_issued_or_revoked_with_the_cli_takes_effect_on_the_running_proxy() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let h0 = health(&proxy).await;
+    assert_eq!(h0["config_generation"], 1);
+
+    let new_key = admin(&proxy, &["keys", "add", "alice"]).trim().to_string();
+    wait_generation(&proxy, 2).await;
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        &new_key,
+        CONVERSE_BODY,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    admin(&proxy, &["keys", "revoke", "alice", "--all"]);
+    wait_generation(&proxy, 3).await;
+    for key in [ALICE_KEY, new_key.as_str()] {
+        let r = post(
+            &proxy,
+            &format!("/model/{SONNET}/converse"),
+            key,
+            CONVERSE_BODY,
+        )
+        .await;
+        assert_eq!(r.status, 403, "revoked key still works");
+    }
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        BOB_KEY,
+        CONVERSE_BODY,
+    )
+    .await;
+    assert_eq!(r.status, 200, "other users unaffected");
+    let h = health(&proxy).await;
+    assert_ne!(h["config_sha256"], h0["config_sha256"]);
+    assert!(!proxy.logs().contains(&new_key), "a key reached the log");
+}
+
+#[tokio::test]
+async fn a_broken_file_is_rejected_and_the_old_config_keeps_serving() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let good = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(
+        &proxy.config_path,
+        good.replace("[users.alice]", "[users.alice]\nkeyz = []"),
+    )
+    .unwrap();
+    let logs = proxy.wait_for_log("config reload rejected").await;
+    assert!(
+        logs.contains("users.alice.keyz"),
+        "the log names the bad key:\n{logs}"
+    );
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        ALICE_KEY,
+        CONVERSE_BODY,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(health(&proxy).await["config_generation"], 1);
+
+    // Fixing the file is picked up.
+    std::fs::write(
+        &proxy.config_path,
+        good.replace(&hash(ALICE_KEY), &hash("bgk_other")),
+    )
+    .unwrap();
+    wait_generation(&proxy, 2).await;
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        ALICE_KEY,
+        CONVERSE_BODY,
+    )
+    .await;
+    assert_eq!(r.status, 403);
+}
+
+#[tokio::test]
+async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let gate = fake.gate_streams();
+    let req = request(
+        Method::POST,
+        &format!("{}/model/{SONNET}/invoke-with-response-stream", proxy.url()),
+        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+        INVOKE_BODY,
+    );
+    let resp = client().request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let mut bytes = body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap()
+        .to_vec();
+
+    // Remove alice entirely while her stream is open.
+    admin(&proxy, &["users", "remove", "alice"]);
+    wait_generation(&proxy, 2).await;
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        ALICE_KEY,
+        CONVERSE_BODY,
+    )
+    .await;
+    assert_eq!(r.status, 403, "new calls use the new config");
+
+    // Release the rest of the stream: it completes.
+    let events = fake::anthropic_events(&alice_sonnet()).len();
+    for _ in 1..events {
+        gate.send(()).await.unwrap();
+    }
+    while let Some(f) = body.frame().await {
+        bytes.extend_from_slice(&f.unwrap().into_data().unwrap());
+    }
+    let mut buf = bytes::BytesMut::from(&bytes[..]);
+    let mut decoder = aws_smithy_eventstream::frame::MessageFrameDecoder::new();
+    assert_eq!(fake::decode_messages(&mut decoder, &mut buf).len(), events);
+}
+
+#[tokio::test]
+async fn sighup_reloads_when_watching_is_off() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start_with_args(&two_user_config(&fake, ""), &["--no-watch"]).await;
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(
+        &proxy.config_path,
+        text.replace(&hash(BOB_KEY), &hash("bgk_bob_rotated")),
+    )
+    .unwrap();
+    let status = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(proxy.pid().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_generation(&proxy, 2).await;
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        "bgk_bob_rotated",
+        CONVERSE_BODY,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        post(
+            &proxy,
+            &format!("/model/{SONNET}/converse"),
+            BOB_KEY,
+            CONVERSE_BODY
+        )
+        .await
+        .status,
+        403
+    );
+}
