@@ -114,23 +114,32 @@ where
     }
 }
 
+/// `raw` in the shape Bedrock requires of profile names and descriptions,
+/// `^([0-9a-zA-Z{extra}][ _-]?)+$`: other characters become a separator (`-`, or a space
+/// where `raw` had one and `spaces` is set), never two in a row nor one first.
+fn bedrock_words(raw: &str, extra: &[char], spaces: bool) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut last_sep = true;
+    for c in raw.chars() {
+        if c.is_ascii_alphanumeric() || extra.contains(&c) {
+            out.push(c);
+            last_sep = false;
+        } else if !last_sep {
+            out.push(if spaces && c == ' ' { ' ' } else { '-' });
+            last_sep = true;
+        }
+    }
+    out
+}
+
 /// The profile name for a user and model: `{prefix}-{user}-{model short name}`, in the
-/// characters Bedrock allows (`([0-9a-zA-Z:.][ _-]?)+`, at most 64).
+/// characters Bedrock allows in a name (`^([0-9a-zA-Z][ _-]?)+$`, at most 64; unlike a
+/// description, no `:` or `.`, so `v1:0` becomes `v1-0`).
 pub fn profile_name(prefix: &str, user: &str, model: &str) -> String {
     let base = strip_geo_prefix(model);
     let short = base.split_once('.').map_or(base, |(_, m)| m);
     let raw = format!("{prefix}-{user}-{short}");
-    let mut name = String::with_capacity(raw.len());
-    let mut last_sep = true; // a name may not start with a separator
-    for c in raw.chars() {
-        if c.is_ascii_alphanumeric() || c == ':' || c == '.' {
-            name.push(c);
-            last_sep = false;
-        } else if !last_sep {
-            name.push('-');
-            last_sep = true;
-        }
-    }
+    let mut name = bedrock_words(&raw, &[], false);
     if name.len() > MAX_NAME_LEN {
         let digest = hex::encode(Sha256::digest(raw.as_bytes()));
         name.truncate(MAX_NAME_LEN - 9);
@@ -141,6 +150,18 @@ pub fn profile_name(prefix: &str, user: &str, model: &str) -> String {
         name.push_str(&digest[..8]);
     }
     name
+}
+
+/// The profile description, in the characters Bedrock allows there
+/// (`^([0-9a-zA-Z:.][ _-]?)+$`, at most 200): an e-mail user name loses its `@`.
+fn description(model: &str, user: &str) -> String {
+    let mut d = bedrock_words(
+        &format!("bedrock-gate: {model} for {user}"),
+        &[':', '.'],
+        true,
+    );
+    d.truncate(200); // ASCII only, so any byte is a char boundary
+    d
 }
 
 /// A creation token that is the same on every run for the same profile name, so a retried
@@ -418,7 +439,7 @@ pub async fn apply(
                     .client
                     .create_inference_profile()
                     .inference_profile_name(name)
-                    .description(format!("bedrock-gate: {model} for {user}"))
+                    .description(description(model, user))
                     .client_request_token(request_token(name))
                     .model_source(InferenceProfileModelSource::CopyFrom(copy_from.clone()))
                     .set_tags(Some(to_tags(tags)?))
@@ -634,9 +655,9 @@ mod tests {
                 "alice",
                 "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
             ),
-            "bg-alice-claude-sonnet-4-5-20250929-v1:0"
+            "bg-alice-claude-sonnet-4-5-20250929-v1-0"
         );
-        assert_eq!(profile_name("bg", "a@b.com", "anthropic.x"), "bg-a-b.com-x");
+        assert_eq!(profile_name("bg", "a@b.com", "anthropic.x"), "bg-a-b-com-x");
         assert_eq!(profile_name("bg", "a__b", "anthropic.x"), "bg-a-b-x");
         let long = profile_name(
             "team",
@@ -657,13 +678,27 @@ mod tests {
             for c in n.chars() {
                 let sep = matches!(c, ' ' | '_' | '-');
                 assert!(!(sep && prev_sep), "{n}");
-                assert!(
-                    sep || c.is_ascii_alphanumeric() || c == ':' || c == '.',
-                    "{n}"
-                );
+                assert!(sep || c.is_ascii_alphanumeric(), "{n}");
                 prev_sep = sep;
             }
         }
+    }
+
+    #[test]
+    fn descriptions_fit_the_bedrock_pattern() {
+        assert_eq!(
+            description("anthropic.claude-sonnet-4-5-20250929-v1:0", "alice"),
+            "bedrock-gate: anthropic.claude-sonnet-4-5-20250929-v1:0 for alice"
+        );
+        assert_eq!(
+            description("anthropic.x", "carol@example.com"),
+            "bedrock-gate: anthropic.x for carol-example.com"
+        );
+        assert_eq!(
+            description("anthropic.x", "a__b"),
+            "bedrock-gate: anthropic.x for a-b"
+        );
+        assert!(description(&"m".repeat(300), "u").len() <= 200);
     }
 
     #[test]
