@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::meter::report::{Format, GroupBy};
+
 /// bedrock-gate: per-user Amazon Bedrock proxy that routes every call to the caller's own
 /// application inference profile, so Bedrock costs land on per-user cost-allocation tags.
 #[derive(Debug, Parser)]
@@ -33,6 +35,26 @@ pub enum Command {
         /// Do not watch the config file for changes (SIGHUP still reloads it).
         #[arg(long)]
         no_watch: bool,
+        /// Address of the Prometheus /metrics listener; overrides `admin_listen`.
+        #[arg(long, env = "BEDROCK_GATE_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
+    },
+    /// Report tokens and estimated cost from the ledger.
+    Usage {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// First day to include (YYYY-MM-DD, UTC). Default: the first of this month.
+        #[arg(long)]
+        since: Option<String>,
+        /// Last day to include (YYYY-MM-DD, UTC). Default: today.
+        #[arg(long)]
+        until: Option<String>,
+        /// Group rows by.
+        #[arg(long, value_enum, default_value_t = GroupBy::User)]
+        by: GroupBy,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Validate a config file with exactly the checks `serve` runs; exits 1 naming the bad key.
     Check {

@@ -20,6 +20,8 @@ pub enum ErrorKind {
     Validation,
     /// 404: a path that is not a Bedrock operation the proxy forwards.
     UnknownOperation,
+    /// 429: a budget or rate limit of the caller is reached.
+    Throttling,
     /// 502: the upstream could not be reached or failed before answering.
     BadGateway,
     /// 504: the upstream did not answer in time.
@@ -34,6 +36,7 @@ impl ErrorKind {
             ErrorKind::AccessDenied => "AccessDeniedException",
             ErrorKind::Validation => "ValidationException",
             ErrorKind::UnknownOperation => "UnknownOperationException",
+            ErrorKind::Throttling => "ThrottlingException",
             ErrorKind::BadGateway => "ServiceUnavailableException",
             ErrorKind::Timeout => "ModelTimeoutException",
             ErrorKind::Internal => "InternalServerException",
@@ -45,6 +48,7 @@ impl ErrorKind {
             ErrorKind::AccessDenied => StatusCode::FORBIDDEN,
             ErrorKind::Validation => StatusCode::BAD_REQUEST,
             ErrorKind::UnknownOperation => StatusCode::NOT_FOUND,
+            ErrorKind::Throttling => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,

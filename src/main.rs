@@ -30,6 +30,7 @@ fn main() -> ExitCode {
             log_format,
             shutdown_grace_secs,
             no_watch,
+            admin_listen,
         } => {
             init_tracing(log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
                 listen,
                 grace: Duration::from_secs(shutdown_grace_secs),
                 watch: !no_watch,
+                admin_listen,
             };
             match runtime.block_on(server::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -74,6 +76,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Usage {
+            config,
+            since,
+            until,
+            by,
+            format,
+        } => report(bedrock_gate::admin::usage(
+            &config.config,
+            since,
+            until,
+            by,
+            format,
+        )),
         Command::Users { command } => report(bedrock_gate::admin::users(command)),
         Command::Keys { command } => report(bedrock_gate::admin::keys(command)),
         Command::Profiles { command } => match tokio::runtime::Builder::new_multi_thread()

@@ -78,9 +78,16 @@ impl RuntimeOp {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Health,
-    Runtime { op: RuntimeOp, model: String },
+    /// `GET /usage`: the caller's own usage this month.
+    Usage,
+    Runtime {
+        op: RuntimeOp,
+        model: String,
+    },
     ListProfiles,
-    GetProfile { id: String },
+    GetProfile {
+        id: String,
+    },
 }
 
 impl Route {
@@ -88,6 +95,7 @@ impl Route {
     pub fn operation(&self) -> &'static str {
         match self {
             Route::Health => "Health",
+            Route::Usage => "Usage",
             Route::Runtime { op, .. } => op.name(),
             Route::ListProfiles => "ListInferenceProfiles",
             Route::GetProfile { .. } => "GetInferenceProfile",
@@ -118,6 +126,9 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, ApiError> {
     }
     if path == "/healthz" && method == Method::GET {
         return Ok(Route::Health);
+    }
+    if path == "/usage" && method == Method::GET {
+        return Ok(Route::Usage);
     }
     if let Some(rest) = path.strip_prefix("/model/") {
         // The operation is the last segment; everything before it is the model id, which some

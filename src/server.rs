@@ -1,9 +1,10 @@
 //! The HTTP front: router, the proxy handler and `serve(listener, shutdown)`.
 //!
 //! Request path, in order: parse the route from method and raw path → health answers at once →
-//! extract and hash the API key → resolve the caller's profile → read the body under the size
-//! and time limits → sign and send → stream the response back as it arrives, counting bytes for
-//! the one log line written when the body ends (or the client goes away).
+//! extract and hash the API key → resolve the caller's profile → check the caller's budget and
+//! rate limits → read the body under the size and time limits → sign and send → stream the
+//! response back as it arrives, with the usage meter reading alongside → when the body ends (or
+//! the client goes away) write one log line and one ledger row.
 //!
 //! Middleware (outermost first): `SetSensitiveRequestHeaders` (Authorization, x-api-key), then
 //! the handler. Nothing here buffers a response; a refusal never reaches AWS.
@@ -30,6 +31,9 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::config::Config;
 use crate::error::{ApiError, ErrorKind};
+use crate::meter::Meter;
+use crate::meter::request::RequestInfo;
+use crate::meter::usage::UsageMeter;
 use crate::route::{self, Route, RuntimeOp};
 use crate::upstream::{Outbound, Upstream, headers};
 
@@ -52,10 +56,11 @@ pub struct AppState {
     /// stream in flight finishes on the config it started with.
     pub live: ArcSwap<Live>,
     pub upstream: Upstream,
+    pub meter: Arc<Meter>,
 }
 
 impl AppState {
-    pub fn new(config: Config, sha256: String, upstream: Upstream) -> Arc<AppState> {
+    pub fn new(config: Config, sha256: String, upstream: Upstream, meter: Meter) -> Arc<AppState> {
         Arc::new(AppState {
             live: ArcSwap::from_pointee(Live {
                 config,
@@ -63,6 +68,7 @@ impl AppState {
                 sha256,
             }),
             upstream,
+            meter: Arc::new(meter),
         })
     }
 }
@@ -102,61 +108,18 @@ pub async fn serve(
     }
 }
 
-/// What the request log line says about a request.
-#[derive(Debug, Default)]
-struct RequestLog {
-    request_id: String,
-    user: Option<String>,
-    operation: &'static str,
-    model: Option<String>,
-    profile: Option<String>,
-    status: u16,
-    bytes_in: usize,
-    ttfb: Option<Duration>,
-}
-
-impl RequestLog {
-    fn emit(&self, started: Instant, bytes_out: u64, outcome: &'static str) {
-        tracing::info!(
-            target: "bedrock_gate::access",
-            request_id = %self.request_id,
-            user = self.user.as_deref().unwrap_or("-"),
-            operation = self.operation,
-            model = self.model.as_deref().unwrap_or("-"),
-            profile = self.profile.as_deref().unwrap_or("-"),
-            status = self.status,
-            latency_ms = started.elapsed().as_millis() as u64,
-            ttfb_ms = self.ttfb.map(|d| d.as_millis() as u64),
-            bytes_in = self.bytes_in,
-            bytes_out,
-            outcome,
-            "request"
-        );
-    }
-}
-
-fn new_request_id() -> String {
-    let mut b = [0u8; 16];
-    if getrandom::fill(&mut b).is_err() {
-        return "-".to_string();
-    }
-    hex::encode(b)
-}
-
 async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let started = Instant::now();
-    let mut log = RequestLog {
-        request_id: new_request_id(),
-        operation: "Unknown",
-        ..Default::default()
-    };
-    match handle(&state, request, &mut log, started).await {
+    let mut info = RequestInfo::new();
+    match handle(&state, request, &mut info, started).await {
         Ok(resp) => resp,
         Err(e) => {
-            log.status = e.status.as_u16();
-            let id = log.request_id.clone();
-            let kind = e.aws_type();
-            log.emit(started, 0, kind);
+            info.status = e.status.as_u16();
+            let id = info.request_id.clone();
+            if info.operation == "Health" {
+                return e.into_response_with_id(&id);
+            }
+            state.meter.finish(info, started, 0, None, e.aws_type());
             e.into_response_with_id(&id)
         }
     }
@@ -165,12 +128,12 @@ async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response
 async fn handle(
     state: &AppState,
     request: Request,
-    log: &mut RequestLog,
+    info: &mut RequestInfo,
     started: Instant,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let route = route::parse(&parts.method, parts.uri.path())?;
-    log.operation = route.operation();
+    info.operation = route.operation();
     let live = state.live.load_full();
     let config = &live.config;
 
@@ -191,13 +154,26 @@ async fn handle(
         .cloned()
         .ok_or_else(|| ApiError::access_denied(crate::auth::unknown_key_message()))?;
     drop(key);
-    log.user = Some(user.name.clone());
+    info.user = Some(user.name.clone());
+
+    if route == Route::Usage {
+        return Ok(usage_response(&state.meter, &user));
+    }
 
     let (method, url, region) = match &route {
         Route::Runtime { op, model } => {
-            log.model = Some(model.clone());
+            info.model = Some(model.clone());
             let profile = route::resolve_runtime(&user, &config.users, model)?;
-            log.profile = Some(profile.arn.clone());
+            info.profile = Some(profile.arn.clone());
+            info.base_model = Some(profile.model.clone());
+            info.price = config.prices.get(&profile.model).copied();
+            // CountTokens is free: no budget or rate limit applies to it.
+            if *op != RuntimeOp::CountTokens {
+                state
+                    .meter
+                    .accounts
+                    .admit(&user.name, &user.limits, chrono::Utc::now())?;
+            }
             let region = profile.parsed.region.clone();
             // CountTokens is free and takes a foundation model id, not a profile.
             let upstream_id = match op {
@@ -230,7 +206,7 @@ async fn handle(
             (Method::GET, url, region)
         }
         Route::GetProfile { id } => {
-            log.model = Some(id.clone());
+            info.model = Some(id.clone());
             let lookup = route::resolve_profile_lookup(&user, &config.users, id)?;
             let region = lookup.region.unwrap_or_else(|| config.aws.region.clone());
             let url = format!(
@@ -240,7 +216,9 @@ async fn handle(
             );
             (Method::GET, url, region)
         }
-        Route::Health => return Err(ApiError::new(ErrorKind::Internal, "unreachable")),
+        Route::Health | Route::Usage => {
+            return Err(ApiError::new(ErrorKind::Internal, "unreachable"));
+        }
     };
 
     let body = read_body(
@@ -250,7 +228,7 @@ async fn handle(
         config.timeouts.request_body,
     )
     .await?;
-    log.bytes_in = body.len();
+    info.bytes_in = body.len();
     let out = Outbound {
         method,
         url,
@@ -259,14 +237,27 @@ async fn handle(
         body,
     };
     let upstream = state.upstream.send(out, config.timeouts.first_byte).await?;
-    log.ttfb = Some(started.elapsed());
-    log.status = upstream.status().as_u16();
+    info.ttfb = Some(started.elapsed());
+    info.status = upstream.status().as_u16();
+    info.upstream_request_id = upstream
+        .headers()
+        .get("x-amzn-requestid")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(128).collect());
 
     let (mut head, incoming) = upstream.into_parts();
     headers::strip_hop_by_hop(&mut head.headers);
+    let usage = match &route {
+        Route::Runtime { op, .. } => {
+            Some(UsageMeter::new(*op, head.status.as_u16(), &head.headers))
+        }
+        _ => None,
+    };
+    state.meter.metrics.in_flight(info.operation, 1);
     let observed = Observed {
         inner: incoming,
-        log: Some(std::mem::take(log)),
+        finish: Some((std::mem::take(info), usage)),
+        meter: state.meter.clone(),
         started,
         bytes_out: 0,
     };
@@ -305,20 +296,27 @@ async fn read_body(
     }
 }
 
-/// The upstream body on its way to the client, frame by frame, unchanged. Counts bytes and
-/// writes the request's log line when the body ends, fails, or is dropped early (the client
-/// went away), in which case the upstream connection is dropped with it.
+/// The upstream body on its way to the client, frame by frame, unchanged. The usage meter
+/// reads each frame as it passes (never holding it back); when the body ends, fails, or is
+/// dropped early (the client went away, which also drops the upstream connection), the
+/// request is recorded once.
 struct Observed<B> {
     inner: B,
-    log: Option<RequestLog>,
+    /// Taken by the first of end, error or drop.
+    finish: Option<(RequestInfo, Option<UsageMeter>)>,
+    meter: Arc<Meter>,
     started: Instant,
     bytes_out: u64,
 }
 
 impl<B> Observed<B> {
     fn finish(&mut self, outcome: &'static str) {
-        if let Some(log) = self.log.take() {
-            log.emit(self.started, self.bytes_out, outcome);
+        if let Some((info, usage)) = self.finish.take() {
+            let ended = outcome == "complete";
+            let metered = usage.map(|u| u.finish(ended));
+            self.meter.metrics.in_flight(info.operation, -1);
+            self.meter
+                .finish(info, self.started, self.bytes_out, metered, outcome);
         }
     }
 }
@@ -341,6 +339,9 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes_out += data.len() as u64;
+                    if let Some((_, Some(usage))) = this.finish.as_mut() {
+                        usage.feed(data);
+                    }
                 }
                 if this.inner.is_end_stream() {
                     this.finish("complete");
@@ -371,6 +372,30 @@ impl<B> Drop for Observed<B> {
     }
 }
 
+/// `GET /usage`: the caller's own usage this month.
+fn usage_response(meter: &Meter, user: &crate::config::User) -> Response {
+    let (month, t) = meter.accounts.month_totals(&user.name, chrono::Utc::now());
+    let budget = user.limits.monthly_budget_usd;
+    let body = serde_json::json!({
+        "user": user.name,
+        "month": month.to_string(),
+        "requests": t.requests,
+        "input_tokens": t.usage.input_tokens,
+        "output_tokens": t.usage.output_tokens,
+        "cache_read_tokens": t.usage.cache_read_tokens,
+        "cache_write_tokens": t.usage.cache_write_tokens,
+        "cost_usd": t.cost_usd,
+        "unpriced_requests": t.unpriced,
+        "limits": {
+            "monthly_budget_usd": budget,
+            "requests_per_minute": user.limits.requests_per_minute,
+            "tokens_per_minute": user.limits.tokens_per_minute,
+        },
+        "budget_remaining_usd": budget.map(|b| (b - t.cost_usd).max(0.0)),
+    });
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
 /// How `serve` was asked to run.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -379,6 +404,8 @@ pub struct ServeOptions {
     pub grace: Duration,
     /// Reload when the config file changes (SIGHUP reloads either way).
     pub watch: bool,
+    /// Overrides `admin_listen` in the config.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// Loads the config, binds, prints the address and serves until SIGTERM or SIGINT.
@@ -388,18 +415,78 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let listen = opts.listen.unwrap_or(config.listen);
     let upstream = Upstream::new(&config.aws, config.timeouts.connect).await?;
     let users = config.users.len();
-    let state = AppState::new(config, sha256, upstream);
+    let admin_listen = match opts.admin_listen {
+        Some(a) => Some(a),
+        None => config.admin_listen,
+    };
+    let ledger_path = config.ledger.resolve(&opts.config_path);
+    let meter = Meter::open(&ledger_path, config.ledger.flush_interval)?;
+    let state = AppState::new(config, sha256, upstream, meter);
     let _reloader = crate::reload::spawn(state.clone(), opts.config_path.clone(), opts.watch)?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let admin = match admin_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {a} (admin_listen): {e}"))?,
+        ),
+        None => None,
+    };
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, users, config = %opts.config_path.display(), "bedrock-gate listening");
-    // A plain line on stdout for scripts and tests that start us on port 0.
+    // Plain lines on stdout for scripts and tests that start us on port 0.
     println!("bedrock-gate listening on http://{local}");
-    serve(listener, state, shutdown_signal(), opts.grace).await?;
-    tracing::info!("bedrock-gate stopped");
+    let admin_task = match admin {
+        Some(admin) => {
+            let addr = admin.local_addr()?;
+            tracing::info!(addr = %addr, "admin listener (GET /metrics) listening");
+            println!("bedrock-gate admin listening on http://{addr}");
+            let app = admin_router(state.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(admin, app).await {
+                    tracing::error!(error = %e, "admin listener failed");
+                }
+            }))
+        }
+        None => None,
+    };
+    let served = serve(listener, state.clone(), shutdown_signal(), opts.grace).await;
+    if let Some(t) = admin_task {
+        t.abort();
+    }
+    // Every request that finished has queued its row; commit them before exiting.
+    let meter = state.meter.clone();
+    let _ = tokio::task::spawn_blocking(move || meter.ledger.close()).await;
+    tracing::info!("ledger flushed; bedrock-gate stopped");
+    served?;
     Ok(())
+}
+
+/// The admin listener: Prometheus metrics and health. It accepts no API keys and forwards
+/// nothing; keep it on loopback or behind a network policy.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|State(state): State<Arc<AppState>>| async move {
+                let live = state.live.load();
+                let text = state
+                    .meter
+                    .metrics
+                    .render(live.generation, Some(&state.meter.ledger.stats));
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .with_state(state)
 }
 
 /// Resolves on SIGTERM or SIGINT.

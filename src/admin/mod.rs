@@ -144,3 +144,29 @@ fn exit_for(actions: &[provision::Action]) -> ExitCode {
         ExitCode::SUCCESS
     }
 }
+
+/// `usage`: the ledger report.
+pub fn usage(
+    path: &std::path::Path,
+    since: Option<String>,
+    until: Option<String>,
+    by: crate::meter::report::GroupBy,
+    format: crate::meter::report::Format,
+) -> anyhow::Result<ExitCode> {
+    use crate::meter::report;
+    let config = Config::load(path).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let today = chrono::Utc::now().date_naive();
+    let since = since.unwrap_or_else(|| today.format("%Y-%m-01").to_string());
+    let until = until.unwrap_or_else(|| today.format("%Y-%m-%d").to_string());
+    let since_ms = report::day_start_ms(&since).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    let until_ms =
+        report::until_exclusive_ms(&until).map_err(|e| anyhow::anyhow!("--until: {e}"))?;
+    let db = config.ledger.resolve(path);
+    let conn = crate::meter::ledger::open_read_only(&db)?;
+    let rows = report::query(&conn, since_ms, until_ms, by)?;
+    print!("{}", report::render(&rows, by, format, &since, &until));
+    if format == report::Format::Json {
+        println!();
+    }
+    Ok(ExitCode::SUCCESS)
+}

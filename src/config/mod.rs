@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::arn::{BedrockArn, ModelRef, ResourceKind};
 use crate::auth::KeyHash;
+use crate::meter::prices::{Price, Prices};
 use raw::RawConfig;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
@@ -45,11 +46,50 @@ impl ConfigError {
 #[derive(Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Prometheus `/metrics` listener; `None` when disabled with `admin_listen = ""`.
+    pub admin_listen: Option<SocketAddr>,
+    pub ledger: LedgerSettings,
+    pub prices: Prices,
     pub aws: AwsSettings,
     pub max_body_bytes: usize,
     pub timeouts: Timeouts,
     pub provisioning: Provisioning,
     pub users: Users,
+}
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+pub const DEFAULT_LEDGER_PATH: &str = "bedrock-gate.db";
+
+/// Where and how often usage rows are written.
+#[derive(Debug, Clone)]
+pub struct LedgerSettings {
+    /// As written; a relative path is relative to the config file's directory.
+    pub path: String,
+    /// Longest time a finished request waits before its row is committed; also the most a
+    /// crash can lose.
+    pub flush_interval: Duration,
+}
+
+impl LedgerSettings {
+    /// The database path, resolving a relative one against the config file's directory.
+    pub fn resolve(&self, config_path: &Path) -> std::path::PathBuf {
+        let p = Path::new(&self.path);
+        if p.is_absolute() {
+            return p.to_path_buf();
+        }
+        match config_path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+}
+
+/// Per-user limits; each is off when unset.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UserLimits {
+    pub monthly_budget_usd: Option<f64>,
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// The value that asks `profiles apply` to create a user's profile for a model.
@@ -172,6 +212,7 @@ pub struct User {
     pub pending: Vec<String>,
     /// Extra cost-allocation tags for this user's profiles.
     pub tags: BTreeMap<String, String>,
+    pub limits: UserLimits,
 }
 
 impl User {
@@ -330,10 +371,70 @@ impl Config {
             )?,
         };
 
+        let admin_text = raw.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+        let admin_listen = if admin_text.is_empty() {
+            None
+        } else {
+            Some(admin_text.parse().map_err(|_| {
+                ConfigError::new(
+                    "admin_listen",
+                    format!(
+                        "`{admin_text}` is not an address like 127.0.0.1:9464 (\"\" turns it off)"
+                    ),
+                )
+            })?)
+        };
+        let ledger_path = raw
+            .ledger
+            .path
+            .unwrap_or_else(|| DEFAULT_LEDGER_PATH.to_string());
+        if ledger_path.is_empty() {
+            return Err(ConfigError::new("ledger.path", "must not be empty"));
+        }
+        let flush_ms = raw.ledger.flush_interval_ms.unwrap_or(1000);
+        if !(10..=60_000).contains(&flush_ms) {
+            return Err(ConfigError::new(
+                "ledger.flush_interval_ms",
+                "must be between 10 and 60000",
+            ));
+        }
+        let ledger = LedgerSettings {
+            path: ledger_path,
+            flush_interval: Duration::from_millis(flush_ms),
+        };
+        let mut overrides = Vec::new();
+        for (model, price) in raw.prices {
+            let path = format!("prices.\"{model}\"");
+            let all = [
+                Some(price.input_per_mtok),
+                Some(price.output_per_mtok),
+                price.cache_read_per_mtok,
+                price.cache_write_per_mtok,
+            ];
+            if all.iter().flatten().any(|v| !v.is_finite() || *v < 0.0) {
+                return Err(ConfigError::new(
+                    path,
+                    "prices are USD per million tokens, zero or more",
+                ));
+            }
+            overrides.push((
+                model,
+                Price {
+                    input_per_mtok: price.input_per_mtok,
+                    output_per_mtok: price.output_per_mtok,
+                    cache_read_per_mtok: price.cache_read_per_mtok,
+                    cache_write_per_mtok: price.cache_write_per_mtok,
+                },
+            ));
+        }
+        let prices = Prices::with_overrides(overrides);
         let provisioning = Self::provisioning(raw.provisioning)?;
         let users = Self::users(raw.users)?;
         Ok(Config {
             listen,
+            admin_listen,
+            ledger,
+            prices,
             aws,
             max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
             timeouts,
@@ -400,6 +501,19 @@ impl Config {
             }
             let keys = user.keys;
             check_tags(&format!("{base}.tags"), &user.tags)?;
+            let limits = UserLimits {
+                monthly_budget_usd: match user.limits.monthly_budget_usd {
+                    Some(b) if !b.is_finite() || b < 0.0 => {
+                        return Err(ConfigError::new(
+                            format!("{base}.limits.monthly_budget_usd"),
+                            "a budget is zero or more US dollars",
+                        ));
+                    }
+                    other => other,
+                },
+                requests_per_minute: user.limits.requests_per_minute,
+                tokens_per_minute: user.limits.tokens_per_minute,
+            };
             let mut models = BTreeMap::new();
             let mut pending = Vec::new();
             for (model, value) in user.models {
@@ -453,6 +567,7 @@ impl Config {
                 models,
                 pending,
                 tags: user.tags,
+                limits,
             });
             for (i, key) in keys.iter().enumerate() {
                 let path = format!("{base}.keys[{i}]");

@@ -11,6 +11,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub listen: Option<String>,
+    pub admin_listen: Option<String>,
     #[serde(default)]
     pub aws: RawAws,
     #[serde(default)]
@@ -19,6 +20,10 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     #[serde(default)]
     pub provisioning: RawProvisioning,
+    #[serde(default)]
+    pub ledger: RawLedger,
+    #[serde(default)]
+    pub prices: BTreeMap<String, RawPrice>,
     #[serde(default)]
     pub users: BTreeMap<String, RawUser>,
 }
@@ -66,4 +71,30 @@ pub struct RawUser {
     /// Extra cost-allocation tags on this user's profiles.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: RawUserLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUserLimits {
+    pub monthly_budget_usd: Option<f64>,
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLedger {
+    pub path: Option<String>,
+    pub flush_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    pub cache_read_per_mtok: Option<f64>,
+    pub cache_write_per_mtok: Option<f64>,
 }

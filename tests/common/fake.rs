@@ -182,6 +182,8 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
             let h = resp.headers_mut();
             h.insert("x-amzn-bedrock-input-token-count", "11".parse().expect("hv"));
             h.insert("x-amzn-bedrock-output-token-count", "7".parse().expect("hv"));
+            h.insert("x-amzn-bedrock-cache-read-input-token-count", "4".parse().expect("hv"));
+            h.insert("x-amzn-bedrock-cache-write-input-token-count", "3".parse().expect("hv"));
             h.insert("x-amzn-requestid", "fake-request-id".parse().expect("hv"));
             resp
         }
@@ -191,7 +193,7 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
             serde_json::json!({
                 "output": {"message": {"role": "assistant", "content": [{"text": TEXT}]}},
                 "stopReason": "end_turn",
-                "usage": {"inputTokens": 9, "outputTokens": 4, "totalTokens": 13},
+                "usage": {"inputTokens": 9, "outputTokens": 4, "totalTokens": 13, "cacheReadInputTokens": 5, "cacheWriteInputTokens": 6},
                 "metrics": {"latencyMs": 5}
             })
             .to_string(),
@@ -351,7 +353,7 @@ fn converse_stream_events() -> Vec<Bytes> {
     ));
     v.push(typed_event(
         "metadata",
-        serde_json::json!({"usage": {"inputTokens": 9, "outputTokens": 5, "totalTokens": 14}, "metrics": {"latencyMs": 7}}),
+        serde_json::json!({"usage": {"inputTokens": 9, "outputTokens": 5, "totalTokens": 14, "cacheReadInputTokens": 1, "cacheWriteInputTokens": 2}, "metrics": {"latencyMs": 7}}),
     ));
     v
 }

@@ -81,6 +81,8 @@ keys = ["{kb}"]
 /// The real binary, running on a free port with a temp config and dummy AWS credentials.
 pub struct Proxy {
     pub addr: String,
+    /// The admin (metrics) listener.
+    pub admin_addr: String,
     child: Child,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
@@ -117,13 +119,32 @@ impl Proxy {
 
     pub async fn start_with_args(config: &str, args: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("bedrock-gate.toml"), config).expect("write config");
+        Self::launch(dir, args).await
+    }
+
+    /// Stops this proxy with SIGTERM and starts a new one on the same directory (config and
+    /// ledger), as an operator's restart would.
+    pub async fn restart(mut self, args: &[&str]) -> Proxy {
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "exit status {status:?}; log:\n{}",
+            self.logs()
+        );
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        Self::launch(dir, args).await
+    }
+
+    async fn launch(dir: tempfile::TempDir, args: &[&str]) -> Proxy {
         let config_path = dir.path().join("bedrock-gate.toml");
-        std::fs::write(&config_path, config).expect("write config");
         let mut child = command(dir.path())
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
             .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--admin-listen")
             .arg("127.0.0.1:0")
             .args(args)
             .stdout(Stdio::piped())
@@ -141,15 +162,19 @@ impl Proxy {
             }
         });
         let stdout = child.stdout.take().expect("stdout");
-        let addr = tokio::task::spawn_blocking(move || {
+        let addrs = tokio::task::spawn_blocking(move || {
             let mut reader = BufReader::new(stdout);
             let mut line = String::new();
+            let mut main = None;
             while reader.read_line(&mut line).ok()? > 0 {
-                if let Some(a) = line
-                    .trim()
-                    .strip_prefix("bedrock-gate listening on http://")
-                {
-                    return Some(a.to_string());
+                let l = line.trim();
+                if let Some(a) = l.strip_prefix("bedrock-gate listening on http://") {
+                    main = Some(a.to_string());
+                } else if let Some(a) = l.strip_prefix("bedrock-gate admin listening on http://") {
+                    let admin = a.to_string();
+                    // Keep draining stdout so the child never blocks on a full pipe.
+                    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+                    return Some((main?, admin));
                 }
                 line.clear();
             }
@@ -157,7 +182,7 @@ impl Proxy {
         })
         .await
         .expect("join");
-        let Some(addr) = addr else {
+        let Some((addr, admin_addr)) = addrs else {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
@@ -167,6 +192,7 @@ impl Proxy {
         };
         Proxy {
             addr,
+            admin_addr,
             child,
             dir,
             config_path,
@@ -176,6 +202,27 @@ impl Proxy {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    /// The ledger database (the default path, next to the config).
+    pub fn ledger_path(&self) -> PathBuf {
+        self.dir.path().join("bedrock-gate.db")
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; the ledger is flushed by then.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        self.wait_exit(Duration::from_secs(60))
+            .expect("bedrock-gate did not exit after SIGTERM")
     }
 
     /// Everything the proxy wrote to stderr so far.

@@ -1,0 +1,356 @@
+//! Per-user accounting for budgets and rate limits.
+//!
+//! Holds this month's totals and a sliding one-minute window per user, in memory, behind one
+//! short std mutex (no await while held). Counters are rebuilt from the ledger at start, so a
+//! restart is not a budget reset. Limits themselves come from the live config on every call,
+//! so a changed limit applies to the next request.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+
+use crate::config::UserLimits;
+use crate::error::{ApiError, ErrorKind};
+use crate::meter::ledger::Totals;
+use crate::meter::usage::Usage;
+
+const WINDOW_SECS: i64 = 60;
+
+/// A calendar month in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Month {
+    pub year: i32,
+    pub month: u32,
+}
+
+impl Month {
+    pub fn of(t: DateTime<Utc>) -> Month {
+        Month {
+            year: t.year(),
+            month: t.month(),
+        }
+    }
+
+    pub fn start(self) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(self.year, self.month, 1, 0, 0, 0)
+            .single()
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    pub fn next(self) -> Month {
+        if self.month == 12 {
+            Month {
+                year: self.year + 1,
+                month: 1,
+            }
+        } else {
+            Month {
+                year: self.year,
+                month: self.month + 1,
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Month {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
+    }
+}
+
+/// Requests and tokens per second over the last minute.
+#[derive(Debug, Clone)]
+struct Window {
+    /// (second, requests, tokens), indexed by second mod 60.
+    buckets: [(i64, u64, u64); WINDOW_SECS as usize],
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            buckets: [(i64::MIN, 0, 0); WINDOW_SECS as usize],
+        }
+    }
+}
+
+impl Window {
+    fn slot(&mut self, sec: i64) -> &mut (i64, u64, u64) {
+        let b = &mut self.buckets[sec.rem_euclid(WINDOW_SECS) as usize];
+        if b.0 != sec {
+            *b = (sec, 0, 0);
+        }
+        b
+    }
+
+    fn live(&self, now: i64) -> impl Iterator<Item = &(i64, u64, u64)> {
+        self.buckets
+            .iter()
+            .filter(move |b| b.0 > now - WINDOW_SECS && b.0 <= now)
+    }
+
+    fn sums(&self, now: i64) -> (u64, u64) {
+        self.live(now).fold((0, 0), |(r, t), b| (r + b.1, t + b.2))
+    }
+
+    /// Seconds until the oldest second that holds `pick` leaves the window.
+    fn retry_after(&self, now: i64, pick: impl Fn(&(i64, u64, u64)) -> bool) -> i64 {
+        self.live(now)
+            .filter(|b| pick(b))
+            .map(|b| b.0 + WINDOW_SECS - now)
+            .min()
+            .unwrap_or(1)
+            .max(1)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Account {
+    month: Month,
+    totals: Totals,
+    window: Window,
+}
+
+impl Account {
+    fn new(month: Month) -> Account {
+        Account {
+            month,
+            totals: Totals::default(),
+            window: Window::default(),
+        }
+    }
+
+    fn roll(&mut self, now: Month) {
+        if self.month != now {
+            self.month = now;
+            self.totals = Totals::default();
+        }
+    }
+}
+
+fn tokens(u: &Usage) -> u64 {
+    u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens
+}
+
+/// All users' counters.
+#[derive(Debug, Default)]
+pub struct Accounts {
+    inner: Mutex<HashMap<String, Account>>,
+}
+
+impl Accounts {
+    /// Rebuilds counters from ledger rows: this month's totals per user, and
+    /// (user, start ms, tokens) of each request in the last minute.
+    pub fn rebuild(
+        month: Month,
+        totals: Vec<(String, Totals)>,
+        recent: Vec<(String, i64, u64)>,
+    ) -> Accounts {
+        let mut map: HashMap<String, Account> = HashMap::new();
+        for (user, t) in totals {
+            let a = map.entry(user).or_insert_with(|| Account::new(month));
+            a.totals = t;
+        }
+        for (user, ts_ms, toks) in recent {
+            let a = map.entry(user).or_insert_with(|| Account::new(month));
+            let slot = a.window.slot(ts_ms.div_euclid(1000));
+            slot.1 += 1;
+            slot.2 += toks;
+        }
+        Accounts {
+            inner: Mutex::new(map),
+        }
+    }
+
+    fn with<R>(&self, user: &str, now: DateTime<Utc>, f: impl FnOnce(&mut Account) -> R) -> R {
+        let mut map = match self.inner.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let month = Month::of(now);
+        let a = map
+            .entry(user.to_string())
+            .or_insert_with(|| Account::new(month));
+        a.roll(month);
+        f(a)
+    }
+
+    /// Checks the user's limits and, if the request may go, counts it in the rate window.
+    pub fn admit(
+        &self,
+        user: &str,
+        limits: &UserLimits,
+        now: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
+        let sec = now.timestamp();
+        self.with(user, now, |a| {
+            if let Some(budget) = limits.monthly_budget_usd
+                && a.totals.cost_usd >= budget
+            {
+                let resets = a.month.next().start();
+                return Err(throttle(format!(
+                    "User `{user}` has used the monthly budget of ${budget:.2} (users.{user}.limits.monthly_budget_usd): \
+                     ${:.2} spent in {}. It resets at {}.",
+                    a.totals.cost_usd,
+                    a.month,
+                    resets.format("%Y-%m-%dT%H:%M:%SZ")
+                )));
+            }
+            let (reqs, toks) = a.window.sums(sec);
+            if let Some(rpm) = limits.requests_per_minute
+                && reqs >= rpm
+            {
+                let after = a.window.retry_after(sec, |b| b.1 > 0);
+                return Err(throttle(format!(
+                    "User `{user}` is over the rate limit of {rpm} requests per minute \
+                     (users.{user}.limits.requests_per_minute). Retry in {after} s."
+                )));
+            }
+            if let Some(tpm) = limits.tokens_per_minute
+                && toks >= tpm
+            {
+                let after = a.window.retry_after(sec, |b| b.2 > 0);
+                return Err(throttle(format!(
+                    "User `{user}` is over the rate limit of {tpm} tokens per minute \
+                     (users.{user}.limits.tokens_per_minute): {toks} used in the last minute. Retry in {after} s."
+                )));
+            }
+            a.window.slot(sec).1 += 1;
+            Ok(())
+        })
+    }
+
+    /// Adds a finished request's usage and cost.
+    pub fn complete(&self, user: &str, usage: &Usage, cost: Option<f64>, now: DateTime<Utc>) {
+        self.with(user, now, |a| {
+            let t = &mut a.totals;
+            t.requests += 1;
+            t.usage.input_tokens += usage.input_tokens;
+            t.usage.output_tokens += usage.output_tokens;
+            t.usage.cache_read_tokens += usage.cache_read_tokens;
+            t.usage.cache_write_tokens += usage.cache_write_tokens;
+            match cost {
+                Some(c) => t.cost_usd += c,
+                None if tokens(usage) > 0 => t.unpriced += 1,
+                None => {}
+            }
+            a.window.slot(now.timestamp()).2 += tokens(usage);
+        })
+    }
+
+    /// This month's totals for a user.
+    pub fn month_totals(&self, user: &str, now: DateTime<Utc>) -> (Month, Totals) {
+        self.with(user, now, |a| (a.month, a.totals.clone()))
+    }
+}
+
+fn throttle(message: String) -> ApiError {
+    ApiError::new(ErrorKind::Throttling, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn usage(n: u64) -> Usage {
+        Usage {
+            input_tokens: n,
+            ..Usage::default()
+        }
+    }
+
+    #[test]
+    fn budget_refuses_once_spent_and_resets_next_month() {
+        let a = Accounts::default();
+        let limits = UserLimits {
+            monthly_budget_usd: Some(1.0),
+            ..UserLimits::default()
+        };
+        let t = at("2026-11-27T10:00:00Z");
+        a.admit("alice", &limits, t).unwrap();
+        a.complete("alice", &usage(10), Some(1.25), t);
+        let e = a.admit("alice", &limits, t).unwrap_err();
+        assert_eq!(e.status, 429);
+        assert_eq!(e.aws_type(), "ThrottlingException");
+        assert!(
+            e.message.contains("$1.00") && e.message.contains("$1.25"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("2026-12-01T00:00:00Z"), "{}", e.message);
+        assert!(
+            a.admit("alice", &limits, at("2026-12-01T00:00:01Z"))
+                .is_ok()
+        );
+        assert!(a.admit("bob", &limits, t).is_ok(), "per user");
+    }
+
+    #[test]
+    fn requests_per_minute_slide() {
+        let a = Accounts::default();
+        let limits = UserLimits {
+            requests_per_minute: Some(2),
+            ..UserLimits::default()
+        };
+        a.admit("u", &limits, at("2026-11-27T10:00:00Z")).unwrap();
+        a.admit("u", &limits, at("2026-11-27T10:00:30Z")).unwrap();
+        let e = a
+            .admit("u", &limits, at("2026-11-27T10:00:59Z"))
+            .unwrap_err();
+        assert!(
+            e.message.contains("2 requests per minute") && e.message.contains("Retry in 1 s"),
+            "{}",
+            e.message
+        );
+        a.admit("u", &limits, at("2026-11-27T10:01:00Z")).unwrap();
+    }
+
+    #[test]
+    fn tokens_per_minute_count_finished_requests() {
+        let a = Accounts::default();
+        let limits = UserLimits {
+            tokens_per_minute: Some(100),
+            ..UserLimits::default()
+        };
+        let t = at("2026-11-27T10:00:00Z");
+        a.admit("u", &limits, t).unwrap();
+        a.complete("u", &usage(150), None, t);
+        let e = a.admit("u", &limits, t).unwrap_err();
+        assert!(e.message.contains("150 used"), "{}", e.message);
+        let (_, totals) = a.month_totals("u", t);
+        assert_eq!(totals.unpriced, 1);
+    }
+
+    #[test]
+    fn rebuilt_counters_keep_budget_and_window() {
+        let now = at("2026-11-27T10:00:30Z");
+        let a = Accounts::rebuild(
+            Month::of(now),
+            vec![(
+                "u".into(),
+                Totals {
+                    requests: 3,
+                    usage: usage(5),
+                    cost_usd: 9.0,
+                    unpriced: 0,
+                },
+            )],
+            vec![("u".into(), now.timestamp_millis() - 10_000, 7)],
+        );
+        let budget = UserLimits {
+            monthly_budget_usd: Some(9.0),
+            ..UserLimits::default()
+        };
+        assert!(a.admit("u", &budget, now).is_err());
+        let rpm = UserLimits {
+            requests_per_minute: Some(1),
+            ..UserLimits::default()
+        };
+        assert!(a.admit("u", &rpm, now).is_err());
+        assert_eq!(Month::of(now).to_string(), "2026-11");
+    }
+}

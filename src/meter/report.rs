@@ -1,0 +1,320 @@
+//! The `usage` report: per user, model, profile or day, from the ledger, as a table, CSV or
+//! JSON. Read-only; safe to run while `serve` writes.
+
+use chrono::{NaiveDate, TimeZone, Utc};
+use rusqlite::Connection;
+use serde::Serialize;
+
+/// What rows are grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    User,
+    Model,
+    Profile,
+    Day,
+}
+
+impl GroupBy {
+    fn column(self) -> &'static str {
+        match self {
+            GroupBy::User => "coalesce(user, '(unidentified)')",
+            GroupBy::Model => "coalesce(base_model, model, '-')",
+            GroupBy::Profile => "coalesce(profile_arn, '-')",
+            GroupBy::Day => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            GroupBy::User => "user",
+            GroupBy::Model => "model",
+            GroupBy::Profile => "profile",
+            GroupBy::Day => "day",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Row {
+    pub key: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    /// Estimated, priced requests only.
+    pub cost_usd: f64,
+    /// Requests with tokens but no price: their cost is missing from `cost_usd`.
+    pub unpriced_requests: u64,
+    /// Streams cut before their usage was complete.
+    pub incomplete_requests: u64,
+    /// Requests that did not get a 200.
+    pub error_requests: u64,
+}
+
+/// Parses `YYYY-MM-DD` as the start of that UTC day, in Unix milliseconds.
+pub fn day_start_ms(s: &str) -> Result<i64, String> {
+    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map_err(|_| format!("`{s}` is not a date like 2026-11-01"))?;
+    let t = d.and_hms_opt(0, 0, 0).ok_or("bad date")?;
+    Ok(Utc.from_utc_datetime(&t).timestamp_millis())
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Rows with `since_ms <= ts < until_ms`, most expensive first.
+pub fn query(
+    conn: &Connection,
+    since_ms: i64,
+    until_ms: i64,
+    by: GroupBy,
+) -> rusqlite::Result<Vec<Row>> {
+    let sql = format!(
+        "SELECT {key} AS k, count(*), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
+                sum(cache_write_tokens), total(cost_usd),
+                sum(CASE WHEN cost_usd IS NULL AND (input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) > 0 THEN 1 ELSE 0 END),
+                sum(CASE WHEN complete = 0 AND status = 200 THEN 1 ELSE 0 END),
+                sum(CASE WHEN status <> 200 THEN 1 ELSE 0 END)
+         FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2 GROUP BY k ORDER BY total(cost_usd) DESC, k",
+        key = by.column()
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    let rows = stmt.query_map([since_ms, until_ms], |r| {
+        Ok(Row {
+            key: r.get(0)?,
+            requests: n(r.get(1)?),
+            input_tokens: n(r.get(2)?),
+            output_tokens: n(r.get(3)?),
+            cache_read_tokens: n(r.get(4)?),
+            cache_write_tokens: n(r.get(5)?),
+            cost_usd: r.get(6)?,
+            unpriced_requests: n(r.get(7)?),
+            incomplete_requests: n(r.get(8)?),
+            error_requests: n(r.get(9)?),
+        })
+    })?;
+    rows.collect()
+}
+
+fn total(rows: &[Row]) -> Row {
+    rows.iter().fold(
+        Row {
+            key: "TOTAL".into(),
+            ..Row::default()
+        },
+        |mut t, r| {
+            t.requests += r.requests;
+            t.input_tokens += r.input_tokens;
+            t.output_tokens += r.output_tokens;
+            t.cache_read_tokens += r.cache_read_tokens;
+            t.cache_write_tokens += r.cache_write_tokens;
+            t.cost_usd += r.cost_usd;
+            t.unpriced_requests += r.unpriced_requests;
+            t.incomplete_requests += r.incomplete_requests;
+            t.error_requests += r.error_requests;
+            t
+        },
+    )
+}
+
+fn cells(r: &Row) -> [String; 10] {
+    [
+        r.key.clone(),
+        r.requests.to_string(),
+        r.input_tokens.to_string(),
+        r.output_tokens.to_string(),
+        r.cache_read_tokens.to_string(),
+        r.cache_write_tokens.to_string(),
+        format!("{:.4}", r.cost_usd),
+        r.unpriced_requests.to_string(),
+        r.incomplete_requests.to_string(),
+        r.error_requests.to_string(),
+    ]
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Renders a report. `since`/`until` are shown as given (until exclusive).
+pub fn render(rows: &[Row], by: GroupBy, format: Format, since: &str, until: &str) -> String {
+    let header = [
+        by.name(),
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "cost_usd",
+        "unpriced",
+        "incomplete",
+        "errors",
+    ];
+    match format {
+        Format::Json => serde_json::json!({
+            "since": since,
+            "until": until,
+            "by": by.name(),
+            "rows": rows,
+            "total": total(rows),
+        })
+        .to_string(),
+        Format::Csv => {
+            let mut out = header.join(",");
+            out.push('\n');
+            for r in rows {
+                out.push_str(
+                    &cells(r)
+                        .iter()
+                        .map(|c| csv_field(c))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                );
+                out.push('\n');
+            }
+            out
+        }
+        Format::Table => {
+            let mut all: Vec<[String; 10]> = vec![header.map(|h| h.to_uppercase())];
+            all.extend(rows.iter().map(cells));
+            all.push(cells(&total(rows)));
+            let mut widths = [0usize; 10];
+            for row in &all {
+                for (w, c) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(c.len());
+                }
+            }
+            let mut out = format!("usage from {since} until {until} (UTC, cost estimated)\n");
+            for row in &all {
+                let line: Vec<String> = row
+                    .iter()
+                    .zip(widths)
+                    .enumerate()
+                    .map(|(i, (c, w))| {
+                        if i == 0 {
+                            format!("{c:<w$}")
+                        } else {
+                            format!("{c:>w$}")
+                        }
+                    })
+                    .collect();
+                out.push_str(line.join("  ").trim_end());
+                out.push('\n');
+            }
+            if rows.iter().any(|r| r.unpriced_requests > 0) {
+                out.push_str("note: unpriced requests have tokens but no [prices] entry; their cost is not included\n");
+            }
+            out
+        }
+    }
+}
+
+/// `until` given as an inclusive day becomes the next day's start.
+pub fn until_exclusive_ms(day: &str) -> Result<i64, String> {
+    Ok(day_start_ms(day)? + DAY_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::ledger::{Ledger, Record, open_read_only};
+    use crate::meter::usage::Usage;
+
+    fn rec(user: &str, day: &str, model: &str, input: u64, cost: Option<f64>) -> Record {
+        Record {
+            ts_ms: day_start_ms(day).unwrap() + 3_600_000,
+            user: Some(user.into()),
+            operation: "Converse".into(),
+            model: Some(format!("us.{model}")),
+            base_model: Some(model.into()),
+            profile_arn: Some(format!("arn:{user}:{model}")),
+            status: 200,
+            usage: Usage {
+                input_tokens: input,
+                output_tokens: 1,
+                cache_read_tokens: 0,
+                cache_write_tokens: 0,
+            },
+            cost_usd: cost,
+            latency_ms: 1,
+            ttfb_ms: Some(1),
+            request_id: "x".into(),
+            upstream_request_id: None,
+            complete: true,
+            outcome: "complete".into(),
+        }
+    }
+
+    fn db() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let l = Ledger::open(&path, std::time::Duration::from_secs(60)).unwrap();
+        l.record(rec("alice", "2026-11-01", "m1", 10, Some(1.0)));
+        l.record(rec("alice", "2026-11-02", "m2", 20, Some(2.0)));
+        l.record(rec("bob", "2026-11-02", "m1", 5, None));
+        l.record(rec("bob", "2026-10-31", "m1", 7, Some(9.0)));
+        l.close();
+        let c = open_read_only(&path).unwrap();
+        (dir, c)
+    }
+
+    #[test]
+    fn groups_and_date_ranges() {
+        let (_d, c) = db();
+        let since = day_start_ms("2026-11-01").unwrap();
+        let until = until_exclusive_ms("2026-11-30").unwrap();
+        let by_user = query(&c, since, until, GroupBy::User).unwrap();
+        assert_eq!(by_user.len(), 2);
+        assert_eq!(by_user[0].key, "alice");
+        assert_eq!(by_user[0].input_tokens, 30);
+        assert!((by_user[0].cost_usd - 3.0).abs() < 1e-9);
+        assert_eq!(by_user[1].unpriced_requests, 1);
+        let by_day = query(&c, since, until, GroupBy::Day).unwrap();
+        let days: Vec<&str> = by_day.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(days, ["2026-11-02", "2026-11-01"]);
+        let by_model = query(&c, since, until, GroupBy::Model).unwrap();
+        assert_eq!(by_model.len(), 2);
+        let by_profile = query(&c, 0, i64::MAX, GroupBy::Profile).unwrap();
+        assert_eq!(by_profile.len(), 3);
+    }
+
+    #[test]
+    fn renders_all_formats() {
+        let (_d, c) = db();
+        let rows = query(&c, 0, i64::MAX, GroupBy::User).unwrap();
+        let table = render(&rows, GroupBy::User, Format::Table, "a", "b");
+        assert!(
+            table.contains("TOTAL") && table.contains("USER") && table.contains("unpriced"),
+            "{table}"
+        );
+        let csv = render(&rows, GroupBy::User, Format::Csv, "a", "b");
+        assert_eq!(
+            csv.lines().next().unwrap(),
+            "user,requests,input_tokens,output_tokens,cache_read_tokens,cache_write_tokens,cost_usd,unpriced,incomplete,errors"
+        );
+        assert_eq!(csv.lines().count(), 3);
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&rows, GroupBy::User, Format::Json, "a", "b")).unwrap();
+        assert_eq!(json["total"]["requests"], 4);
+        assert_eq!(json["rows"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn bad_dates_are_refused() {
+        assert!(day_start_ms("2026-13-01").is_err());
+        assert!(day_start_ms("yesterday").is_err());
+    }
+}
