@@ -12,7 +12,13 @@
 //! - [`route`]: Bedrock path parsing and (caller, model) → the caller's profile. The model id
 //!   swap lives here.
 //! - [`upstream`]: header hygiene, SigV4 signing, the pooled rustls HTTP client.
-//! - [`server`]: router, the proxy handler, body limits, response streaming, `serve`.
+//! - [`server`]: router, the proxy handler, body limits, response streaming, `serve`, the
+//!   admin (metrics) listener.
+//! - [`reload`]: live config reload on file change and SIGHUP (validate, then swap whole).
+//! - [`admin`]: config-editing commands (users, keys) and profile provisioning (plan, apply,
+//!   verify) against the Bedrock control plane.
+//! - [`meter`]: usage extraction from streams, the SQLite ledger, prices, budgets and rate
+//!   limits, Prometheus metrics, the `usage` report.
 //! - [`error`]: AWS-shaped errors (`x-amzn-ErrorType` + `{"message"}`) the proxy produces.
 
 pub mod admin;
