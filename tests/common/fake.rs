@@ -41,6 +41,8 @@ pub enum Script {
     Error(u16, &'static str, &'static str),
     /// A stream that sends one chunk, then an exception frame of this type.
     MidStreamException(&'static str, &'static str),
+    /// A stream that sends the first event, then breaks the connection (upstream reset).
+    CutAfterFirst,
     /// Status 200 with a JSON body that is not an event stream (Bedrock does this for paths it
     /// does not know).
     Json200(&'static str),
@@ -161,6 +163,18 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
     match script {
         Some(Script::Error(status, kind, message)) => return error(status, kind, message),
         Some(Script::Json200(body)) => return json(200, body.to_string()),
+        Some(Script::CutAfterFirst) => {
+            let first = anthropic_stream_events(&model).remove(0);
+            let stream = futures_util::stream::iter([
+                Ok::<Bytes, std::io::Error>(first),
+                Err(std::io::Error::other("fake upstream reset")),
+            ]);
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/vnd.amazon.eventstream")
+                .body(Body::from_stream(stream))
+                .expect("response");
+        }
         Some(Script::MidStreamException(kind, message)) => {
             let first = chunk_event(
                 &serde_json::json!({"type": "message_start", "message": message_start_body(&model)}),
