@@ -103,8 +103,7 @@ pub async fn profiles(cmd: ProfilesCommand) -> anyhow::Result<ExitCode> {
         }
         ProfilesCommand::Apply { .. } => {
             let actions = provision::plan(&cp, &config).await?;
-            let mut d = ConfigDoc::open(&path)?;
-            let done = provision::apply(&cp, &mut d, &actions, &mut std::io::stdout()).await?;
+            let done = provision::apply(&cp, &path, &actions, &mut std::io::stdout()).await?;
             println!("apply: {done} change(s) made");
             Ok(exit_for(&actions))
         }

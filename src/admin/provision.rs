@@ -9,6 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::path::Path;
+use std::sync::Mutex;
 
 use anyhow::{Context as _, bail};
 use aws_config::BehaviorVersion;
@@ -20,15 +22,18 @@ use sha2::{Digest, Sha256};
 
 use crate::admin::doc::ConfigDoc;
 use crate::arn::{BedrockArn, strip_geo_prefix};
-use crate::config::{Config, ProfileSource, User};
+use crate::config::{Config, EndpointTemplate, ProfileSource, User};
 
 /// Bedrock's limit on inference profile names.
 const MAX_NAME_LEN: usize = 64;
 
 /// A Bedrock control-plane client for the config's region and credentials.
 pub struct ControlPlane {
-    client: Client,
+    sdk: aws_config::SdkConfig,
+    endpoint: EndpointTemplate,
+    /// `aws.region`: where new profiles are created.
     region: String,
+    clients: Mutex<HashMap<String, Client>>,
 }
 
 /// What we need of an inference profile listed by the control plane.
@@ -47,29 +52,54 @@ impl ControlPlane {
         if let Some(profile) = &config.aws.profile {
             loader = loader.profile_name(profile);
         }
-        let sdk = loader.load().await;
-        let conf = aws_sdk_bedrock::config::Builder::from(&sdk)
-            .endpoint_url(config.aws.control_endpoint.for_region(&region))
-            .build();
         ControlPlane {
-            client: Client::from_conf(conf),
+            sdk: loader.load().await,
+            endpoint: config.aws.control_endpoint.clone(),
+            clients: Mutex::new(HashMap::new()),
             region,
         }
     }
 
-    async fn list(&self, kind: InferenceProfileType) -> anyhow::Result<Vec<Listed>> {
+    /// A client for a region's control plane (profiles live in the region of their ARN).
+    fn client(&self, region: &str) -> Client {
+        let mut clients = match self.clients.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        clients
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                let conf = aws_sdk_bedrock::config::Builder::from(&self.sdk)
+                    .region(aws_config::Region::new(region.to_string()))
+                    .endpoint_url(self.endpoint.for_region(region))
+                    .build();
+                Client::from_conf(conf)
+            })
+            .clone()
+    }
+
+    fn client_for_arn(&self, arn: &str) -> Client {
+        match BedrockArn::parse(arn) {
+            Ok(a) => self.client(&a.region),
+            Err(_) => self.client(&self.region),
+        }
+    }
+
+    async fn list(&self, kind: InferenceProfileType, region: &str) -> anyhow::Result<Vec<Listed>> {
+        let client = self.client(region);
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let page = self
-                .client
+            let page = client
                 .list_inference_profiles()
                 .type_equals(kind.clone())
                 .max_results(100)
                 .set_next_token(token.take())
                 .send()
                 .await
-                .map_err(|e| anyhow::anyhow!("ListInferenceProfiles: {}", sdk_error(&e)))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("ListInferenceProfiles in {region}: {}", sdk_error(&e))
+                })?;
             for s in page.inference_profile_summaries() {
                 out.push(Listed {
                     name: s.inference_profile_name().to_string(),
@@ -86,7 +116,7 @@ impl ControlPlane {
 
     async fn tags(&self, arn: &str) -> anyhow::Result<BTreeMap<String, String>> {
         let out = self
-            .client
+            .client_for_arn(arn)
             .list_tags_for_resource()
             .resource_arn(arn)
             .send()
@@ -301,13 +331,34 @@ impl Action {
 
 /// Compares the config with AWS. Changes nothing.
 pub async fn plan(cp: &ControlPlane, config: &Config) -> anyhow::Result<Vec<Action>> {
-    let apps = cp.list(InferenceProfileType::Application).await?;
+    // New profiles are created (and found again by name) in aws.region; configured ones are
+    // looked for in the region of their ARN.
+    let apps = cp
+        .list(InferenceProfileType::Application, &cp.region)
+        .await?;
     let by_name: HashMap<&str, &Listed> = apps.iter().map(|p| (p.name.as_str(), p)).collect();
-    let by_arn: HashMap<&str, &Listed> = apps.iter().map(|p| (p.arn.as_str(), p)).collect();
+    let mut other_regions: Vec<String> = config
+        .users
+        .iter()
+        .flat_map(|u| u.models.values().map(|p| p.parsed.region.clone()))
+        .filter(|r| *r != cp.region)
+        .collect();
+    other_regions.sort();
+    other_regions.dedup();
+    let mut elsewhere = Vec::new();
+    for region in &other_regions {
+        elsewhere.extend(cp.list(InferenceProfileType::Application, region).await?);
+    }
+    let by_arn: HashMap<&str, &Listed> = apps
+        .iter()
+        .chain(elsewhere.iter())
+        .map(|p| (p.arn.as_str(), p))
+        .collect();
     let needs_systems = config.provisioning.source == ProfileSource::CrossRegion
         && config.users.iter().any(|u| !u.pending.is_empty());
     let systems = if needs_systems {
-        cp.list(InferenceProfileType::SystemDefined).await?
+        cp.list(InferenceProfileType::SystemDefined, &cp.region)
+            .await?
     } else {
         Vec::new()
     };
@@ -417,11 +468,20 @@ fn to_tags(tags: &BTreeMap<String, String>) -> anyhow::Result<Vec<Tag>> {
         .collect()
 }
 
+/// Writes one ARN into the config. The file is read again for every write, so an edit made
+/// while `apply` waited on AWS (a revoked key, say) is kept, not overwritten.
+fn save_arn(path: &Path, user: &str, model: &str, arn: &str) -> anyhow::Result<()> {
+    let mut doc = ConfigDoc::open(path)?;
+    doc.set_model(user, model, arn)?;
+    doc.save()?;
+    Ok(())
+}
+
 /// Carries out a plan. Each created or adopted ARN is saved to the config before the next
 /// step, so an error leaves the config matching AWS. Returns the actions done.
 pub async fn apply(
     cp: &ControlPlane,
-    doc: &mut ConfigDoc,
+    path: &Path,
     actions: &[Action],
     out: &mut dyn std::io::Write,
 ) -> anyhow::Result<usize> {
@@ -436,7 +496,7 @@ pub async fn apply(
                 tags,
             } => {
                 let created = cp
-                    .client
+                    .client(&cp.region)
                     .create_inference_profile()
                     .inference_profile_name(name)
                     .description(description(model, user))
@@ -451,8 +511,7 @@ pub async fn apply(
                 let arn = created.inference_profile_arn().to_string();
                 BedrockArn::parse(&arn)
                     .map_err(|e| anyhow::anyhow!("AWS returned an odd ARN `{arn}`: {e}"))?;
-                doc.set_model(user, model, &arn)?;
-                doc.save().context(
+                save_arn(path, user, model, &arn).context(
                     "profile created but the config could not be saved; `apply` again adopts it",
                 )?;
                 writeln!(out, "created  {user}  {model}  {arn}")?;
@@ -460,8 +519,7 @@ pub async fn apply(
             Action::Adopt {
                 user, model, arn, ..
             } => {
-                doc.set_model(user, model, arn)?;
-                doc.save()?;
+                save_arn(path, user, model, arn)?;
                 writeln!(out, "adopted  {user}  {model}  {arn}")?;
             }
             Action::Tag {
@@ -470,7 +528,7 @@ pub async fn apply(
                 arn,
                 tags,
             } => {
-                cp.client
+                cp.client_for_arn(arn)
                     .tag_resource()
                     .resource_arn(arn)
                     .set_tags(Some(to_tags(tags)?))
@@ -548,7 +606,7 @@ pub async fn verify(cp: &ControlPlane, config: &Config) -> anyhow::Result<Vec<Ve
                 shared: uses.get(profile.arn.as_str()).copied().unwrap_or(0) > 1,
             };
             match cp
-                .client
+                .client_for_arn(&profile.arn)
                 .get_inference_profile()
                 .inference_profile_identifier(&profile.arn)
                 .send()
