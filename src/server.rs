@@ -27,13 +27,16 @@ use http::{HeaderName, Method, StatusCode, header};
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
 use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::config::Config;
 use crate::error::{ApiError, ErrorKind};
 use crate::meter::Meter;
 use crate::meter::request::RequestInfo;
-use crate::meter::usage::UsageMeter;
+use crate::meter::usage::{Usage, UsageMeter};
 use crate::route::{self, Route, RuntimeOp};
 use crate::upstream::{Outbound, Upstream, headers};
 
@@ -57,6 +60,11 @@ pub struct AppState {
     pub live: ArcSwap<Live>,
     pub upstream: Upstream,
     pub meter: Arc<Meter>,
+    /// Cancelled when the shutdown grace period is over: requests still running stop and are
+    /// recorded as `shutdown`.
+    pub shutdown: CancellationToken,
+    /// Every request not yet recorded holds a token, so shutdown can wait for the last row.
+    pub requests: TaskTracker,
 }
 
 impl AppState {
@@ -69,6 +77,8 @@ impl AppState {
             }),
             upstream,
             meter: Arc::new(meter),
+            shutdown: CancellationToken::new(),
+            requests: TaskTracker::new(),
         })
     }
 }
@@ -108,18 +118,54 @@ pub async fn serve(
     }
 }
 
+/// A request not yet handed to [`Observed`]. If the handler future is dropped (the client
+/// went away while the proxy waited on Bedrock, or shutdown), the request is still recorded.
+struct Pending {
+    info: RequestInfo,
+    armed: bool,
+    meter: Arc<Meter>,
+    started: Instant,
+    _tracked: TaskTrackerToken,
+}
+
+impl Pending {
+    fn record(&mut self, status: u16, outcome: &str) {
+        if !std::mem::replace(&mut self.armed, false) || self.info.operation == "Health" {
+            return;
+        }
+        let mut info = std::mem::take(&mut self.info);
+        info.status = status;
+        // Once sent, Bedrock may have run the call: no usage seen is not "complete".
+        let complete = !info.sent;
+        self.meter
+            .finish(info, self.started, 0, Usage::default(), complete, outcome);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.record(499, "client_gone");
+    }
+}
+
 async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let started = Instant::now();
-    let mut info = RequestInfo::new();
-    match handle(&state, request, &mut info, started).await {
-        Ok(resp) => resp,
+    let mut pending = Pending {
+        info: RequestInfo::new(),
+        armed: true,
+        meter: state.meter.clone(),
+        started,
+        _tracked: state.requests.token(),
+    };
+    match handle(&state, request, &mut pending.info, started).await {
+        Ok(resp) => {
+            // Recorded by `Observed` when the body ends, or not at all (health, usage).
+            pending.armed = false;
+            resp
+        }
         Err(e) => {
-            info.status = e.status.as_u16();
-            let id = info.request_id.clone();
-            if info.operation == "Health" {
-                return e.into_response_with_id(&id);
-            }
-            state.meter.finish(info, started, 0, None, e.aws_type());
+            let id = pending.info.request_id.clone();
+            pending.record(e.status.as_u16(), e.aws_type());
             e.into_response_with_id(&id)
         }
     }
@@ -173,6 +219,7 @@ async fn handle(
                     .meter
                     .accounts
                     .admit(&user.name, &user.limits, chrono::Utc::now())?;
+                info.admitted = true;
             }
             let region = profile.parsed.region.clone();
             // CountTokens is free and takes a foundation model id, not a profile.
@@ -194,15 +241,8 @@ async fn handle(
                 "{}/inference-profiles",
                 config.aws.control_endpoint.for_region(&region)
             );
-            if let Some(q) = parts.uri.query().filter(|q| !q.is_empty()) {
-                if q.len() > MAX_QUERY_LEN {
-                    return Err(ApiError::validation(format!(
-                        "The query string is longer than {MAX_QUERY_LEN} bytes."
-                    )));
-                }
-                url.push('?');
-                url.push_str(q);
-            }
+            url.push('?');
+            url.push_str(&list_query(parts.uri.query())?);
             (Method::GET, url, region)
         }
         Route::GetProfile { id } => {
@@ -236,7 +276,14 @@ async fn handle(
         headers: headers::forwardable_request_headers(&parts.headers),
         body,
     };
-    let upstream = state.upstream.send(out, config.timeouts.first_byte).await?;
+    info.sent = true;
+    let upstream = tokio::select! {
+        r = state.upstream.send(out, config.timeouts.first_byte) => r?,
+        () = state.shutdown.cancelled() => {
+            return Err(ApiError::new(ErrorKind::BadGateway, "bedrock-gate is shutting down; retry.")
+                .with_status(StatusCode::SERVICE_UNAVAILABLE));
+        }
+    };
     info.ttfb = Some(started.elapsed());
     info.status = upstream.status().as_u16();
     info.upstream_request_id = upstream
@@ -260,6 +307,8 @@ async fn handle(
         meter: state.meter.clone(),
         started,
         bytes_out: 0,
+        shutdown: Box::pin(state.shutdown.clone().cancelled_owned()),
+        _tracked: state.requests.token(),
     };
     Ok(Response::from_parts(head, Body::new(observed)))
 }
@@ -307,16 +356,23 @@ struct Observed<B> {
     meter: Arc<Meter>,
     started: Instant,
     bytes_out: u64,
+    /// Resolves when the shutdown grace period is over; the stream is then cut and recorded.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    _tracked: TaskTrackerToken,
 }
 
 impl<B> Observed<B> {
     fn finish(&mut self, outcome: &'static str) {
         if let Some((info, usage)) = self.finish.take() {
             let ended = outcome == "complete";
-            let metered = usage.map(|u| u.finish(ended));
+            let (seen, complete) = match usage.map(|u| u.finish(ended)) {
+                Some(m) => (m.usage, m.complete),
+                // Control-plane reads carry no usage; they are complete when they end.
+                None => (Usage::default(), ended),
+            };
             self.meter.metrics.in_flight(info.operation, -1);
             self.meter
-                .finish(info, self.started, self.bytes_out, metered, outcome);
+                .finish(info, self.started, self.bytes_out, seen, complete, outcome);
         }
     }
 }
@@ -327,13 +383,19 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = axum::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
         let this = self.get_mut();
+        if this.finish.is_some() && this.shutdown.as_mut().poll(cx).is_ready() {
+            this.finish("shutdown");
+            return Poll::Ready(Some(Err(
+                "bedrock-gate shut down before the response ended".into(),
+            )));
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -354,7 +416,7 @@ where
             Poll::Ready(None) => this.finish("complete"),
             Poll::Pending => {}
         }
-        polled
+        polled.map(|o| o.map(|r| r.map_err(axum::BoxError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -394,6 +456,38 @@ fn usage_response(meter: &Meter, user: &crate::config::User) -> Response {
         "budget_remaining_usd": budget.map(|b| (b - t.cost_usd).max(0.0)),
     });
     (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// The query for ListInferenceProfiles: system-defined profiles only, so no caller can list
+/// the account's application profiles (other users' ARNs); paging parameters pass through.
+fn list_query(query: Option<&str>) -> Result<String, ApiError> {
+    let query = query.unwrap_or("");
+    if query.len() > MAX_QUERY_LEN {
+        return Err(ApiError::validation(format!(
+            "The query string is longer than {MAX_QUERY_LEN} bytes."
+        )));
+    }
+    let mut out = vec!["type=SYSTEM_DEFINED".to_string()];
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "type" | "typeEquals" if v == "SYSTEM_DEFINED" => {}
+            "type" | "typeEquals" => {
+                return Err(ApiError::access_denied(
+                    "bedrock-gate lists system-defined inference profiles only; \
+                     look up your own profiles with GetInferenceProfile.",
+                ));
+            }
+            "maxResults" | "nextToken" => out.push(pair.to_string()),
+            other => {
+                return Err(ApiError::validation(format!(
+                    "ListInferenceProfiles has no parameter `{}`.",
+                    other.chars().take(64).collect::<String>()
+                )));
+            }
+        }
+    }
+    Ok(out.join("&"))
 }
 
 /// How `serve` was asked to run.
@@ -455,6 +549,17 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let served = serve(listener, state.clone(), shutdown_signal(), opts.grace).await;
     if let Some(t) = admin_task {
         t.abort();
+    }
+    // Past the grace period: cut what still runs, and wait until each has recorded its row.
+    state.shutdown.cancel();
+    state.requests.close();
+    if tokio::time::timeout(Duration::from_secs(10), state.requests.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            "requests still unrecorded 10 s after shutdown; their ledger rows are lost"
+        );
     }
     // Every request that finished has queued its row; commit them before exiting.
     let meter = state.meter.clone();

@@ -185,6 +185,22 @@ async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
     let mut buf = bytes::BytesMut::from(&bytes[..]);
     let mut decoder = aws_smithy_eventstream::frame::MessageFrameDecoder::new();
     assert_eq!(fake::decode_messages(&mut decoder, &mut buf).len(), events);
+
+    // And it was accounted to alice and her profile, although she is gone from the config.
+    let mut proxy = proxy;
+    assert!(proxy.terminate().success());
+    let conn = rusqlite::Connection::open(proxy.ledger_path()).unwrap();
+    let (user, profile, complete, tokens): (String, String, bool, i64) = conn
+        .query_row(
+            "SELECT user, profile_arn, complete, output_tokens FROM requests WHERE operation = 'InvokeModelWithResponseStream'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (user.as_str(), profile, complete, tokens),
+        ("alice", alice_sonnet(), true, 6)
+    );
 }
 
 #[tokio::test]

@@ -155,7 +155,7 @@ async fn mid_stream_exceptions_reach_the_client_unchanged() {
 async fn a_client_that_goes_away_mid_stream_is_logged_and_the_upstream_dropped() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&two_user_config(&fake, "")).await;
-    let _gate = fake.gate_streams(); // never released: the stream stalls after event 1
+    let gate = fake.gate_streams(); // held: the stream stalls after event 1
     let req = request(
         http::Method::POST,
         &format!("{}/model/{SONNET}/invoke-with-response-stream", proxy.url()),
@@ -169,4 +169,16 @@ async fn a_client_that_goes_away_mid_stream_is_logged_and_the_upstream_dropped()
     drop(body);
     let logs = proxy.wait_for_log("client_gone").await;
     assert!(logs.contains("InvokeModelWithResponseStream"), "{logs}");
+    // Let the fake try to send the rest: with the upstream connection dropped, its stream is
+    // abandoned before the last event instead of being read to the end.
+    for _ in 0..3 {
+        let _ = gate.send(()).await;
+    }
+    for _ in 0..400 {
+        if fake.streams_cut() == 1 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the upstream stream was never dropped");
 }

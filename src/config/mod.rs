@@ -145,7 +145,7 @@ pub struct AwsSettings {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// TCP + TLS connect to Bedrock.
+    /// TCP connect to Bedrock (the TLS handshake counts toward `first_byte`).
     pub connect: Duration,
     /// From sending the request to receiving response headers. Non-streaming calls only
     /// answer when the whole completion is done, so this is long.
@@ -406,12 +406,12 @@ impl Config {
         for (model, price) in raw.prices {
             let path = format!("prices.\"{model}\"");
             let all = [
-                Some(price.input_per_mtok),
-                Some(price.output_per_mtok),
+                price.input_per_mtok,
+                price.output_per_mtok,
                 price.cache_read_per_mtok,
                 price.cache_write_per_mtok,
             ];
-            if all.iter().flatten().any(|v| !v.is_finite() || *v < 0.0) {
+            if all.iter().any(|v| !v.is_finite() || *v < 0.0) {
                 return Err(ConfigError::new(
                     path,
                     "prices are USD per million tokens, zero or more",
@@ -422,14 +422,36 @@ impl Config {
                 Price {
                     input_per_mtok: price.input_per_mtok,
                     output_per_mtok: price.output_per_mtok,
-                    cache_read_per_mtok: price.cache_read_per_mtok,
-                    cache_write_per_mtok: price.cache_write_per_mtok,
+                    cache_read_per_mtok: Some(price.cache_read_per_mtok),
+                    cache_write_per_mtok: Some(price.cache_write_per_mtok),
                 },
             ));
         }
         let prices = Prices::with_overrides(overrides);
         let provisioning = Self::provisioning(raw.provisioning)?;
         let users = Self::users(raw.users)?;
+        // A budget can only stop what it can price: every model such a user may call needs one.
+        for user in users.iter() {
+            if user.limits.monthly_budget_usd.is_none() {
+                continue;
+            }
+            if let Some(model) = user
+                .models
+                .keys()
+                .chain(user.pending.iter())
+                .find(|m| prices.get(m).is_none())
+            {
+                return Err(ConfigError::new(
+                    format!("users.{}.limits.monthly_budget_usd", user.name),
+                    format!(
+                        "user `{}` may call `{model}`, which has no price, so the budget could not count it; \
+                         add [prices.\"{}\"]",
+                        user.name,
+                        crate::arn::strip_geo_prefix(model)
+                    ),
+                ));
+            }
+        }
         Ok(Config {
             listen,
             admin_listen,
@@ -668,6 +690,26 @@ mod tests {
         ));
         assert_eq!(e.path, "users.bob.models.\"anthropic.b\"");
         assert!(e.message.contains("alice"), "{e}");
+    }
+
+    #[test]
+    fn a_budget_needs_every_mapped_model_priced() {
+        let unpriced = format!(
+            "[users.a.limits]\nmonthly_budget_usd = 5\n[users.a.models]\n\"anthropic.claude-opus-5-5\" = \"{ARN}\""
+        );
+        let e = err(&unpriced);
+        assert_eq!(e.path, "users.a.limits.monthly_budget_usd");
+        assert!(e.message.contains("anthropic.claude-opus-5-5"), "{e}");
+        let priced = format!(
+            "{unpriced}\n[prices.\"anthropic.claude-opus-5-5\"]\ninput_per_mtok = 1\noutput_per_mtok = 2\ncache_read_per_mtok = 0.1\ncache_write_per_mtok = 1.25\n"
+        );
+        Config::parse(&priced).unwrap();
+        let partial = "[prices.\"x.y\"]\ninput_per_mtok = 1\noutput_per_mtok = 2\n";
+        assert!(
+            err(partial).message.contains("cache_read_per_mtok"),
+            "{}",
+            err(partial)
+        );
     }
 
     #[test]

@@ -95,6 +95,6 @@ pub struct RawLedger {
 pub struct RawPrice {
     pub input_per_mtok: f64,
     pub output_per_mtok: f64,
-    pub cache_read_per_mtok: Option<f64>,
-    pub cache_write_per_mtok: Option<f64>,
+    pub cache_read_per_mtok: f64,
+    pub cache_write_per_mtok: f64,
 }

@@ -47,6 +47,8 @@ pub struct Record {
     pub upstream_request_id: Option<String>,
     /// The response reached its natural end (all usage seen).
     pub complete: bool,
+    /// Passed the budget and rate-limit check; only these count in the rate window.
+    pub admitted: bool,
     /// `complete`, `client_gone`, `upstream_error`, or the error type of a refusal.
     pub outcome: String,
 }
@@ -105,6 +107,7 @@ CREATE TABLE IF NOT EXISTS requests (
     request_id          TEXT NOT NULL,
     upstream_request_id TEXT,
     complete            INTEGER NOT NULL,
+    admitted            INTEGER NOT NULL,
     outcome             TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
@@ -153,8 +156,8 @@ fn write_batch(conn: &mut Connection, batch: &[(Box<Record>, Instant)]) -> rusql
         let mut stmt = tx.prepare_cached(
             "INSERT INTO requests (ts_ms, user, operation, model, base_model, profile_arn, status,
                 input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
-                latency_ms, ttfb_ms, request_id, upstream_request_id, complete, outcome)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted, outcome)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
         )?;
         for (r, _) in batch {
             stmt.execute(params![
@@ -175,6 +178,7 @@ fn write_batch(conn: &mut Connection, batch: &[(Box<Record>, Instant)]) -> rusql
                 r.request_id,
                 r.upstream_request_id,
                 r.complete,
+                r.admitted,
                 r.outcome,
             ])?;
         }
@@ -386,11 +390,12 @@ pub fn totals_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<(S
     rows.collect()
 }
 
-/// (user, start ms, tokens) of each request at or after `since_ms`, for rate windows.
+/// (user, start ms, tokens) of each admitted request at or after `since_ms`, for rate
+/// windows. Refusals and free calls never counted against a rate limit, so they don't here.
 pub fn recent(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<(String, i64, u64)>> {
     let mut stmt = conn.prepare(
         "SELECT user, ts_ms, input_tokens + output_tokens + cache_read_tokens + cache_write_tokens
-         FROM requests WHERE ts_ms >= ?1 AND user IS NOT NULL",
+         FROM requests WHERE ts_ms >= ?1 AND user IS NOT NULL AND admitted = 1",
     )?;
     let rows = stmt.query_map([since_ms], |r| {
         Ok((r.get(0)?, r.get(1)?, from_i64(r.get(2)?)))
@@ -423,6 +428,7 @@ mod tests {
             request_id: "r".into(),
             upstream_request_id: None,
             complete: true,
+            admitted: true,
             outcome: "complete".into(),
         }
     }

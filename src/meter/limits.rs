@@ -90,7 +90,9 @@ impl Window {
     }
 
     fn sums(&self, now: i64) -> (u64, u64) {
-        self.live(now).fold((0, 0), |(r, t), b| (r + b.1, t + b.2))
+        self.live(now).fold((0u64, 0u64), |(r, t), b| {
+            (r.saturating_add(b.1), t.saturating_add(b.2))
+        })
     }
 
     /// Seconds until the oldest second that holds `pick` leaves the window.
@@ -129,7 +131,10 @@ impl Account {
 }
 
 fn tokens(u: &Usage) -> u64 {
-    u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens
+    u.input_tokens
+        .saturating_add(u.output_tokens)
+        .saturating_add(u.cache_read_tokens)
+        .saturating_add(u.cache_write_tokens)
 }
 
 /// All users' counters.
@@ -154,8 +159,8 @@ impl Accounts {
         for (user, ts_ms, toks) in recent {
             let a = map.entry(user).or_insert_with(|| Account::new(month));
             let slot = a.window.slot(ts_ms.div_euclid(1000));
-            slot.1 += 1;
-            slot.2 += toks;
+            slot.1 = slot.1.saturating_add(1);
+            slot.2 = slot.2.saturating_add(toks);
         }
         Accounts {
             inner: Mutex::new(map),
@@ -215,7 +220,8 @@ impl Accounts {
                      (users.{user}.limits.tokens_per_minute): {toks} used in the last minute. Retry in {after} s."
                 )));
             }
-            a.window.slot(sec).1 += 1;
+            let slot = a.window.slot(sec);
+            slot.1 = slot.1.saturating_add(1);
             Ok(())
         })
     }
@@ -224,17 +230,24 @@ impl Accounts {
     pub fn complete(&self, user: &str, usage: &Usage, cost: Option<f64>, now: DateTime<Utc>) {
         self.with(user, now, |a| {
             let t = &mut a.totals;
-            t.requests += 1;
-            t.usage.input_tokens += usage.input_tokens;
-            t.usage.output_tokens += usage.output_tokens;
-            t.usage.cache_read_tokens += usage.cache_read_tokens;
-            t.usage.cache_write_tokens += usage.cache_write_tokens;
+            t.requests = t.requests.saturating_add(1);
+            t.usage.input_tokens = t.usage.input_tokens.saturating_add(usage.input_tokens);
+            t.usage.output_tokens = t.usage.output_tokens.saturating_add(usage.output_tokens);
+            t.usage.cache_read_tokens = t
+                .usage
+                .cache_read_tokens
+                .saturating_add(usage.cache_read_tokens);
+            t.usage.cache_write_tokens = t
+                .usage
+                .cache_write_tokens
+                .saturating_add(usage.cache_write_tokens);
             match cost {
                 Some(c) => t.cost_usd += c,
-                None if tokens(usage) > 0 => t.unpriced += 1,
+                None if tokens(usage) > 0 => t.unpriced = t.unpriced.saturating_add(1),
                 None => {}
             }
-            a.window.slot(now.timestamp()).2 += tokens(usage);
+            let slot = a.window.slot(now.timestamp());
+            slot.2 = slot.2.saturating_add(tokens(usage));
         })
     }
 

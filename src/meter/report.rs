@@ -254,6 +254,7 @@ mod tests {
             request_id: "x".into(),
             upstream_request_id: None,
             complete: true,
+            admitted: true,
             outcome: "complete".into(),
         }
     }

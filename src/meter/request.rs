@@ -3,12 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{TimeZone, Utc};
 
 use crate::meter::Meter;
 use crate::meter::ledger::Record;
 use crate::meter::prices::Price;
-use crate::meter::usage::{Metered, Usage};
+use crate::meter::usage::Usage;
 
 /// What is known about a request, filled in while it is handled.
 #[derive(Debug, Default)]
@@ -29,6 +29,10 @@ pub struct RequestInfo {
     pub bytes_in: usize,
     pub ttfb: Option<Duration>,
     pub upstream_request_id: Option<String>,
+    /// Passed the budget and rate-limit check (counts in the rate window).
+    pub admitted: bool,
+    /// Handed to the upstream client: from here on Bedrock may have run (and billed) it.
+    pub sent: bool,
 }
 
 impl RequestInfo {
@@ -48,25 +52,26 @@ impl RequestInfo {
 }
 
 fn tokens(u: &Usage) -> u64 {
-    u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens
+    u.input_tokens
+        .saturating_add(u.output_tokens)
+        .saturating_add(u.cache_read_tokens)
+        .saturating_add(u.cache_write_tokens)
 }
 
 impl Meter {
-    /// Records a finished request. `metered` is `None` for a request refused before it
-    /// reached Bedrock. `outcome`: `complete`, `client_gone`, `upstream_error` or an error type.
+    /// Records a finished request: what usage was seen, whether that is all of it (a request
+    /// refused before it was sent is complete with none), and how it ended: `complete`,
+    /// `client_gone`, `upstream_error`, `shutdown`, or the error type of a refusal.
     pub fn finish(
         &self,
         info: RequestInfo,
         started: Instant,
         bytes_out: u64,
-        metered: Option<Metered>,
+        usage: Usage,
+        complete: bool,
         outcome: &str,
     ) {
         let elapsed = started.elapsed();
-        let (usage, complete) = match &metered {
-            Some(m) => (m.usage, m.complete),
-            None => (Usage::default(), true),
-        };
         let cost = if tokens(&usage) == 0 {
             Some(0.0)
         } else {
@@ -105,7 +110,12 @@ impl Meter {
             info.ttfb.map(|d| d.as_secs_f64()),
         );
         if let Some(user) = &info.user {
-            self.accounts.complete(user, &usage, cost, Utc::now());
+            // Attribute to the start time, as the ledger does, so a restart rebuilds the same sums.
+            let at = Utc
+                .timestamp_millis_opt(info.started_ms)
+                .single()
+                .unwrap_or_else(Utc::now);
+            self.accounts.complete(user, &usage, cost, at);
             let model = info
                 .base_model
                 .as_deref()
@@ -128,6 +138,7 @@ impl Meter {
             request_id: info.request_id,
             upstream_request_id: info.upstream_request_id,
             complete,
+            admitted: info.admitted,
             outcome: outcome.to_string(),
         });
     }

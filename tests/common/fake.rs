@@ -43,6 +43,8 @@ pub enum Script {
     MidStreamException(&'static str, &'static str),
     /// A stream that sends the first event, then breaks the connection (upstream reset).
     CutAfterFirst,
+    /// Never answers (the response headers never come).
+    Hang,
     /// Status 200 with a JSON body that is not an event stream (Bedrock does this for paths it
     /// does not know).
     Json200(&'static str),
@@ -54,6 +56,9 @@ struct Inner {
     scripts: HashMap<String, Script>,
     /// When set, streaming responses send event N+1 only after a message on this channel.
     gate: Option<mpsc::Receiver<()>>,
+    /// Streaming responses whose body was dropped before its last event (the connection to
+    /// the fake went away).
+    streams_cut: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Clone)]
@@ -96,6 +101,15 @@ impl FakeBedrock {
 
     /// Makes the next streaming response wait for a message on the returned sender before
     /// each event after the first.
+    /// How many streaming responses lost their reader before the last event.
+    pub fn streams_cut(&self) -> usize {
+        self.inner
+            .lock()
+            .expect("lock")
+            .streams_cut
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn gate_streams(&self) -> mpsc::Sender<()> {
         let (tx, rx) = mpsc::channel(1);
         self.inner.lock().expect("lock").gate = Some(rx);
@@ -138,7 +152,7 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
         &body,
     );
     let (model, op) = split_path(&raw_path);
-    let (script, gate) = {
+    let (script, gate, cut) = {
         let mut inner = inner.lock().expect("lock");
         inner.received.push(Received {
             method: parts.method.to_string(),
@@ -155,7 +169,11 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
         } else {
             None
         };
-        (inner.scripts.get(&model).cloned(), gate)
+        (
+            inner.scripts.get(&model).cloned(),
+            gate,
+            inner.streams_cut.clone(),
+        )
     };
     if let Err(e) = &signature {
         return error(403, "InvalidSignatureException", &format!("fake: {e}"));
@@ -163,6 +181,7 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
     match script {
         Some(Script::Error(status, kind, message)) => return error(status, kind, message),
         Some(Script::Json200(body)) => return json(200, body.to_string()),
+        Some(Script::Hang) => std::future::pending::<()>().await,
         Some(Script::CutAfterFirst) => {
             let first = anthropic_stream_events(&model).remove(0);
             let stream = futures_util::stream::iter([
@@ -180,7 +199,7 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
                 &serde_json::json!({"type": "message_start", "message": message_start_body(&model)}),
             );
             let exc = exception_event(kind, message);
-            return event_stream(vec![first, exc], None);
+            return event_stream(vec![first, exc], None, cut);
         }
         None => {}
     }
@@ -201,7 +220,7 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
             h.insert("x-amzn-requestid", "fake-request-id".parse().expect("hv"));
             resp
         }
-        "invoke-with-response-stream" => event_stream(anthropic_stream_events(&model), gate),
+        "invoke-with-response-stream" => event_stream(anthropic_stream_events(&model), gate, cut),
         "converse" => json(
             200,
             serde_json::json!({
@@ -212,7 +231,7 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
             })
             .to_string(),
         ),
-        "converse-stream" => event_stream(converse_stream_events(), gate),
+        "converse-stream" => event_stream(converse_stream_events(), gate, cut),
         "count-tokens" => json(200, r#"{"inputTokens":42}"#.to_string()),
         "inference-profiles" => json(
             200,
@@ -372,16 +391,48 @@ fn converse_stream_events() -> Vec<Bytes> {
     v
 }
 
-fn event_stream(events: Vec<Bytes>, gate: Option<mpsc::Receiver<()>>) -> Response {
+/// Counts a stream dropped before its last event.
+struct CutGuard {
+    done: bool,
+    counter: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CutGuard {
+    fn finished(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for CutGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.counter
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+fn event_stream(
+    events: Vec<Bytes>,
+    gate: Option<mpsc::Receiver<()>>,
+    cut: Arc<std::sync::atomic::AtomicUsize>,
+) -> Response {
+    let guard = CutGuard {
+        done: false,
+        counter: cut,
+    };
     let stream = futures_util::stream::unfold(
-        (events.into_iter(), gate, true),
-        |(mut it, mut gate, first)| async move {
-            let next = it.next()?;
+        (events.into_iter(), gate, true, guard),
+        |(mut it, mut gate, first, mut guard)| async move {
+            let Some(next) = it.next() else {
+                guard.finished();
+                return None;
+            };
             if !first && let Some(g) = gate.as_mut() {
                 // Wait until the test client says it has the previous event.
                 g.recv().await?;
             }
-            Some((Ok::<Bytes, std::io::Error>(next), (it, gate, false)))
+            Some((Ok::<Bytes, std::io::Error>(next), (it, gate, false, guard)))
         },
     );
     Response::builder()

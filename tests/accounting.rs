@@ -1,0 +1,244 @@
+//! Every request is recorded exactly once, whatever happens to it: a client that gives up
+//! before Bedrock answers, a stream cut at shutdown, an upstream that cannot be reached. And
+//! only what was admitted counts against a rate limit, before and after a restart.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::Method;
+use http_body_util::BodyExt;
+
+fn ledger(proxy: &Proxy) -> Vec<(String, i64, bool, bool, String)> {
+    let conn = rusqlite::Connection::open(proxy.ledger_path()).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT coalesce(user, '-'), status, complete, admitted, outcome FROM requests ORDER BY id")
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+async fn until(mut cond: impl FnMut() -> bool, what: &str) {
+    for _ in 0..400 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_before_bedrock_answers_is_still_recorded() {
+    let fake = FakeBedrock::start().await;
+    let mut proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    fake.script(&alice_sonnet(), fake::Script::Hang);
+    let url = format!("{}/model/{SONNET}/converse", proxy.url());
+    let call = tokio::spawn(async move {
+        send(request(
+            Method::POST,
+            &url,
+            &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+            CONVERSE_BODY,
+        ))
+        .await
+    });
+    until(|| fake.received().len() == 1, "the call reached the fake").await;
+    call.abort();
+    let _ = call.await;
+    proxy.wait_for_log("client_gone").await;
+    assert!(proxy.terminate().success());
+    let rows = ledger(&proxy);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let (user, _, complete, admitted, outcome) = &rows[0];
+    assert_eq!(user, "alice");
+    assert!(!complete, "Bedrock may have run it: not complete");
+    assert!(admitted);
+    assert_eq!(outcome, "client_gone");
+}
+
+#[tokio::test]
+async fn a_stream_still_open_when_the_grace_period_ends_is_cut_and_recorded() {
+    let fake = FakeBedrock::start().await;
+    let mut proxy =
+        Proxy::start_with_args(&two_user_config(&fake, ""), &["--shutdown-grace-secs", "1"]).await;
+    let _gate = fake.gate_streams(); // never released: the stream stays open
+    let req = request(
+        Method::POST,
+        &format!("{}/model/{SONNET}/invoke-with-response-stream", proxy.url()),
+        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+        INVOKE_BODY,
+    );
+    let mut body = client().request(req).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    let status = proxy.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        body.collect().await.is_err(),
+        "the client sees the stream cut, not a clean end"
+    );
+    let rows = ledger(&proxy);
+    assert_eq!(rows.len(), 1, "{rows:?}\n{}", proxy.logs());
+    assert_eq!(rows[0].4, "shutdown");
+    assert!(!rows[0].2);
+    assert!(!proxy.logs().contains("dropped"), "{}", proxy.logs());
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_lets_a_stream_finish_and_records_it() {
+    let fake = FakeBedrock::start().await;
+    let mut proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let gate = fake.gate_streams();
+    let req = request(
+        Method::POST,
+        &format!("{}/model/{SONNET}/invoke-with-response-stream", proxy.url()),
+        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+        INVOKE_BODY,
+    );
+    let mut body = client().request(req).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    let pid = proxy.pid();
+    assert!(
+        std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+    proxy.wait_for_log("shutdown signal received").await;
+    for _ in 1..fake::anthropic_events(&alice_sonnet()).len() {
+        gate.send(()).await.unwrap();
+    }
+    body.collect()
+        .await
+        .expect("the stream finishes during the grace period");
+    let status = proxy
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits after the stream");
+    assert!(status.success());
+    let rows = ledger(&proxy);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].4, "complete");
+    assert!(rows[0].2);
+}
+
+#[tokio::test]
+async fn refusals_do_not_count_against_the_rate_limit_after_a_restart() {
+    let fake = FakeBedrock::start().await;
+    let config = two_user_config(&fake, "").replace(
+        "[users.bob.models]",
+        "[users.bob.limits]\nrequests_per_minute = 2\n[users.bob.models]",
+    );
+    let proxy = Proxy::start(&config).await;
+    for _ in 0..3 {
+        let r = post(
+            &proxy,
+            &format!("/model/{OPUS}/converse"),
+            BOB_KEY,
+            CONVERSE_BODY,
+        )
+        .await;
+        assert_eq!(r.status, 403);
+    }
+    let proxy = proxy.restart(&[]).await;
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        BOB_KEY,
+        CONVERSE_BODY,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.message());
+}
+
+#[tokio::test]
+async fn a_call_that_fails_after_it_was_sent_is_recorded_as_incomplete() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "[aws]\nruntime_endpoint = \"http://127.0.0.1:{port}\"\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
+        hash(ALICE_KEY),
+        alice_sonnet()
+    );
+    let mut proxy = Proxy::start(&config).await;
+    assert_eq!(
+        post(
+            &proxy,
+            &format!("/model/{SONNET}/converse"),
+            ALICE_KEY,
+            CONVERSE_BODY
+        )
+        .await
+        .status,
+        502
+    );
+    assert_eq!(
+        post(
+            &proxy,
+            &format!("/model/{OPUS}/converse"),
+            ALICE_KEY,
+            CONVERSE_BODY
+        )
+        .await
+        .status,
+        403
+    );
+    assert!(proxy.terminate().success());
+    let rows = ledger(&proxy);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].1, rows[0].2, rows[0].4.as_str()),
+        (502, false, "ServiceUnavailableException")
+    );
+    assert_eq!(
+        (rows[1].1, rows[1].2, rows[1].3),
+        (403, true, false),
+        "a refusal is complete and not admitted"
+    );
+}
+
+#[tokio::test]
+async fn nobody_can_list_the_accounts_application_profiles() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let get = |q: &str| {
+        let url = format!("{}/inference-profiles{q}", proxy.url());
+        async move {
+            send(request(
+                Method::GET,
+                &url,
+                &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+                "",
+            ))
+            .await
+        }
+    };
+    let r = get("?type=APPLICATION").await;
+    assert_eq!(r.status, 403);
+    assert!(r.message().contains("system-defined"), "{}", r.message());
+    assert_eq!(get("?typeEquals=APPLICATION").await.status, 403);
+    assert_eq!(get("?foo=bar").await.status, 400);
+    assert_eq!(get("").await.status, 200);
+    assert_eq!(get("?maxResults=5&nextToken=abc").await.status, 200);
+    let got = fake.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].query.as_deref(), Some("type=SYSTEM_DEFINED"));
+    assert_eq!(
+        got[1].query.as_deref(),
+        Some("type=SYSTEM_DEFINED&maxResults=5&nextToken=abc")
+    );
+}
