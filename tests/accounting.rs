@@ -242,3 +242,50 @@ async fn nobody_can_list_the_accounts_application_profiles() {
         Some("type=SYSTEM_DEFINED&maxResults=5&nextToken=abc")
     );
 }
+
+#[tokio::test]
+async fn unidentified_callers_are_logged_but_never_fill_the_ledger() {
+    let fake = FakeBedrock::start().await;
+    let mut proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    for key in ["bgk_nobody", ""] {
+        let r = post(
+            &proxy,
+            &format!("/model/{SONNET}/converse"),
+            key,
+            CONVERSE_BODY,
+        )
+        .await;
+        assert_eq!(r.status, 403);
+    }
+    assert_eq!(
+        send(request(
+            Method::GET,
+            &format!("{}/nowhere", proxy.url()),
+            &[],
+            ""
+        ))
+        .await
+        .status,
+        404
+    );
+    assert_eq!(
+        post(
+            &proxy,
+            &format!("/model/{SONNET}/converse"),
+            ALICE_KEY,
+            CONVERSE_BODY
+        )
+        .await
+        .status,
+        200
+    );
+    assert!(proxy.terminate().success());
+    let rows = ledger(&proxy);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].0, "alice");
+    assert_eq!(
+        proxy.logs().matches("bedrock_gate::access").count(),
+        4,
+        "every request still has its log line"
+    );
+}

@@ -206,3 +206,35 @@ async fn claude_code_falls_back_when_a_tier_is_not_mapped() {
         "the opus probe was refused"
     );
 }
+
+#[tokio::test]
+async fn claude_code_with_anthropic_model_set_to_the_users_profile_arn() {
+    // The by-hand setup users come from: the profile ARN pasted into ANTHROPIC_MODEL. Claude
+    // Code then asks GetInferenceProfile for the underlying model, through the proxy.
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&config(&fake)).await;
+    let arn = arn("us-east-1", "devsonnet");
+    let (ok, stdout, stderr) = run_claude(&proxy, &[("ANTHROPIC_MODEL", &arn)]).await;
+    let calls: Vec<String> = fake
+        .received()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.raw_path))
+        .collect();
+    assert!(
+        ok && stdout.contains(fake::TEXT),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nupstream calls: {calls:#?}\nproxy log:\n{}",
+        proxy.logs()
+    );
+    assert_all_attributed(&fake);
+    let got = fake.received();
+    assert!(
+        got.iter()
+            .any(|r| r.op == "get-inference-profile" && r.model == arn),
+        "{calls:#?}"
+    );
+    assert!(
+        got.iter()
+            .any(|r| r.op == "invoke-with-response-stream" && r.model == arn),
+        "{calls:#?}"
+    );
+}

@@ -123,9 +123,14 @@ impl Meter {
                 .unwrap_or("-");
             self.metrics.usage(user, model, &usage, cost);
         }
+        // Callers the proxy could not identify get a log line and a metric, but no ledger row:
+        // they cost nothing, and anyone on the network could otherwise fill the disk.
+        let Some(user) = info.user else {
+            return;
+        };
         self.ledger.record(Record {
             ts_ms: info.started_ms,
-            user: info.user,
+            user: Some(user),
             operation: info.operation.to_string(),
             model: info.model,
             base_model: info.base_model,
