@@ -28,16 +28,6 @@ fn ledger(proxy: &Proxy) -> Vec<(String, i64, bool, bool, String)> {
     .unwrap()
 }
 
-async fn until(mut cond: impl FnMut() -> bool, what: &str) {
-    for _ in 0..400 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("never happened: {what}");
-}
-
 #[tokio::test]
 async fn a_client_that_gives_up_before_bedrock_answers_is_still_recorded() {
     let fake = FakeBedrock::start().await;
@@ -53,7 +43,10 @@ async fn a_client_that_gives_up_before_bedrock_answers_is_still_recorded() {
         ))
         .await
     });
-    until(|| fake.received().len() == 1, "the call reached the fake").await;
+    eventually("the call reached the fake", || async {
+        (fake.received().len() == 1).then_some(())
+    })
+    .await;
     call.abort();
     let _ = call.await;
     proxy.wait_for_log("client_gone").await;
@@ -73,10 +66,10 @@ async fn a_stream_still_open_when_the_grace_period_ends_is_cut_and_recorded() {
     let mut proxy =
         Proxy::start_with_args(&two_user_config(&fake, ""), &["--shutdown-grace-secs", "1"]).await;
     let _gate = fake.gate_streams(); // never released: the stream stays open
-    let req = request(
-        Method::POST,
-        &format!("{}/model/{SONNET}/invoke-with-response-stream", proxy.url()),
-        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+    let req = keyed(
+        &proxy,
+        &format!("/model/{SONNET}/invoke-with-response-stream"),
+        ALICE_KEY,
         INVOKE_BODY,
     );
     let mut body = client().request(req).await.unwrap().into_body();
@@ -99,10 +92,10 @@ async fn a_graceful_shutdown_lets_a_stream_finish_and_records_it() {
     let fake = FakeBedrock::start().await;
     let mut proxy = Proxy::start(&two_user_config(&fake, "")).await;
     let gate = fake.gate_streams();
-    let req = request(
-        Method::POST,
-        &format!("{}/model/{SONNET}/invoke-with-response-stream", proxy.url()),
-        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+    let req = keyed(
+        &proxy,
+        &format!("/model/{SONNET}/invoke-with-response-stream"),
+        ALICE_KEY,
         INVOKE_BODY,
     );
     let mut body = client().request(req).await.unwrap().into_body();

@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use http::Method;
 use http_body_util::BodyExt;
@@ -102,10 +100,10 @@ async fn exact_token_totals_for_every_operation_including_cache_and_a_cut_stream
 
     // A stream the client abandons after the first event.
     let _gate = fake.gate_streams();
-    let req = request(
-        Method::POST,
-        &format!("{}/model/{SONNET}/invoke-with-response-stream", proxy.url()),
-        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+    let req = keyed(
+        &proxy,
+        &format!("/model/{SONNET}/invoke-with-response-stream"),
+        ALICE_KEY,
         INVOKE_BODY,
     );
     let mut body = client().request(req).await.unwrap().into_body();
@@ -282,30 +280,18 @@ async fn budget_refusal_survives_a_restart_and_lifting_it_applies_live() {
     assert_eq!(usage["budget_remaining_usd"], 0.0);
 
     // Raising the budget in the file takes effect without a restart.
-    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
-    std::fs::write(
-        &proxy.config_path,
-        text.replace("monthly_budget_usd = 0.00001", "monthly_budget_usd = 100"),
-    )
-    .unwrap();
-    let mut ok = false;
-    for _ in 0..400 {
-        if post(
+    proxy.edit_config(|t| t.replace("monthly_budget_usd = 0.00001", "monthly_budget_usd = 100"));
+    eventually("the raised budget applies", || async {
+        let r = post(
             &proxy,
             &format!("/model/{SONNET}/converse"),
             ALICE_KEY,
             CONVERSE_BODY,
         )
-        .await
-        .status
-            == 200
-        {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(ok, "raised budget never applied; log:\n{}", proxy.logs());
+        .await;
+        (r.status == 200).then_some(())
+    })
+    .await;
     assert!(fake.received().len() >= 3);
 }
 
@@ -350,40 +336,8 @@ async fn rate_limits_refuse_with_the_limit_and_can_be_lifted_live() {
         "the refusal never reached Bedrock"
     );
 
-    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
-    std::fs::write(
-        &proxy.config_path,
-        text.replace("requests_per_minute = 2", "requests_per_minute = 100"),
-    )
-    .unwrap();
-    let mut lifted = false;
-    for _ in 0..400 {
-        if post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            BOB_KEY,
-            CONVERSE_BODY,
-        )
-        .await
-        .status
-            == 200
-        {
-            lifted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(lifted, "lifted limit never applied; log:\n{}", proxy.logs());
-
-    // Three converse calls of 9+4+5+6 tokens are over a 30 tokens-per-minute limit.
-    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
-    std::fs::write(
-        &proxy.config_path,
-        text.replace("requests_per_minute = 100", "tokens_per_minute = 30"),
-    )
-    .unwrap();
-    let mut refused = None;
-    for _ in 0..400 {
+    proxy.edit_config(|t| t.replace("requests_per_minute = 2", "requests_per_minute = 100"));
+    eventually("the lifted limit applies", || async {
         let r = post(
             &proxy,
             &format!("/model/{SONNET}/converse"),
@@ -391,13 +345,23 @@ async fn rate_limits_refuse_with_the_limit_and_can_be_lifted_live() {
             CONVERSE_BODY,
         )
         .await;
-        if r.status == 429 {
-            refused = Some(r);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let r = refused.expect("token limit never applied");
+        (r.status == 200).then_some(())
+    })
+    .await;
+
+    // Three converse calls of 9+4+5+6 tokens are over a 30 tokens-per-minute limit.
+    proxy.edit_config(|t| t.replace("requests_per_minute = 100", "tokens_per_minute = 30"));
+    let r = eventually("the token limit applies", || async {
+        let r = post(
+            &proxy,
+            &format!("/model/{SONNET}/converse"),
+            BOB_KEY,
+            CONVERSE_BODY,
+        )
+        .await;
+        (r.status == 429).then_some(r)
+    })
+    .await;
     assert!(
         r.message().contains("30 tokens per minute")
             && r.message().contains("used in the last minute"),

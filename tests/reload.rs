@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use http::Method;
 use http_body_util::BodyExt;
@@ -28,16 +26,11 @@ async fn health(proxy: &Proxy) -> serde_json::Value {
 /// Polls until `generation` is live. Reload is asynchronous by design; this waits for it
 /// rather than sleeping a guessed time.
 async fn wait_generation(proxy: &Proxy, generation: u64) {
-    for _ in 0..400 {
-        if health(proxy).await["config_generation"] == generation {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!(
-        "generation {generation} never went live; log:\n{}",
-        proxy.logs()
-    );
+    eventually(
+        &format!("config generation {generation} goes live"),
+        || async { (health(proxy).await["config_generation"] == generation).then_some(()) },
+    )
+    .await;
 }
 
 fn admin(proxy: &Proxy, args: &[&str]) -> String {
@@ -145,10 +138,10 @@ async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&two_user_config(&fake, "")).await;
     let gate = fake.gate_streams();
-    let req = request(
-        Method::POST,
-        &format!("{}/model/{SONNET}/invoke-with-response-stream", proxy.url()),
-        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+    let req = keyed(
+        &proxy,
+        &format!("/model/{SONNET}/invoke-with-response-stream"),
+        ALICE_KEY,
         INVOKE_BODY,
     );
     let resp = client().request(req).await.unwrap();
@@ -207,12 +200,7 @@ async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
 async fn sighup_reloads_when_watching_is_off() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start_with_args(&two_user_config(&fake, ""), &["--no-watch"]).await;
-    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
-    std::fs::write(
-        &proxy.config_path,
-        text.replace(&hash(BOB_KEY), &hash("bgk_bob_rotated")),
-    )
-    .unwrap();
+    proxy.edit_config(|t| t.replace(&hash(BOB_KEY), &hash("bgk_bob_rotated")));
     let status = std::process::Command::new("kill")
         .arg("-HUP")
         .arg(proxy.pid().to_string())

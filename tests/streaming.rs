@@ -174,11 +174,8 @@ async fn a_client_that_goes_away_mid_stream_is_logged_and_the_upstream_dropped()
     for _ in 0..3 {
         let _ = gate.send(()).await;
     }
-    for _ in 0..400 {
-        if fake.streams_cut() == 1 {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    panic!("the upstream stream was never dropped");
+    eventually("the upstream stream is dropped", || async {
+        (fake.streams_cut() == 1).then_some(())
+    })
+    .await;
 }

@@ -265,6 +265,40 @@ impl Drop for Proxy {
     }
 }
 
+/// Polls `check` until it yields `Some`, for up to ten seconds. Reload and background work
+/// are asynchronous by design; tests wait for the effect instead of sleeping a guessed time.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..400 {
+        if let Some(v) = check().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+impl Proxy {
+    /// Rewrites the config file in place (the running proxy reloads it).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        std::fs::write(&self.config_path, edit(text)).expect("write config");
+    }
+}
+
+/// A POST with a bearer key, for tests that read the response body themselves.
+pub fn keyed(proxy: &Proxy, path: &str, key: &str, body: &str) -> Request<Full<Bytes>> {
+    request(
+        Method::POST,
+        &format!("{}{path}", proxy.url()),
+        &[("authorization", &format!("Bearer {key}"))],
+        body.to_string(),
+    )
+}
+
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 pub fn client() -> HttpClient {
