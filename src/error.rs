@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Throttling,
     /// 502: the upstream could not be reached or failed before answering.
     BadGateway,
+    /// 503: the proxy is shutting down and stopped this request.
+    ShuttingDown,
     /// 504: the upstream did not answer in time.
     Timeout,
     /// 500: a fault inside the proxy (for example, no AWS credentials to sign with).
@@ -37,7 +39,7 @@ impl ErrorKind {
             ErrorKind::Validation => "ValidationException",
             ErrorKind::UnknownOperation => "UnknownOperationException",
             ErrorKind::Throttling => "ThrottlingException",
-            ErrorKind::BadGateway => "ServiceUnavailableException",
+            ErrorKind::BadGateway | ErrorKind::ShuttingDown => "ServiceUnavailableException",
             ErrorKind::Timeout => "ModelTimeoutException",
             ErrorKind::Internal => "InternalServerException",
         }
@@ -50,6 +52,7 @@ impl ErrorKind {
             ErrorKind::UnknownOperation => StatusCode::NOT_FOUND,
             ErrorKind::Throttling => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
+            ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -33,16 +33,6 @@ fn main() -> ExitCode {
             admin_listen,
         } => {
             init_tracing(log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("bedrock-gate: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
             let opts = ServeOptions {
                 config_path: config,
                 listen,
@@ -50,7 +40,7 @@ fn main() -> ExitCode {
                 watch: !no_watch,
                 admin_listen,
             };
-            match runtime.block_on(server::run(opts)) {
+            match server::serve_blocking(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

@@ -125,6 +125,7 @@ struct Pending {
     armed: bool,
     meter: Arc<Meter>,
     started: Instant,
+    shutdown: CancellationToken,
     _tracked: TaskTrackerToken,
 }
 
@@ -144,7 +145,12 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.record(499, "client_gone");
+        let outcome = if self.shutdown.is_cancelled() {
+            "shutdown"
+        } else {
+            "client_gone"
+        };
+        self.record(499, outcome);
     }
 }
 
@@ -155,6 +161,7 @@ async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response
         armed: true,
         meter: state.meter.clone(),
         started,
+        shutdown: state.shutdown.clone(),
         _tracked: state.requests.token(),
     };
     match handle(&state, request, &mut pending.info, started).await {
@@ -165,7 +172,11 @@ async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response
         }
         Err(e) => {
             let id = pending.info.request_id.clone();
-            pending.record(e.status.as_u16(), e.aws_type());
+            let outcome = match e.kind {
+                ErrorKind::ShuttingDown => "shutdown",
+                _ => e.aws_type(),
+            };
+            pending.record(e.status.as_u16(), outcome);
             e.into_response_with_id(&id)
         }
     }
@@ -261,13 +272,18 @@ async fn handle(
         }
     };
 
-    let body = read_body(
-        body,
-        &parts.headers,
-        config.max_body_bytes,
-        config.timeouts.request_body,
-    )
-    .await?;
+    let shutting_down = || {
+        ApiError::new(
+            ErrorKind::ShuttingDown,
+            "bedrock-gate is shutting down; retry.",
+        )
+    };
+    tracing::debug!(request_id = %info.request_id, "reading request body");
+    let body = tokio::select! {
+        biased;
+        () = state.shutdown.cancelled() => return Err(shutting_down()),
+        b = read_body(body, &parts.headers, config.max_body_bytes, config.timeouts.request_body) => b?,
+    };
     info.bytes_in = body.len();
     let out = Outbound {
         method,
@@ -276,13 +292,19 @@ async fn handle(
         headers: headers::forwardable_request_headers(&parts.headers),
         body,
     };
+    // Shutdown is checked first, so a request whose body arrived after the grace period is
+    // never sent. From the send on, Bedrock may have run the call.
     info.sent = true;
     let upstream = tokio::select! {
-        r = state.upstream.send(out, config.timeouts.first_byte) => r?,
-        () = state.shutdown.cancelled() => {
-            return Err(ApiError::new(ErrorKind::BadGateway, "bedrock-gate is shutting down; retry.")
-                .with_status(StatusCode::SERVICE_UNAVAILABLE));
-        }
+        biased;
+        () = state.shutdown.cancelled() => return Err(shutting_down()),
+        r = state.upstream.send(out, config.timeouts.first_byte) => match r {
+            Ok(resp) => resp,
+            Err(e) => {
+                info.sent = e.maybe_sent;
+                return Err(e.error);
+            }
+        },
     };
     info.ttfb = Some(started.elapsed());
     info.status = upstream.status().as_u16();
@@ -308,6 +330,7 @@ async fn handle(
         started,
         bytes_out: 0,
         shutdown: Box::pin(state.shutdown.clone().cancelled_owned()),
+        shutdown_token: state.shutdown.clone(),
         _tracked: state.requests.token(),
     };
     Ok(Response::from_parts(head, Body::new(observed)))
@@ -358,6 +381,7 @@ struct Observed<B> {
     bytes_out: u64,
     /// Resolves when the shutdown grace period is over; the stream is then cut and recorded.
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown_token: CancellationToken,
     _tracked: TaskTrackerToken,
 }
 
@@ -430,7 +454,12 @@ where
 
 impl<B> Drop for Observed<B> {
     fn drop(&mut self) {
-        self.finish("client_gone");
+        let outcome = if self.shutdown_token.is_cancelled() {
+            "shutdown"
+        } else {
+            "client_gone"
+        };
+        self.finish(outcome);
     }
 }
 
@@ -502,8 +531,9 @@ pub struct ServeOptions {
     pub admin_listen: Option<SocketAddr>,
 }
 
-/// Loads the config, binds, prints the address and serves until SIGTERM or SIGINT.
-pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
+/// Loads the config, binds, prints the address and serves until SIGTERM or SIGINT. Returns
+/// the meter, whose ledger the caller closes once no request can still record.
+pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Result<()>)> {
     let (config, sha256) = crate::reload::read_config(&opts.config_path)
         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
     let listen = opts.listen.unwrap_or(config.listen);
@@ -550,20 +580,30 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     if let Some(t) = admin_task {
         t.abort();
     }
-    // Past the grace period: cut what still runs, and wait until each has recorded its row.
+    // Past the grace period: cut what still runs, and give each a moment to record its row.
+    // Anything that cannot see the cancel (a response its client stopped reading, which the
+    // server no longer polls) is recorded when `serve_blocking` drops the runtime's tasks.
     state.shutdown.cancel();
     state.requests.close();
-    if tokio::time::timeout(Duration::from_secs(10), state.requests.wait())
+    if tokio::time::timeout(Duration::from_secs(5), state.requests.wait())
         .await
         .is_err()
     {
-        tracing::error!(
-            "requests still unrecorded 10 s after shutdown; their ledger rows are lost"
-        );
+        tracing::warn!("requests still open 5 s after shutdown; dropping them");
     }
-    // Every request that finished has queued its row; commit them before exiting.
-    let meter = state.meter.clone();
-    let _ = tokio::task::spawn_blocking(move || meter.ledger.close()).await;
+    Ok((state.meter.clone(), served))
+}
+
+/// Runs `serve` on its own runtime until SIGTERM/SIGINT, then drops every task left (each
+/// records its ledger row as it goes) and only then commits and closes the ledger.
+pub fn serve_blocking(opts: ServeOptions) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    let (meter, served) = runtime.block_on(run(opts))?;
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    meter.ledger.close();
     tracing::info!("ledger flushed; bedrock-gate stopped");
     served?;
     Ok(())

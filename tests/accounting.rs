@@ -156,7 +156,8 @@ async fn refusals_do_not_count_against_the_rate_limit_after_a_restart() {
 }
 
 #[tokio::test]
-async fn a_call_that_fails_after_it_was_sent_is_recorded_as_incomplete() {
+async fn a_call_that_never_connected_is_complete_and_one_that_timed_out_is_not() {
+    // Nothing listens on this port: the connect fails, so the request never left.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -195,13 +196,58 @@ async fn a_call_that_fails_after_it_was_sent_is_recorded_as_incomplete() {
     assert_eq!(rows.len(), 2);
     assert_eq!(
         (rows[0].1, rows[0].2, rows[0].4.as_str()),
-        (502, false, "ServiceUnavailableException")
+        (502, true, "ServiceUnavailableException")
     );
     assert_eq!(
         (rows[1].1, rows[1].2, rows[1].3),
         (403, true, false),
         "a refusal is complete and not admitted"
     );
+
+    // Sent, then no answer within first_byte_secs: Bedrock may have run it.
+    let fake = FakeBedrock::start().await;
+    let mut proxy = Proxy::start(&two_user_config(&fake, "[timeouts]\nfirst_byte_secs = 1")).await;
+    fake.script(&alice_sonnet(), fake::Script::Hang);
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        ALICE_KEY,
+        CONVERSE_BODY,
+    )
+    .await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.error_type(), "ModelTimeoutException");
+    assert!(proxy.terminate().success());
+    let rows = ledger(&proxy);
+    assert_eq!((rows[0].1, rows[0].2), (504, false));
+}
+
+#[tokio::test]
+async fn a_request_still_uploading_at_shutdown_is_recorded_and_never_sent() {
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeBedrock::start().await;
+    let mut proxy = Proxy::start_with_env(
+        &two_user_config(&fake, ""),
+        &["--shutdown-grace-secs", "1"],
+        &[("RUST_LOG", "info,bedrock_gate::server=debug")],
+    )
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /model/{SONNET}/converse HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ALICE_KEY}\r\ncontent-length: 1000\r\n\r\n{{\"messages\""
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.flush().await.unwrap();
+    proxy.wait_for_log("reading request body").await;
+    let status = proxy.terminate();
+    assert!(status.success(), "{status:?}");
+    let rows = ledger(&proxy);
+    assert_eq!(rows.len(), 1, "{rows:?}\n{}", proxy.logs());
+    assert_eq!(rows[0].4, "shutdown");
+    assert!(rows[0].2, "never sent, so nothing is missing");
+    assert!(fake.received().is_empty());
+    assert!(!proxy.logs().contains("dropped"), "{}", proxy.logs());
+    drop(conn);
 }
 
 #[tokio::test]

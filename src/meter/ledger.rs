@@ -112,8 +112,27 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_user_ts ON requests (user, ts_ms);
-PRAGMA user_version = 1;
 ";
+
+/// Schema version written to `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Brings an older ledger up to [`SCHEMA_VERSION`], keeping its rows.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version < 2 {
+        let has_admitted = conn
+            .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'admitted'")?
+            .exists([])?;
+        if !has_admitted {
+            // Version 1 had no `admitted`; its rows predate refusal tracking in the rate window.
+            conn.execute_batch(
+                "ALTER TABLE requests ADD COLUMN admitted INTEGER NOT NULL DEFAULT 1",
+            )?;
+        }
+    }
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+}
 
 /// Opens (creating if needed) a ledger database for writing.
 pub fn open_db(path: &Path) -> anyhow::Result<Connection> {
@@ -127,6 +146,7 @@ pub fn open_db(path: &Path) -> anyhow::Result<Connection> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)
         .context("cannot create the ledger schema")?;
+    migrate(&conn).context("cannot upgrade the ledger schema")?;
     Ok(conn)
 }
 
@@ -454,6 +474,39 @@ mod tests {
         assert_eq!(recent(&conn, 0).unwrap().len(), 3);
         assert_eq!(ledger.stats.written.load(Ordering::Relaxed), 3);
         assert_eq!(ledger.stats.pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_version_1_ledger_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE requests (id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, user TEXT,
+                operation TEXT NOT NULL, model TEXT, base_model TEXT, profile_arn TEXT,
+                status INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+                cache_read_tokens INTEGER NOT NULL, cache_write_tokens INTEGER NOT NULL, cost_usd REAL,
+                latency_ms INTEGER NOT NULL, ttfb_ms INTEGER, request_id TEXT NOT NULL,
+                upstream_request_id TEXT, complete INTEGER NOT NULL, outcome TEXT NOT NULL);
+             INSERT INTO requests VALUES (1, 5, 'alice', 'Converse', 'm', 'm', NULL, 200, 1, 2, 0, 0, 0.1,
+                3, 1, 'r', NULL, 1, 'complete');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(old);
+        let ledger = Ledger::open(&path, Duration::from_secs(60)).unwrap();
+        ledger.record(record("bob", 10, 1, None));
+        ledger.close();
+        let conn = open_read_only(&path).unwrap();
+        assert_eq!(
+            recent(&conn, 0).unwrap().len(),
+            2,
+            "old rows count as admitted"
+        );
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
     }
 
     #[test]

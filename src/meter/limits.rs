@@ -17,8 +17,8 @@ use crate::meter::usage::Usage;
 
 const WINDOW_SECS: i64 = 60;
 
-/// A calendar month in UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A calendar month in UTC. Ordered by time (year, then month).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Month {
     pub year: i32,
     pub month: u32,
@@ -122,8 +122,10 @@ impl Account {
         }
     }
 
+    /// Starts a new month's totals; never goes back (a late-finishing request from an
+    /// earlier month must not wipe the current one).
     fn roll(&mut self, now: Month) {
-        if self.month != now {
+        if now > self.month {
             self.month = now;
             self.totals = Totals::default();
         }
@@ -226,9 +228,24 @@ impl Accounts {
         })
     }
 
-    /// Adds a finished request's usage and cost.
-    pub fn complete(&self, user: &str, usage: &Usage, cost: Option<f64>, now: DateTime<Utc>) {
+    /// Adds a finished request's usage and cost. Month totals follow the request's start (as
+    /// the ledger and the restart rebuild do); its tokens enter the rate window now, when they
+    /// were spent.
+    pub fn complete(
+        &self,
+        user: &str,
+        usage: &Usage,
+        cost: Option<f64>,
+        started: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) {
         self.with(user, now, |a| {
+            let slot = a.window.slot(now.timestamp());
+            slot.2 = slot.2.saturating_add(tokens(usage));
+            if Month::of(started) != a.month {
+                // Started in an earlier month: that month's total lives in the ledger only.
+                return;
+            }
             let t = &mut a.totals;
             t.requests = t.requests.saturating_add(1);
             t.usage.input_tokens = t.usage.input_tokens.saturating_add(usage.input_tokens);
@@ -246,8 +263,6 @@ impl Accounts {
                 None if tokens(usage) > 0 => t.unpriced = t.unpriced.saturating_add(1),
                 None => {}
             }
-            let slot = a.window.slot(now.timestamp());
-            slot.2 = slot.2.saturating_add(tokens(usage));
         })
     }
 
@@ -285,7 +300,7 @@ mod tests {
         };
         let t = at("2026-11-27T10:00:00Z");
         a.admit("alice", &limits, t).unwrap();
-        a.complete("alice", &usage(10), Some(1.25), t);
+        a.complete("alice", &usage(10), Some(1.25), t, t);
         let e = a.admit("alice", &limits, t).unwrap_err();
         assert_eq!(e.status, 429);
         assert_eq!(e.aws_type(), "ThrottlingException");
@@ -331,11 +346,41 @@ mod tests {
         };
         let t = at("2026-11-27T10:00:00Z");
         a.admit("u", &limits, t).unwrap();
-        a.complete("u", &usage(150), None, t);
+        a.complete("u", &usage(150), None, t, t);
         let e = a.admit("u", &limits, t).unwrap_err();
         assert!(e.message.contains("150 used"), "{}", e.message);
         let (_, totals) = a.month_totals("u", t);
         assert_eq!(totals.unpriced, 1);
+    }
+
+    #[test]
+    fn a_long_stream_counts_its_tokens_when_it_ends_and_its_cost_in_its_own_month() {
+        let a = Accounts::default();
+        let limits = UserLimits {
+            tokens_per_minute: Some(1000),
+            monthly_budget_usd: Some(1.0),
+            ..UserLimits::default()
+        };
+        let start = at("2026-11-30T23:58:00Z");
+        let end = at("2026-12-01T00:01:30Z");
+        a.admit("u", &limits, at("2026-12-01T00:00:10Z")).unwrap();
+        a.complete(
+            "u",
+            &usage(10),
+            Some(0.5),
+            at("2026-12-01T00:00:10Z"),
+            at("2026-12-01T00:00:20Z"),
+        );
+        // A stream that started in November and ran past midnight.
+        a.complete("u", &usage(5000), Some(9.0), start, end);
+        let e = a
+            .admit("u", &limits, at("2026-12-01T00:01:31Z"))
+            .unwrap_err();
+        assert!(e.message.contains("tokens per minute"), "{}", e.message);
+        let (month, totals) = a.month_totals("u", end);
+        assert_eq!(month.to_string(), "2026-12");
+        assert_eq!(totals.requests, 1, "December keeps its own total");
+        assert!((totals.cost_usd - 0.5).abs() < 1e-12);
     }
 
     #[test]

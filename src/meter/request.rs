@@ -115,7 +115,7 @@ impl Meter {
                 .timestamp_millis_opt(info.started_ms)
                 .single()
                 .unwrap_or_else(Utc::now);
-            self.accounts.complete(user, &usage, cost, at);
+            self.accounts.complete(user, &usage, cost, at, Utc::now());
             let model = info
                 .base_model
                 .as_deref()

@@ -42,6 +42,14 @@ pub struct Outbound {
     pub body: Bytes,
 }
 
+/// A request that got no response, and whether Bedrock may have received it anyway.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: ApiError,
+    /// False only when the request certainly never left (signing or connect failed).
+    pub maybe_sent: bool,
+}
+
 /// The pooled client and the proxy's AWS credentials.
 #[derive(Clone)]
 pub struct Upstream {
@@ -103,22 +111,32 @@ impl Upstream {
         &self,
         out: Outbound,
         first_byte_timeout: Duration,
-    ) -> Result<Response<Incoming>, ApiError> {
-        let request = self.sign(out).await?;
+    ) -> Result<Response<Incoming>, SendError> {
+        let request = self.sign(out).await.map_err(|error| SendError {
+            error,
+            maybe_sent: false,
+        })?;
         match tokio::time::timeout(first_byte_timeout, self.client.request(request)).await {
-            Err(_) => Err(ApiError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "Bedrock did not start answering within {} s (bedrock-gate timeouts.first_byte_secs).",
-                    first_byte_timeout.as_secs()
+            Err(_) => Err(SendError {
+                error: ApiError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "Bedrock did not start answering within {} s (bedrock-gate timeouts.first_byte_secs).",
+                        first_byte_timeout.as_secs()
+                    ),
                 ),
-            )),
+                maybe_sent: true,
+            }),
             Ok(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), "upstream request failed");
-                Err(ApiError::new(
-                    ErrorKind::BadGateway,
-                    "bedrock-gate could not reach Bedrock; try again. The operator can see the cause in the proxy log.",
-                ))
+                Err(SendError {
+                    error: ApiError::new(
+                        ErrorKind::BadGateway,
+                        "bedrock-gate could not reach Bedrock; try again. The operator can see the cause in the proxy log.",
+                    ),
+                    // A failed connect never carried the request; anything later may have.
+                    maybe_sent: !e.is_connect(),
+                })
             }
             Ok(Ok(resp)) => Ok(resp),
         }

@@ -99,8 +99,6 @@ impl FakeBedrock {
             .insert(model.to_string(), script);
     }
 
-    /// Makes the next streaming response wait for a message on the returned sender before
-    /// each event after the first.
     /// How many streaming responses lost their reader before the last event.
     pub fn streams_cut(&self) -> usize {
         self.inner
@@ -110,6 +108,8 @@ impl FakeBedrock {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Makes the next streaming response wait for a message on the returned sender before
+    /// each event after the first.
     pub fn gate_streams(&self) -> mpsc::Sender<()> {
         let (tx, rx) = mpsc::channel(1);
         self.inner.lock().expect("lock").gate = Some(rx);

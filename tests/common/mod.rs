@@ -120,7 +120,15 @@ impl Proxy {
     pub async fn start_with_args(config: &str, args: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("bedrock-gate.toml"), config).expect("write config");
-        Self::launch(dir, args).await
+        Self::launch(dir, args, &[]).await
+    }
+
+    /// Like [`Proxy::start_with_args`], with extra environment (e.g. `RUST_LOG` to observe a
+    /// step that has no other outward sign).
+    pub async fn start_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("bedrock-gate.toml"), config).expect("write config");
+        Self::launch(dir, args, env).await
     }
 
     /// Stops this proxy with SIGTERM and starts a new one on the same directory (config and
@@ -133,12 +141,14 @@ impl Proxy {
             self.logs()
         );
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
-        Self::launch(dir, args).await
+        Self::launch(dir, args, &[]).await
     }
 
-    async fn launch(dir: tempfile::TempDir, args: &[&str]) -> Proxy {
+    async fn launch(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let config_path = dir.path().join("bedrock-gate.toml");
-        let mut child = command(dir.path())
+        let mut cmd = command(dir.path());
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
