@@ -135,23 +135,11 @@ async fn refusals_do_not_count_against_the_rate_limit_after_a_restart() {
     );
     let proxy = Proxy::start(&config).await;
     for _ in 0..3 {
-        let r = post(
-            &proxy,
-            &format!("/model/{OPUS}/converse"),
-            BOB_KEY,
-            CONVERSE_BODY,
-        )
-        .await;
+        let r = converse(&proxy, OPUS, BOB_KEY).await;
         assert_eq!(r.status, 403);
     }
     let proxy = proxy.restart(&[]).await;
-    let r = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        BOB_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let r = converse(&proxy, SONNET, BOB_KEY).await;
     assert_eq!(r.status, 200, "{}", r.message());
 }
 
@@ -169,28 +157,8 @@ async fn a_call_that_never_connected_is_complete_and_one_that_timed_out_is_not()
         alice_sonnet()
     );
     let mut proxy = Proxy::start(&config).await;
-    assert_eq!(
-        post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            ALICE_KEY,
-            CONVERSE_BODY
-        )
-        .await
-        .status,
-        502
-    );
-    assert_eq!(
-        post(
-            &proxy,
-            &format!("/model/{OPUS}/converse"),
-            ALICE_KEY,
-            CONVERSE_BODY
-        )
-        .await
-        .status,
-        403
-    );
+    assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 502);
+    assert_eq!(converse(&proxy, OPUS, ALICE_KEY).await.status, 403);
     assert!(proxy.terminate().success());
     let rows = ledger(&proxy);
     assert_eq!(rows.len(), 2);
@@ -208,13 +176,7 @@ async fn a_call_that_never_connected_is_complete_and_one_that_timed_out_is_not()
     let fake = FakeBedrock::start().await;
     let mut proxy = Proxy::start(&two_user_config(&fake, "[timeouts]\nfirst_byte_secs = 1")).await;
     fake.script(&alice_sonnet(), fake::Script::Hang);
-    let r = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        ALICE_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let r = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(r.status, 504);
     assert_eq!(r.error_type(), "ModelTimeoutException");
     assert!(proxy.terminate().success());
@@ -287,13 +249,7 @@ async fn unidentified_callers_are_logged_but_never_fill_the_ledger() {
     let fake = FakeBedrock::start().await;
     let mut proxy = Proxy::start(&two_user_config(&fake, "")).await;
     for key in ["bgk_nobody", ""] {
-        let r = post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            key,
-            CONVERSE_BODY,
-        )
-        .await;
+        let r = converse(&proxy, SONNET, key).await;
         assert_eq!(r.status, 403);
     }
     assert_eq!(
@@ -307,17 +263,7 @@ async fn unidentified_callers_are_logged_but_never_fill_the_ledger() {
         .status,
         404
     );
-    assert_eq!(
-        post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            ALICE_KEY,
-            CONVERSE_BODY
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
     assert!(proxy.terminate().success());
     let rows = ledger(&proxy);
     assert_eq!(rows.len(), 1, "{rows:?}");

@@ -102,6 +102,22 @@ async fn run_claude(proxy: &Proxy, extra_env: &[(&str, &str)]) -> (bool, String,
     )
 }
 
+/// Runs `claude -p` and fails, with everything needed to see why, unless it printed the
+/// fake's answer.
+async fn claude_must_answer(proxy: &Proxy, fake: &FakeBedrock, env: &[(&str, &str)]) {
+    let (ok, stdout, stderr) = run_claude(proxy, env).await;
+    let calls: Vec<String> = fake
+        .received()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.raw_path))
+        .collect();
+    assert!(
+        ok && stdout.contains(fake::TEXT),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nupstream calls: {calls:#?}\nproxy log:\n{}",
+        proxy.logs()
+    );
+}
+
 fn assert_all_attributed(fake: &FakeBedrock) {
     let got = fake.received();
     if std::env::var_os("BEDROCK_GATE_SHOW_CALLS").is_some() {
@@ -136,17 +152,7 @@ fn assert_all_attributed(fake: &FakeBedrock) {
 async fn claude_code_with_its_default_models() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&config(&fake)).await;
-    let (ok, stdout, stderr) = run_claude(&proxy, &[]).await;
-    let calls: Vec<String> = fake
-        .received()
-        .iter()
-        .map(|r| format!("{} {}", r.method, r.raw_path))
-        .collect();
-    assert!(
-        ok && stdout.contains(fake::TEXT),
-        "stdout:\n{stdout}\nstderr:\n{stderr}\nupstream calls: {calls:#?}\nproxy log:\n{}",
-        proxy.logs()
-    );
+    claude_must_answer(&proxy, &fake, &[]).await;
     if std::env::var_os("BEDROCK_GATE_SHOW_CALLS").is_some() {
         eprintln!("{}", proxy.logs());
     }
@@ -157,18 +163,12 @@ async fn claude_code_with_its_default_models() {
 async fn claude_code_with_anthropic_model_pinned_to_a_plain_id() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&config(&fake)).await;
-    let (ok, stdout, stderr) =
-        run_claude(&proxy, &[("ANTHROPIC_MODEL", &format!("us.{HAIKU}"))]).await;
-    let calls: Vec<String> = fake
-        .received()
-        .iter()
-        .map(|r| format!("{} {}", r.method, r.raw_path))
-        .collect();
-    assert!(
-        ok && stdout.contains(fake::TEXT),
-        "stdout:\n{stdout}\nstderr:\n{stderr}\nupstream calls: {calls:#?}\nproxy log:\n{}",
-        proxy.logs()
-    );
+    claude_must_answer(
+        &proxy,
+        &fake,
+        &[("ANTHROPIC_MODEL", &format!("us.{HAIKU}"))],
+    )
+    .await;
     assert_all_attributed(&fake);
     let turns: Vec<_> = fake
         .received()
@@ -189,17 +189,7 @@ async fn claude_code_falls_back_when_a_tier_is_not_mapped() {
     // on a tier the user has, never reaching Bedrock without a profile.
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&config_with(&fake, "")).await;
-    let (ok, stdout, stderr) = run_claude(&proxy, &[]).await;
-    let calls: Vec<String> = fake
-        .received()
-        .iter()
-        .map(|r| format!("{} {}", r.method, r.raw_path))
-        .collect();
-    assert!(
-        ok && stdout.contains(fake::TEXT),
-        "stdout:\n{stdout}\nstderr:\n{stderr}\nupstream calls: {calls:#?}\nproxy log:\n{}",
-        proxy.logs()
-    );
+    claude_must_answer(&proxy, &fake, &[]).await;
     assert_all_attributed(&fake);
     assert!(
         proxy.logs().contains("AccessDeniedException"),
@@ -214,27 +204,17 @@ async fn claude_code_with_anthropic_model_set_to_the_users_profile_arn() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&config(&fake)).await;
     let arn = arn("us-east-1", "devsonnet");
-    let (ok, stdout, stderr) = run_claude(&proxy, &[("ANTHROPIC_MODEL", &arn)]).await;
-    let calls: Vec<String> = fake
-        .received()
-        .iter()
-        .map(|r| format!("{} {}", r.method, r.raw_path))
-        .collect();
-    assert!(
-        ok && stdout.contains(fake::TEXT),
-        "stdout:\n{stdout}\nstderr:\n{stderr}\nupstream calls: {calls:#?}\nproxy log:\n{}",
-        proxy.logs()
-    );
+    claude_must_answer(&proxy, &fake, &[("ANTHROPIC_MODEL", &arn)]).await;
     assert_all_attributed(&fake);
     let got = fake.received();
     assert!(
         got.iter()
             .any(|r| r.op == "get-inference-profile" && r.model == arn),
-        "{calls:#?}"
+        "{got:#?}"
     );
     assert!(
         got.iter()
             .any(|r| r.op == "invoke-with-response-stream" && r.model == arn),
-        "{calls:#?}"
+        "{got:#?}"
     );
 }

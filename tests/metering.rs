@@ -75,17 +75,7 @@ async fn exact_token_totals_for_every_operation_including_cache_and_a_cut_stream
         .status,
         200
     );
-    assert_eq!(
-        post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            ALICE_KEY,
-            CONVERSE_BODY
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
     assert_eq!(
         post(
             &proxy,
@@ -217,21 +207,9 @@ async fn budget_refusal_survives_a_restart_and_lifting_it_applies_live() {
         "[users.alice.limits]\nmonthly_budget_usd = 0.00001\n[users.alice.models]",
     );
     let proxy = Proxy::start(&config).await;
-    let first = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        ALICE_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let first = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(first.status, 200);
-    let refused = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        ALICE_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let refused = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(refused.status, 429);
     assert_eq!(refused.error_type(), "ThrottlingException");
     let msg = refused.message();
@@ -241,27 +219,11 @@ async fn budget_refusal_survives_a_restart_and_lifting_it_applies_live() {
             && msg.contains("resets at"),
         "{msg}"
     );
-    assert_eq!(
-        post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            BOB_KEY,
-            CONVERSE_BODY
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(converse(&proxy, SONNET, BOB_KEY).await.status, 200);
 
     // A restart is not a budget reset: the counter is rebuilt from the ledger.
     let proxy = proxy.restart(&[]).await;
-    let still = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        ALICE_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let still = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(still.status, 429, "budget forgotten across restart");
     let usage = send(request(
         Method::GET,
@@ -282,13 +244,7 @@ async fn budget_refusal_survives_a_restart_and_lifting_it_applies_live() {
     // Raising the budget in the file takes effect without a restart.
     proxy.edit_config(|t| t.replace("monthly_budget_usd = 0.00001", "monthly_budget_usd = 100"));
     eventually("the raised budget applies", || async {
-        let r = post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            ALICE_KEY,
-            CONVERSE_BODY,
-        )
-        .await;
+        let r = converse(&proxy, SONNET, ALICE_KEY).await;
         (r.status == 200).then_some(())
     })
     .await;
@@ -304,25 +260,9 @@ async fn rate_limits_refuse_with_the_limit_and_can_be_lifted_live() {
     );
     let proxy = Proxy::start(&config).await;
     for _ in 0..2 {
-        assert_eq!(
-            post(
-                &proxy,
-                &format!("/model/{SONNET}/converse"),
-                BOB_KEY,
-                CONVERSE_BODY
-            )
-            .await
-            .status,
-            200
-        );
+        assert_eq!(converse(&proxy, SONNET, BOB_KEY).await.status, 200);
     }
-    let r = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        BOB_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let r = converse(&proxy, SONNET, BOB_KEY).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.error_type(), "ThrottlingException");
     assert!(
@@ -338,13 +278,7 @@ async fn rate_limits_refuse_with_the_limit_and_can_be_lifted_live() {
 
     proxy.edit_config(|t| t.replace("requests_per_minute = 2", "requests_per_minute = 100"));
     eventually("the lifted limit applies", || async {
-        let r = post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            BOB_KEY,
-            CONVERSE_BODY,
-        )
-        .await;
+        let r = converse(&proxy, SONNET, BOB_KEY).await;
         (r.status == 200).then_some(())
     })
     .await;
@@ -352,13 +286,7 @@ async fn rate_limits_refuse_with_the_limit_and_can_be_lifted_live() {
     // Three converse calls of 9+4+5+6 tokens are over a 30 tokens-per-minute limit.
     proxy.edit_config(|t| t.replace("requests_per_minute = 100", "tokens_per_minute = 30"));
     let r = eventually("the token limit applies", || async {
-        let r = post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            BOB_KEY,
-            CONVERSE_BODY,
-        )
-        .await;
+        let r = converse(&proxy, SONNET, BOB_KEY).await;
         (r.status == 429).then_some(r)
     })
     .await;
@@ -374,13 +302,7 @@ async fn rate_limits_refuse_with_the_limit_and_can_be_lifted_live() {
 async fn usage_report_in_all_formats_and_metrics_parse() {
     let fake = FakeBedrock::start().await;
     let mut proxy = Proxy::start(&two_user_config(&fake, "")).await;
-    post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        ALICE_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    converse(&proxy, SONNET, ALICE_KEY).await;
     post(
         &proxy,
         &format!("/model/{HAIKU}/invoke"),
@@ -388,13 +310,7 @@ async fn usage_report_in_all_formats_and_metrics_parse() {
         INVOKE_BODY,
     )
     .await;
-    post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        BOB_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    converse(&proxy, SONNET, BOB_KEY).await;
     post(
         &proxy,
         &format!("/model/us.{OPUS}/converse"),

@@ -82,13 +82,7 @@ async fn every_spelling_of_the_model_resolves_and_regions_follow_the_profile() {
         (format!("eu.{HAIKU}"), alice_haiku()),
     ];
     for (path_id, _) in &cases {
-        let r = post(
-            &proxy,
-            &format!("/model/{path_id}/converse"),
-            ALICE_KEY,
-            CONVERSE_BODY,
-        )
-        .await;
+        let r = converse(&proxy, path_id, ALICE_KEY).await;
         assert_eq!(r.status, 200, "{path_id}: {:?}", r.body);
     }
     let got = fake.received();
@@ -435,13 +429,7 @@ async fn unreachable_upstream_is_a_clean_502() {
         alice_sonnet()
     );
     let proxy = Proxy::start(&config).await;
-    let r = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        ALICE_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let r = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.error_type(), "ServiceUnavailableException");
 }

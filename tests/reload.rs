@@ -69,22 +69,10 @@ async fn a_key_issued_or_revoked_with_the_cli_takes_effect_on_the_running_proxy(
     admin(&proxy, &["keys", "revoke", "alice", "--all"]);
     wait_generation(&proxy, 3).await;
     for key in [ALICE_KEY, new_key.as_str()] {
-        let r = post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            key,
-            CONVERSE_BODY,
-        )
-        .await;
+        let r = converse(&proxy, SONNET, key).await;
         assert_eq!(r.status, 403, "revoked key still works");
     }
-    let r = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        BOB_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let r = converse(&proxy, SONNET, BOB_KEY).await;
     assert_eq!(r.status, 200, "other users unaffected");
     let h = health(&proxy).await;
     assert_ne!(h["config_sha256"], h0["config_sha256"]);
@@ -106,13 +94,7 @@ async fn a_broken_file_is_rejected_and_the_old_config_keeps_serving() {
         logs.contains("users.alice.keyz"),
         "the log names the bad key:\n{logs}"
     );
-    let r = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        ALICE_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let r = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(r.status, 200);
     assert_eq!(health(&proxy).await["config_generation"], 1);
 
@@ -123,13 +105,7 @@ async fn a_broken_file_is_rejected_and_the_old_config_keeps_serving() {
     )
     .unwrap();
     wait_generation(&proxy, 2).await;
-    let r = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        ALICE_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let r = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(r.status, 403);
 }
 
@@ -158,13 +134,7 @@ async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
     // Remove alice entirely while her stream is open.
     admin(&proxy, &["users", "remove", "alice"]);
     wait_generation(&proxy, 2).await;
-    let r = post(
-        &proxy,
-        &format!("/model/{SONNET}/converse"),
-        ALICE_KEY,
-        CONVERSE_BODY,
-    )
-    .await;
+    let r = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(r.status, 403, "new calls use the new config");
 
     // Release the rest of the stream: it completes.
@@ -216,15 +186,5 @@ async fn sighup_reloads_when_watching_is_off() {
     )
     .await;
     assert_eq!(r.status, 200);
-    assert_eq!(
-        post(
-            &proxy,
-            &format!("/model/{SONNET}/converse"),
-            BOB_KEY,
-            CONVERSE_BODY
-        )
-        .await
-        .status,
-        403
-    );
+    assert_eq!(converse(&proxy, SONNET, BOB_KEY).await.status, 403);
 }

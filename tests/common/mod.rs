@@ -383,5 +383,16 @@ pub async fn post(proxy: &Proxy, path: &str, key: &str, body: &str) -> Reply {
     .await
 }
 
+/// A Converse call to `model` with a bearer key.
+pub async fn converse(proxy: &Proxy, model: &str, key: &str) -> Reply {
+    post(
+        proxy,
+        &format!("/model/{model}/converse"),
+        key,
+        CONVERSE_BODY,
+    )
+    .await
+}
+
 pub const INVOKE_BODY: &str = r#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
 pub const CONVERSE_BODY: &str = r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
