@@ -130,10 +130,7 @@ fn watch_file(
     tx: mpsc::Sender<&'static str>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     use notify::Watcher as _;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = crate::config::dir_of(path);
     let name = path.file_name().map(|n| n.to_os_string());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };

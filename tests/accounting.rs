@@ -145,17 +145,8 @@ async fn refusals_do_not_count_against_the_rate_limit_after_a_restart() {
 
 #[tokio::test]
 async fn a_call_that_never_connected_is_complete_and_one_that_timed_out_is_not() {
-    // Nothing listens on this port: the connect fails, so the request never left.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = format!(
-        "[aws]\nruntime_endpoint = \"http://127.0.0.1:{port}\"\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
-        hash(ALICE_KEY),
-        alice_sonnet()
-    );
+    // Nothing listens at the runtime endpoint: the connect fails, so the request never left.
+    let config = unreachable_upstream_config();
     let mut proxy = Proxy::start(&config).await;
     assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 502);
     assert_eq!(converse(&proxy, OPUS, ALICE_KEY).await.status, 403);

@@ -417,17 +417,8 @@ async fn health_needs_no_key_and_reports_users() {
 
 #[tokio::test]
 async fn unreachable_upstream_is_a_clean_502() {
-    // A port that was free a moment ago: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = format!(
-        "[aws]\nruntime_endpoint = \"http://127.0.0.1:{port}\"\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
-        hash(ALICE_KEY),
-        alice_sonnet()
-    );
+    // Nothing listens at the runtime endpoint: the connect fails, so the request never left.
+    let config = unreachable_upstream_config();
     let proxy = Proxy::start(&config).await;
     let r = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(r.status, 502);

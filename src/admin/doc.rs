@@ -170,10 +170,7 @@ impl ConfigDoc {
 /// Replaces `path` with `bytes` so readers see the old file or the new one, never a mix, and
 /// the new one survives a crash once this returns. Keeps the old file's permissions.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = crate::config::dir_of(path);
     let name = path
         .file_name()
         .context("config path has no file name")?

@@ -77,10 +77,15 @@ impl LedgerSettings {
         if p.is_absolute() {
             return p.to_path_buf();
         }
-        match config_path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
-            _ => p.to_path_buf(),
-        }
+        dir_of(config_path).join(p)
+    }
+}
+
+/// The directory a file lives in (`.` for a bare file name).
+pub fn dir_of(path: &Path) -> std::path::PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
     }
 }
 

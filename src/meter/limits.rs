@@ -132,13 +132,6 @@ impl Account {
     }
 }
 
-fn tokens(u: &Usage) -> u64 {
-    u.input_tokens
-        .saturating_add(u.output_tokens)
-        .saturating_add(u.cache_read_tokens)
-        .saturating_add(u.cache_write_tokens)
-}
-
 /// All users' counters.
 #[derive(Debug, Default)]
 pub struct Accounts {
@@ -241,7 +234,7 @@ impl Accounts {
     ) {
         self.with(user, now, |a| {
             let slot = a.window.slot(now.timestamp());
-            slot.2 = slot.2.saturating_add(tokens(usage));
+            slot.2 = slot.2.saturating_add(usage.total());
             if Month::of(started) != a.month {
                 // Started in an earlier month: that month's total lives in the ledger only.
                 return;
@@ -260,7 +253,7 @@ impl Accounts {
                 .saturating_add(usage.cache_write_tokens);
             match cost {
                 Some(c) => t.cost_usd += c,
-                None if tokens(usage) > 0 => t.unpriced = t.unpriced.saturating_add(1),
+                None if usage.total() > 0 => t.unpriced = t.unpriced.saturating_add(1),
                 None => {}
             }
         })

@@ -51,13 +51,6 @@ impl RequestInfo {
     }
 }
 
-fn tokens(u: &Usage) -> u64 {
-    u.input_tokens
-        .saturating_add(u.output_tokens)
-        .saturating_add(u.cache_read_tokens)
-        .saturating_add(u.cache_write_tokens)
-}
-
 impl Meter {
     /// Records a finished request: what usage was seen, whether that is all of it (a request
     /// refused before it was sent is complete with none), and how it ended: `complete`,
@@ -72,7 +65,7 @@ impl Meter {
         outcome: &str,
     ) {
         let elapsed = started.elapsed();
-        let cost = if tokens(&usage) == 0 {
+        let cost = if usage.total() == 0 {
             Some(0.0)
         } else {
             info.price.and_then(|p| p.cost(&usage))

@@ -49,6 +49,16 @@ pub struct Usage {
     pub cache_write_tokens: u64,
 }
 
+impl Usage {
+    /// Tokens of every kind together (what a tokens-per-minute limit counts).
+    pub fn total(&self) -> u64 {
+        self.input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.cache_read_tokens)
+            .saturating_add(self.cache_write_tokens)
+    }
+}
+
 /// What the meter learned about one response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metered {

@@ -78,6 +78,21 @@ keys = ["{kb}"]
     )
 }
 
+/// Alice alone, with a runtime endpoint where nothing listens (a port that was free a moment
+/// ago), so every connect fails.
+pub fn unreachable_upstream_config() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    format!(
+        "[aws]\nruntime_endpoint = \"http://127.0.0.1:{port}\"\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
+        hash(ALICE_KEY),
+        alice_sonnet()
+    )
+}
+
 /// The real binary, running on a free port with a temp config and dummy AWS credentials.
 pub struct Proxy {
     pub addr: String,
