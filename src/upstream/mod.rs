@@ -29,8 +29,16 @@ use crate::error::{ApiError, ErrorKind};
 /// SigV4 service name for both Bedrock Runtime and the Bedrock control plane.
 const SIGNING_SERVICE: &str = "bedrock";
 
+/// Pauses before each retry of a request whose connection could not be made. Only a failed
+/// connect is retried: the request never left, so it cannot have reached the model.
+const CONNECT_RETRY_BACKOFF: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(300),
+    Duration::from_millis(900),
+];
+
 /// A request ready to be signed and sent.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Outbound {
     pub method: Method,
     /// Full URL: endpoint for the region + encoded path (+ query).
@@ -106,39 +114,56 @@ impl Upstream {
     }
 
     /// Signs and sends; resolves when response headers arrive (or the first-byte timeout hits).
-    /// The body is left streaming.
+    /// The body is left streaming. A connect failure is retried (re-signed) up to three times
+    /// within the first-byte timeout; nothing that may have reached Bedrock is ever retried.
     pub async fn send(
         &self,
         out: Outbound,
         first_byte_timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
-        let request = self.sign(out).await.map_err(|error| SendError {
-            error,
-            maybe_sent: false,
-        })?;
-        match tokio::time::timeout(first_byte_timeout, self.client.request(request)).await {
-            Err(_) => Err(SendError {
-                error: ApiError::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "Bedrock did not start answering within {} s (bedrock-gate timeouts.first_byte_secs).",
-                        first_byte_timeout.as_secs()
-                    ),
+        let timed_out = || SendError {
+            error: ApiError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "Bedrock did not start answering within {} s (bedrock-gate timeouts.first_byte_secs).",
+                    first_byte_timeout.as_secs()
                 ),
-                maybe_sent: true,
-            }),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %error_chain(&e), "upstream request failed");
-                Err(SendError {
-                    error: ApiError::new(
-                        ErrorKind::BadGateway,
-                        "bedrock-gate could not reach Bedrock; try again. The operator can see the cause in the proxy log.",
-                    ),
-                    // A failed connect never carried the request; anything later may have.
-                    maybe_sent: !e.is_connect(),
-                })
+            ),
+            maybe_sent: true,
+        };
+        let deadline = tokio::time::Instant::now() + first_byte_timeout;
+        let mut backoff = CONNECT_RETRY_BACKOFF.iter();
+        loop {
+            let request = self.sign(out.clone()).await.map_err(|error| SendError {
+                error,
+                maybe_sent: false,
+            })?;
+            let e = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(e)) => e,
+            };
+            // A failed connect never carried the request; anything later may have.
+            let never_sent = e.is_connect();
+            match backoff.next() {
+                Some(pause) if never_sent => {
+                    tracing::warn!(error = %error_chain(&e), retry_in_ms = pause.as_millis() as u64, "could not connect to Bedrock; retrying");
+                    if tokio::time::Instant::now() + *pause >= deadline {
+                        return Err(timed_out());
+                    }
+                    tokio::time::sleep(*pause).await;
+                }
+                _ => {
+                    tracing::warn!(error = %error_chain(&e), "upstream request failed");
+                    return Err(SendError {
+                        error: ApiError::new(
+                            ErrorKind::BadGateway,
+                            "bedrock-gate could not reach Bedrock; try again. The operator can see the cause in the proxy log.",
+                        ),
+                        maybe_sent: !never_sent,
+                    });
+                }
             }
-            Ok(Ok(resp)) => Ok(resp),
         }
     }
 
