@@ -63,6 +63,20 @@ pub enum Command {
     },
     /// Print a new random API key and the `sha256:` line to put in a user's `keys`.
     Keygen,
+    /// Exit 0 if a running bedrock-gate answers GET /healthz with 200 (for Docker HEALTHCHECK;
+    /// the distroless image has no curl).
+    Healthcheck {
+        /// Plain-HTTP URL to probe: the admin listener's /healthz by default.
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:9464/healthz",
+            env = "BEDROCK_GATE_HEALTHCHECK_URL"
+        )]
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
+    },
     /// Add or remove users in the config (edits it in place, keeping comments).
     Users {
         #[command(subcommand)]

@@ -91,6 +91,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Healthcheck { url, timeout_secs } => {
+            match bedrock_gate::server::healthcheck(&url, Duration::from_secs(timeout_secs)) {
+                Ok(status) => {
+                    println!("{url}: {status}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bedrock-gate healthcheck: {url}: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Keygen => match bedrock_gate::auth::generate_key() {
             Ok(k) => {
                 println!("key:    {}", k.key.expose());

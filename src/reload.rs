@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError};
@@ -21,16 +20,7 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// Reads and validates a config file, returning it with the SHA-256 of its bytes.
 pub fn read_config(path: &Path) -> Result<(Config, String), ConfigError> {
-    let bytes = std::fs::read(path).map_err(|e| ConfigError {
-        path: path.display().to_string(),
-        message: format!("cannot read: {e}"),
-    })?;
-    let sha256 = hex::encode(Sha256::digest(&bytes));
-    let text = String::from_utf8(bytes).map_err(|_| ConfigError {
-        path: path.display().to_string(),
-        message: "not UTF-8".into(),
-    })?;
-    Ok((Config::parse(&text)?, sha256))
+    Config::load_hashed(path)
 }
 
 /// What a reload attempt did.
@@ -46,8 +36,12 @@ pub enum Outcome {
 pub fn reload(state: &AppState, path: &Path) -> Result<Outcome, ConfigError> {
     let current = state.live.load();
     let (config, sha256) = read_config(path)?;
-    if sha256 == current.sha256 {
+    let tls_sha = |c: &Config| c.tls.as_ref().map(|t| t.sha256.clone());
+    if sha256 == current.sha256 && tls_sha(&config) == tls_sha(&current.config) {
         return Ok(Outcome::Unchanged);
+    }
+    if config.tls.is_some() != current.config.tls.is_some() {
+        tracing::warn!("TLS turned on or off; that takes effect after a restart");
     }
     if config.listen != current.config.listen {
         tracing::warn!(old = %current.config.listen, new = %config.listen, "`listen` changed; it takes effect after a restart");

@@ -102,20 +102,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = tx.send(());
-    });
-    let server = server.into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        res = &mut server => res,
-        _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_secs = grace.as_secs(), "grace period over; dropping requests still in flight");
-            Ok(())
-        }
-    }
+    let tls = state
+        .live
+        .load()
+        .config
+        .tls
+        .as_ref()
+        .and_then(|t| t.server.clone());
+    crate::listen::serve(listener, router(state.clone()), state, tls, shutdown, grace).await
 }
 
 /// A request not yet handed to [`Observed`]. If the handler future is dropped (the client
@@ -331,6 +325,9 @@ async fn handle(
         bytes_out: 0,
         shutdown: Box::pin(state.shutdown.clone().cancelled_owned()),
         shutdown_token: state.shutdown.clone(),
+        idle: Box::pin(tokio::time::sleep(config.timeouts.stream_idle)),
+        idle_after: config.timeouts.stream_idle,
+        last_frame: tokio::time::Instant::now(),
         _tracked: state.requests.token(),
     };
     Ok(Response::from_parts(head, Body::new(observed)))
@@ -382,6 +379,11 @@ struct Observed<B> {
     /// Resolves when the shutdown grace period is over; the stream is then cut and recorded.
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown_token: CancellationToken,
+    /// Fires `idle_after` past the last frame at the earliest; re-armed lazily (when it
+    /// fires early) rather than on every frame, which keeps timers off the hot path.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_after: Duration,
+    last_frame: tokio::time::Instant,
     _tracked: TaskTrackerToken,
 }
 
@@ -423,6 +425,7 @@ where
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                this.last_frame = tokio::time::Instant::now();
                 if let Some(data) = frame.data_ref() {
                     this.bytes_out += data.len() as u64;
                     if let Some((_, Some(usage))) = this.finish.as_mut() {
@@ -438,6 +441,22 @@ where
                 this.finish("upstream_error");
             }
             Poll::Ready(None) => this.finish("complete"),
+            Poll::Pending if this.finish.is_some() => {
+                while this.idle.as_mut().poll(cx).is_ready() {
+                    let deadline = this.last_frame + this.idle_after;
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(
+                            idle_secs = this.idle_after.as_secs(),
+                            "Bedrock sent nothing for timeouts.stream_idle_secs; cutting the response"
+                        );
+                        this.finish("upstream_idle");
+                        return Poll::Ready(Some(Err(
+                            "Bedrock went silent mid-response (bedrock-gate timeouts.stream_idle_secs)".into(),
+                        )));
+                    }
+                    this.idle.as_mut().reset(deadline);
+                }
+            }
             Poll::Pending => {}
         }
         polled.map(|o| o.map(|r| r.map_err(axum::BoxError::from)))
@@ -539,6 +558,7 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
     let listen = opts.listen.unwrap_or(config.listen);
     let upstream = Upstream::new(&config.aws, config.timeouts.connect).await?;
     let users = config.users.len();
+    let tls = config.tls.is_some();
     let admin_listen = match opts.admin_listen {
         Some(a) => Some(a),
         None => config.admin_listen,
@@ -559,9 +579,10 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         None => None,
     };
     let local = listener.local_addr()?;
-    tracing::info!(addr = %local, users, config = %opts.config_path.display(), "bedrock-gate listening");
+    let scheme = if tls { "https" } else { "http" };
+    tracing::info!(addr = %local, users, tls, config = %opts.config_path.display(), "bedrock-gate listening");
     // Plain lines on stdout for scripts and tests that start us on port 0.
-    println!("bedrock-gate listening on http://{local}");
+    println!("bedrock-gate listening on {scheme}://{local}");
     let admin_task = match admin {
         Some(admin) => {
             let addr = admin.local_addr()?;
@@ -632,6 +653,32 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .with_state(state)
+}
+
+/// GETs `url` (plain HTTP) and succeeds on a 2xx answer within `timeout`: the probe behind
+/// `bedrock-gate healthcheck`.
+pub fn healthcheck(url: &str, timeout: Duration) -> anyhow::Result<StatusCode> {
+    let uri: http::Uri = url.parse().map_err(|e| anyhow::anyhow!("not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        anyhow::bail!("only http:// URLs can be probed; point it at the admin listener");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<Bytes>>();
+        let status = tokio::time::timeout(timeout, client.get(uri))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {} s", timeout.as_secs()))?
+            .map_err(|e| anyhow::anyhow!("{}", crate::upstream::error_chain(&e)))?
+            .status();
+        if !status.is_success() {
+            anyhow::bail!("answered {status}");
+        }
+        Ok(status)
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

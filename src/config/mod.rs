@@ -34,7 +34,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             path: path.into(),
             message: message.into(),
@@ -48,6 +48,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Prometheus `/metrics` listener; `None` when disabled with `admin_listen = ""`.
     pub admin_listen: Option<SocketAddr>,
+    /// HTTPS on `listen` when set (`tls_cert` + `tls_key`).
+    pub tls: Option<crate::tls::TlsSettings>,
     pub ledger: LedgerSettings,
     pub prices: Prices,
     pub aws: AwsSettings,
@@ -157,6 +159,12 @@ pub struct Timeouts {
     pub first_byte: Duration,
     /// How long a client may take to send its request body.
     pub request_body: Duration,
+    /// Longest gap between two pieces of a response body (stream events); a stream silent
+    /// that long is cut. Long, because a model can think for minutes between events.
+    pub stream_idle: Duration,
+    /// How long a client connection may take to send a request's headers, counted from the
+    /// end of its previous request: also how long an idle keep-alive connection stays open.
+    pub request_header: Duration,
 }
 
 /// An endpoint URL in which `{region}` is replaced by the target's region.
@@ -278,10 +286,23 @@ fn is_user_name(s: &str) -> bool {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        Self::load_hashed(path).map(|(config, _)| config)
+    }
+
+    /// Reads, parses and validates a config file, and reads the TLS files it names. Returns
+    /// it with the SHA-256 of the file's bytes.
+    pub fn load_hashed(path: &Path) -> Result<(Config, String), ConfigError> {
+        let bytes = std::fs::read(path).map_err(|e| {
             ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
         })?;
-        Self::parse(&text)
+        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let text = String::from_utf8(bytes)
+            .map_err(|_| ConfigError::new(path.display().to_string(), "not UTF-8"))?;
+        let mut config = Self::parse(&text)?;
+        if let Some(tls) = config.tls.as_mut() {
+            tls.load(&dir_of(path))?;
+        }
+        Ok((config, sha256))
     }
 
     /// Parses and validates config text.
@@ -374,6 +395,16 @@ impl Config {
                 raw.timeouts.request_body_secs,
                 120,
             )?,
+            stream_idle: secs(
+                "timeouts.stream_idle_secs",
+                raw.timeouts.stream_idle_secs,
+                300,
+            )?,
+            request_header: secs(
+                "timeouts.request_header_secs",
+                raw.timeouts.request_header_secs,
+                60,
+            )?,
         };
 
         let admin_text = raw.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
@@ -388,6 +419,24 @@ impl Config {
                     ),
                 )
             })?)
+        };
+        let tls = match (raw.tls_cert, raw.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) if !cert.is_empty() && !key.is_empty() => {
+                Some(crate::tls::TlsSettings::new(cert, key))
+            }
+            (Some(_), _) => {
+                return Err(ConfigError::new(
+                    "tls_key",
+                    "set both tls_cert and tls_key (PEM files), or neither",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "tls_cert",
+                    "set both tls_cert and tls_key (PEM files), or neither",
+                ));
+            }
         };
         let ledger_path = raw
             .ledger
@@ -460,6 +509,7 @@ impl Config {
         Ok(Config {
             listen,
             admin_listen,
+            tls,
             ledger,
             prices,
             aws,

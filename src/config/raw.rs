@@ -12,6 +12,9 @@ use serde::Deserialize;
 pub struct RawConfig {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
+    /// PEM certificate chain; with `tls_key`, the listener speaks HTTPS.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
     #[serde(default)]
     pub aws: RawAws,
     #[serde(default)]
@@ -59,6 +62,8 @@ pub struct RawTimeouts {
     pub connect_secs: Option<u64>,
     pub first_byte_secs: Option<u64>,
     pub request_body_secs: Option<u64>,
+    pub stream_idle_secs: Option<u64>,
+    pub request_header_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

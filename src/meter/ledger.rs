@@ -49,7 +49,7 @@ pub struct Record {
     pub complete: bool,
     /// Passed the budget and rate-limit check; only these count in the rate window.
     pub admitted: bool,
-    /// `complete`, `client_gone`, `upstream_error`, or the error type of a refusal.
+    /// `complete`, `client_gone`, `upstream_error`, `upstream_idle`, `shutdown`, or the error type of a refusal.
     pub outcome: String,
 }
 

@@ -54,7 +54,7 @@ impl RequestInfo {
 impl Meter {
     /// Records a finished request: what usage was seen, whether that is all of it (a request
     /// refused before it was sent is complete with none), and how it ended: `complete`,
-    /// `client_gone`, `upstream_error`, `shutdown`, or the error type of a refusal.
+    /// `client_gone`, `upstream_error`, `upstream_idle`, `shutdown`, or the error type of a refusal.
     pub fn finish(
         &self,
         info: RequestInfo,

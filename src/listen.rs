@@ -1,0 +1,157 @@
+//! The accept loop: plain TCP or TLS, HTTP/1.1 and HTTP/2, graceful shutdown.
+//!
+//! Written out (rather than `axum::serve`) for three things a gateway needs: a timer, so a
+//! client that dribbles its request headers (or leaves a keep-alive connection idle) is
+//! dropped after `timeouts.request_header_secs`; the TLS handshake, bounded in time; and a
+//! shutdown that stops accepting at once, lets open connections finish their requests, and
+//! gives up after the grace period.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tower::ServiceExt as _;
+
+use crate::server::AppState;
+
+/// A client has this long to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after an accept error (out of file descriptors, say) before accepting again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Largest request head (request line + headers) a client may send.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, asks every
+/// connection to close after its current request, and waits up to `grace` for them.
+/// With `tls`, every connection must complete a TLS handshake first.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    state: Arc<AppState>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Per-connection errors (reset before accept) are not the listener's
+                    // fault; resource errors (EMFILE) pass if we wait a moment.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let builder = builder(&state);
+        let service = TowerToHyperService::new(
+            app.clone()
+                .map_request(|r: http::Request<Incoming>| r.map(Body::new)),
+        );
+        let watcher = graceful.watcher();
+        match &tls {
+            None => {
+                tokio::spawn(serve_io(builder, stream, service, watcher));
+            }
+            Some(initial) => {
+                // The live config's certificate, so a reload rotates it; the one we started
+                // with if TLS was since removed from the file (that needs a restart).
+                let server = state
+                    .live
+                    .load()
+                    .config
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.server.clone())
+                    .unwrap_or_else(|| initial.clone());
+                tokio::spawn(async move {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+                    let tls_stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    serve_io(builder, tls_stream, service, watcher).await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    tracing::debug!(
+        connections = graceful.count(),
+        "stopped accepting; closing connections"
+    );
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_secs = grace.as_secs(), "grace period over; dropping requests still in flight");
+        }
+    }
+    Ok(())
+}
+
+async fn serve_io<I, S>(
+    builder: auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<Incoming>,
+            Response = http::Response<Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// HTTP/1.1 and HTTP/2 with the live config's header timeout.
+fn builder(state: &AppState) -> auto::Builder<TokioExecutor> {
+    let header_timeout = state.live.load().config.timeouts.request_header;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    builder
+}
