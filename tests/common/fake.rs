@@ -11,6 +11,7 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
 use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
@@ -48,6 +49,46 @@ pub enum Script {
     /// Status 200 with a JSON body that is not an event stream (Bedrock does this for paths it
     /// does not know).
     Json200(&'static str),
+    /// A stream that sends the first event, then goes silent with the connection open.
+    StallAfterFirst,
+    /// Each request draws one of: the normal answer (half of them), a 500, a 429, a
+    /// mid-stream exception, a reset after the first event, or a hang. Deterministic: the
+    /// n-th request always draws the same.
+    Chaos,
+}
+
+/// What [`Script::Chaos`] drew for the n-th request. Exceptions inside an event stream only
+/// exist for streaming operations; others draw a 503 instead.
+fn chaos_draw(n: u64, streaming: bool) -> Option<Script> {
+    // SplitMix64: well mixed, so neighbouring requests draw independently.
+    let mut z = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    match z % 100 {
+        0..50 => None,
+        50..62 => Some(Script::Error(
+            500,
+            "InternalServerException",
+            "fake: internal error",
+        )),
+        62..74 => Some(Script::Error(
+            429,
+            "ThrottlingException",
+            "fake: too many requests",
+        )),
+        74..86 if streaming => Some(Script::MidStreamException(
+            "modelStreamErrorException",
+            "fake: model stream error",
+        )),
+        74..86 => Some(Script::Error(
+            503,
+            "ServiceUnavailableException",
+            "fake: unavailable",
+        )),
+        86..97 => Some(Script::CutAfterFirst),
+        _ => Some(Script::Hang),
+    }
 }
 
 #[derive(Default)]
@@ -69,8 +110,13 @@ pub struct FakeBedrock {
 
 impl FakeBedrock {
     pub async fn start() -> FakeBedrock {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// Starts on a given address (to come up on a port a proxy is already retrying).
+    pub async fn start_on(addr: &str) -> FakeBedrock {
         let inner = Arc::new(Mutex::new(Inner::default()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind fake");
         let addr = listener.local_addr().expect("addr");
@@ -178,16 +224,38 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
     if let Err(e) = &signature {
         return error(403, "InvalidSignatureException", &format!("fake: {e}"));
     }
+    let script = match script {
+        Some(Script::Chaos) => {
+            let n = inner.lock().expect("lock").received.len() as u64;
+            chaos_draw(n, op.ends_with("stream"))
+        }
+        other => other,
+    };
     match script {
+        Some(Script::Chaos) => unreachable!("drawn above"),
+        Some(Script::StallAfterFirst) => {
+            let first = anthropic_stream_events(&model).remove(0);
+            let stream = futures_util::stream::iter([Ok::<Bytes, std::io::Error>(first)])
+                .chain(futures_util::stream::pending());
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/vnd.amazon.eventstream")
+                .body(Body::from_stream(stream))
+                .expect("response");
+        }
         Some(Script::Error(status, kind, message)) => return error(status, kind, message),
         Some(Script::Json200(body)) => return json(200, body.to_string()),
         Some(Script::Hang) => std::future::pending::<()>().await,
         Some(Script::CutAfterFirst) => {
             let first = anthropic_stream_events(&model).remove(0);
-            let stream = futures_util::stream::iter([
-                Ok::<Bytes, std::io::Error>(first),
-                Err(std::io::Error::other("fake upstream reset")),
-            ]);
+            // The pause lets the first event go out before the reset, as on a real network;
+            // without it hyper may see the error before writing anything.
+            let stream = futures_util::stream::iter([Ok::<Bytes, std::io::Error>(first)]).chain(
+                futures_util::stream::once(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    Err(std::io::Error::other("fake upstream reset"))
+                }),
+            );
             return Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", "application/vnd.amazon.eventstream")

@@ -95,6 +95,9 @@ pub fn unreachable_upstream_config() -> String {
 
 /// The real binary, running on a free port with a temp config and dummy AWS credentials.
 pub struct Proxy {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// host:port of the main listener.
     pub addr: String,
     /// The admin (metrics) listener.
     pub admin_addr: String,
@@ -193,7 +196,7 @@ impl Proxy {
             let mut main = None;
             while reader.read_line(&mut line).ok()? > 0 {
                 let l = line.trim();
-                if let Some(a) = l.strip_prefix("bedrock-gate listening on http://") {
+                if let Some(a) = l.strip_prefix("bedrock-gate listening on ") {
                     main = Some(a.to_string());
                 } else if let Some(a) = l.strip_prefix("bedrock-gate admin listening on http://") {
                     let admin = a.to_string();
@@ -215,8 +218,10 @@ impl Proxy {
                 logs.lock().expect("lock")
             );
         };
+        let (scheme, addr) = addr.split_once("://").expect("scheme://addr");
         Proxy {
-            addr,
+            scheme: scheme.to_string(),
+            addr: addr.to_string(),
             admin_addr,
             child,
             dir,
@@ -225,8 +230,9 @@ impl Proxy {
         }
     }
 
+    /// The listener's base URL, `https://` when the config turned TLS on.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn admin_url(&self) -> String {

@@ -1,0 +1,348 @@
+//! Faults on either side of the proxy: an upstream that fails at random, goes silent mid-stream,
+//! cannot be reached or drops a request it received; a client that dribbles its headers or its
+//! body. Every client gets the full answer or a clean error, every request one ledger row, and
+//! nothing that may have reached the model is sent twice.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::*;
+use futures_util::StreamExt as _;
+use http::Method;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn outcomes(proxy: &Proxy) -> Vec<(String, i64, String)> {
+    let conn = rusqlite::Connection::open(proxy.ledger_path()).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT request_id, status, outcome FROM requests ORDER BY id")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// What one client saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Seen {
+    /// 200 and the whole answer.
+    Full,
+    /// An AWS-shaped error response: status, `x-amzn-ErrorType`, JSON `message`.
+    ErrorResponse,
+    /// A stream that ended with an exception event.
+    StreamException,
+    /// The transfer failed (the client knows the answer is incomplete).
+    TransferError,
+}
+
+/// Sends one request and classifies what came back; panics on anything that is neither a
+/// full answer nor a clean error (a silently truncated answer above all).
+async fn call(proxy_url: String, stream: bool) -> Seen {
+    let (op, body) = if stream {
+        ("invoke-with-response-stream", INVOKE_BODY)
+    } else {
+        ("converse", CONVERSE_BODY)
+    };
+    let req = request(
+        Method::POST,
+        &format!("{proxy_url}/model/{SONNET}/{op}"),
+        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+        body.to_string(),
+    );
+    let resp = client()
+        .request(req)
+        .await
+        .expect("the proxy always answers");
+    let status = resp.status();
+    let error_type = resp
+        .headers()
+        .get("x-amzn-errortype")
+        .map(|v| v.to_str().unwrap().to_string());
+    let mut body = resp.into_body();
+    let mut bytes = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => bytes.extend_from_slice(f.data_ref().map(|d| &d[..]).unwrap_or(&[])),
+            Err(_) if status == 200 => return Seen::TransferError,
+            Err(e) => panic!("{status} body failed: {e}"),
+        }
+    }
+    if status != 200 {
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON error body");
+        assert!(
+            error_type.is_some_and(|t| !t.is_empty()),
+            "{status} without x-amzn-ErrorType"
+        );
+        assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+        return Seen::ErrorResponse;
+    }
+    if !stream {
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON answer");
+        assert_eq!(json["output"]["message"]["content"][0]["text"], fake::TEXT);
+        return Seen::Full;
+    }
+    let mut decoder = aws_smithy_eventstream::frame::MessageFrameDecoder::new();
+    let messages = fake::decode_messages(&mut decoder, &mut bytes);
+    assert!(bytes.is_empty(), "stream ended inside a frame");
+    let last = messages.last().expect("at least one event");
+    if fake::header_str(last, ":message-type").as_deref() == Some("exception") {
+        return Seen::StreamException;
+    }
+    let payload: serde_json::Value = serde_json::from_slice(last.payload()).unwrap();
+    let event = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        payload["bytes"].as_str().unwrap(),
+    )
+    .unwrap();
+    let event: serde_json::Value = serde_json::from_slice(&event).unwrap();
+    assert_eq!(
+        event["type"], "message_stop",
+        "a 200 stream that stops early"
+    );
+    Seen::Full
+}
+
+#[tokio::test]
+async fn a_thousand_requests_with_random_upstream_failures_each_end_cleanly_with_one_row() {
+    const N: usize = 1000;
+    let fake = FakeBedrock::start().await;
+    fake.script(&alice_sonnet(), fake::Script::Chaos);
+    // Hangs end at the first-byte timeout; a loaded machine may time out others too, which
+    // is still a clean error.
+    let proxy = Proxy::start(&two_user_config(&fake, "[timeouts]\nfirst_byte_secs = 1\n")).await;
+    let url = proxy.url();
+    let seen: Vec<Seen> = futures_util::stream::iter(0..N)
+        .map(|i| tokio::spawn(call(url.clone(), i % 2 == 0)))
+        .buffer_unordered(64)
+        .map(|r| r.expect("client task"))
+        .collect()
+        .await;
+    let mut tally = BTreeMap::new();
+    for s in &seen {
+        *tally.entry(*s).or_insert(0usize) += 1;
+    }
+    // The draw is deterministic, so every kind of failure happened.
+    for kind in [
+        Seen::Full,
+        Seen::ErrorResponse,
+        Seen::StreamException,
+        Seen::TransferError,
+    ] {
+        assert!(tally.contains_key(&kind), "{kind:?} never seen: {tally:?}");
+    }
+    assert_eq!(fake.received().len(), N, "one upstream request per call");
+
+    let rows = eventually("one ledger row per request", || async {
+        let rows = outcomes(&proxy);
+        (rows.len() >= N).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows.len(), N, "{tally:?}");
+    let ids: std::collections::HashSet<_> = rows.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(ids.len(), N, "request ids are unique");
+    let cut = rows.iter().filter(|r| r.2 == "upstream_error").count();
+    assert_eq!(
+        cut,
+        tally[&Seen::TransferError],
+        "each cut stream is recorded as upstream_error"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_is_cut_after_stream_idle_secs_and_recorded() {
+    let fake = FakeBedrock::start().await;
+    fake.script(&alice_sonnet(), fake::Script::StallAfterFirst);
+    let proxy = Proxy::start(&two_user_config(
+        &fake,
+        "[timeouts]\nstream_idle_secs = 1\n",
+    ))
+    .await;
+    let reading = tokio::spawn(call(proxy.url(), true));
+    let seen = tokio::time::timeout(Duration::from_secs(60), reading)
+        .await
+        .expect("the silent stream was never cut")
+        .unwrap();
+    assert_eq!(seen, Seen::TransferError);
+    let rows = eventually("the row", || async {
+        let rows = outcomes(&proxy);
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0].2, "upstream_idle");
+    assert!(proxy.logs().contains("stream_idle_secs"));
+}
+
+#[tokio::test]
+async fn a_failed_connect_is_retried_until_bedrock_comes_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = format!(
+        "[aws]\nruntime_endpoint = \"{url}\"\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
+        hash(ALICE_KEY),
+        alice_sonnet()
+    );
+    let proxy = Proxy::start(&config).await;
+    let call = tokio::spawn(converse_owned(proxy.url()));
+    // Only once the first connect has failed does Bedrock come up.
+    proxy
+        .wait_for_log("could not connect to Bedrock; retrying")
+        .await;
+    let fake = FakeBedrock::start_on(&format!("127.0.0.1:{port}")).await;
+    let reply = call.await.unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(fake.received().len(), 1);
+}
+
+async fn converse_owned(url: String) -> Reply {
+    send(request(
+        Method::POST,
+        &format!("{url}/model/{SONNET}/converse"),
+        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+        CONVERSE_BODY,
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn a_request_that_reached_bedrock_is_never_sent_again() {
+    // An upstream that reads the request, then drops the connection without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(sock);
+            });
+        }
+    });
+    let config = format!(
+        "[aws]\nruntime_endpoint = \"http://{addr}\"\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
+        hash(ALICE_KEY),
+        alice_sonnet()
+    );
+    let proxy = Proxy::start(&config).await;
+    let reply = converse_owned(proxy.url()).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.error_type(), "ServiceUnavailableException");
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "sent exactly once");
+    // The row says Bedrock may have run it.
+    let conn_rows = eventually("the row", || async {
+        let rows = outcomes(&proxy);
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(conn_rows.len(), 1);
+    assert!(!proxy.logs().contains("retrying"));
+}
+
+/// Reads until the peer closes the connection; returns what it sent.
+async fn read_to_close(sock: &mut tokio::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), sock.read_to_end(&mut out))
+        .await
+        .expect("the proxy never closed the connection");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_client_that_dribbles_its_headers_is_disconnected() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(
+        &fake,
+        "[timeouts]\nrequest_header_secs = 1\n",
+    ))
+    .await;
+    let mut sock = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+    sock.write_all(b"POST /model/x/converse HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // ... and never finishes the head.
+    read_to_close(&mut sock).await;
+    assert!(fake.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_dribbles_its_body_gets_408_and_nothing_reaches_bedrock() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(
+        &fake,
+        "[timeouts]\nrequest_body_secs = 1\n",
+    ))
+    .await;
+    let mut sock = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /model/{SONNET}/converse HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ALICE_KEY}\r\ncontent-length: 100\r\n\r\n{{\"messages\""
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_to_close(&mut sock).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("x-amzn-errortype"));
+    assert!(fake.received().is_empty());
+    let rows = eventually("the row", || async {
+        let rows = outcomes(&proxy);
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0].1, 408);
+}
+
+#[tokio::test]
+async fn healthcheck_command_passes_on_a_running_proxy_and_fails_on_a_dead_port() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ok = command(dir.path())
+        .args([
+            "healthcheck",
+            "--url",
+            &format!("{}/healthz", proxy.admin_url()),
+        ])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bad = command(dir.path())
+        .args([
+            "healthcheck",
+            "--timeout-secs",
+            "5",
+            "--url",
+            &format!("http://127.0.0.1:{port}/healthz"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("healthcheck"));
+}
