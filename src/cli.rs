@@ -38,6 +38,9 @@ pub enum Command {
         /// Address of the Prometheus /metrics listener; overrides `admin_listen`.
         #[arg(long, env = "BEDROCK_GATE_ADMIN_LISTEN")]
         admin_listen: Option<SocketAddr>,
+        /// Ledger database; overrides `ledger.path` (the Docker image points it at its volume).
+        #[arg(long, env = "BEDROCK_GATE_LEDGER")]
+        ledger: Option<PathBuf>,
     },
     /// Report tokens and estimated cost from the ledger.
     Usage {
@@ -55,6 +58,9 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Ledger database; overrides `ledger.path`.
+        #[arg(long, env = "BEDROCK_GATE_LEDGER")]
+        ledger: Option<PathBuf>,
     },
     /// Validate a config file with exactly the checks `serve` runs; exits 1 naming the bad key.
     Check {

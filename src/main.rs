@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             shutdown_grace_secs,
             no_watch,
             admin_listen,
+            ledger,
         } => {
             init_tracing(log_format);
             let opts = ServeOptions {
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
                 grace: Duration::from_secs(shutdown_grace_secs),
                 watch: !no_watch,
                 admin_listen,
+                ledger,
             };
             match server::serve_blocking(opts) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -72,8 +74,10 @@ fn main() -> ExitCode {
             until,
             by,
             format,
+            ledger,
         } => report(bedrock_gate::admin::usage(
             &config.config,
+            ledger.as_deref(),
             since,
             until,
             by,

@@ -548,6 +548,8 @@ pub struct ServeOptions {
     pub watch: bool,
     /// Overrides `admin_listen` in the config.
     pub admin_listen: Option<SocketAddr>,
+    /// Overrides `ledger.path` in the config.
+    pub ledger: Option<PathBuf>,
 }
 
 /// Loads the config, binds, prints the address and serves until SIGTERM or SIGINT. Returns
@@ -563,7 +565,10 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         Some(a) => Some(a),
         None => config.admin_listen,
     };
-    let ledger_path = config.ledger.resolve(&opts.config_path);
+    let ledger_path = opts
+        .ledger
+        .clone()
+        .unwrap_or_else(|| config.ledger.resolve(&opts.config_path));
     let meter = Meter::open(&ledger_path, config.ledger.flush_interval)?;
     let state = AppState::new(config, sha256, upstream, meter);
     let _reloader = crate::reload::spawn(state.clone(), opts.config_path.clone(), opts.watch)?;

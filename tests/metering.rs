@@ -454,3 +454,29 @@ fn parse_prometheus(text: &str) {
         }
     }
 }
+
+#[tokio::test]
+async fn bedrock_gate_ledger_points_serve_and_usage_at_another_database() {
+    let fake = FakeBedrock::start().await;
+    let volume = tempfile::tempdir().unwrap();
+    let db = volume.path().join("usage.db");
+    let db_text = db.to_str().unwrap();
+    let mut proxy = Proxy::start_with_env(
+        &two_user_config(&fake, ""),
+        &[],
+        &[("BEDROCK_GATE_LEDGER", db_text)],
+    )
+    .await;
+    assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
+    assert!(proxy.terminate().success());
+    assert!(db.exists(), "the ledger went where BEDROCK_GATE_LEDGER said");
+    assert!(!proxy.ledger_path().exists(), "and not next to the config");
+    let out = command(proxy.dir.path())
+        .args(["usage", "--format", "csv", "--ledger", db_text, "--config"])
+        .arg(&proxy.config_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(csv.lines().any(|l| l.starts_with("alice,1,")), "{csv}");
+}

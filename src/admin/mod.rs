@@ -147,6 +147,7 @@ fn exit_for(actions: &[provision::Action]) -> ExitCode {
 /// `usage`: the ledger report.
 pub fn usage(
     path: &std::path::Path,
+    ledger: Option<&std::path::Path>,
     since: Option<String>,
     until: Option<String>,
     by: crate::meter::report::GroupBy,
@@ -160,7 +161,7 @@ pub fn usage(
     let since_ms = report::day_start_ms(&since).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
     let until_ms =
         report::until_exclusive_ms(&until).map_err(|e| anyhow::anyhow!("--until: {e}"))?;
-    let db = config.ledger.resolve(path);
+    let db = ledger.map_or_else(|| config.ledger.resolve(path), |p| p.to_path_buf());
     let conn = crate::meter::ledger::open_read_only(&db)?;
     let rows = report::query(&conn, since_ms, until_ms, by)?;
     print!("{}", report::render(&rows, by, format, &since, &until));
