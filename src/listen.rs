@@ -27,7 +27,8 @@ use crate::server::AppState;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (out of file descriptors, say) before accepting again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-/// Largest request head (request line + headers) a client may send.
+/// Largest HTTP/2 header list a client may send. (HTTP/1.1 heads are bounded by hyper's read
+/// buffer, about 400 KB, and 100 headers.)
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, asks every
@@ -146,8 +147,7 @@ fn builder(state: &AppState) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .header_read_timeout(header_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
