@@ -160,6 +160,17 @@ async fn a_thousand_requests_with_random_upstream_failures_each_end_cleanly_with
 }
 
 #[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    for stream in [false, true, false, true, false, true] {
+        assert_eq!(call(proxy.url(), stream).await, Seen::Full);
+    }
+    assert_eq!(fake.received().len(), 6);
+    assert_eq!(fake.connections(), 1, "keep-alive to Bedrock");
+}
+
+#[tokio::test]
 async fn a_stream_that_goes_silent_is_cut_after_stream_idle_secs_and_recorded() {
     let fake = FakeBedrock::start().await;
     fake.script(&alice_sonnet(), fake::Script::StallAfterFirst);

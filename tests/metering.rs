@@ -469,7 +469,10 @@ async fn bedrock_gate_ledger_points_serve_and_usage_at_another_database() {
     .await;
     assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
     assert!(proxy.terminate().success());
-    assert!(db.exists(), "the ledger went where BEDROCK_GATE_LEDGER said");
+    assert!(
+        db.exists(),
+        "the ledger went where BEDROCK_GATE_LEDGER said"
+    );
     assert!(!proxy.ledger_path().exists(), "and not next to the config");
     let out = command(proxy.dir.path())
         .args(["usage", "--format", "csv", "--ledger", db_text, "--config"])

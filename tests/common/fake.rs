@@ -106,6 +106,8 @@ struct Inner {
 pub struct FakeBedrock {
     pub addr: SocketAddr,
     inner: Arc<Mutex<Inner>>,
+    /// TCP connections accepted so far.
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeBedrock {
@@ -123,14 +125,28 @@ impl FakeBedrock {
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(inner.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = connections.clone();
+        let listener = axum::serve::ListenerExt::tap_io(listener, move |_| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        FakeBedrock { addr, inner }
+        FakeBedrock {
+            addr,
+            inner,
+            connections,
+        }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// How many TCP connections the fake has accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn received(&self) -> Vec<Received> {
