@@ -1,15 +1,16 @@
 //! The ledger: one SQLite row per request, written in batches off the request path.
 //!
 //! The request path only does a non-blocking `try_send` of a finished [`Record`] into a
-//! bounded channel; a writer thread commits whatever has arrived every `flush_interval` (or
-//! every [`MAX_BATCH`] rows) in one transaction. The database runs in WAL mode with
+//! bounded channel, which wakes nothing; a writer thread wakes every `flush_interval` (or
+//! early, once [`WAKE_AT_PENDING`] rows wait) and commits what has arrived, [`MAX_BATCH`] rows
+//! per transaction. The database runs in WAL mode with
 //! `synchronous = NORMAL`: a committed batch survives a crash of the process, so a crash loses
 //! at most the rows of the last interval. [`Ledger::close`] (called on SIGTERM) drains and
 //! commits everything before the process exits. This module never blocks a request.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,6 +24,8 @@ use crate::meter::usage::Usage;
 const CHANNEL_CAPACITY: usize = 65_536;
 /// Rows per transaction at most.
 const MAX_BATCH: usize = 2_048;
+/// Queued rows at which a request wakes the writer before its interval is up.
+const WAKE_AT_PENDING: usize = 8_192;
 
 /// One finished request, as the ledger stores it.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +77,8 @@ pub struct LedgerStats {
 /// Handle to the ledger writer.
 pub struct Ledger {
     tx: SyncSender<Msg>,
+    /// The writer thread, to unpark for a flush, a close or a filling queue.
+    writer: std::thread::Thread,
     thread: Mutex<Option<JoinHandle<()>>>,
     pub stats: Arc<LedgerStats>,
     path: PathBuf,
@@ -252,48 +257,43 @@ impl Writer {
         }
     }
 
+    /// Sleeps a flush interval at a time (or until [`Ledger`] unparks it for a flush, a close
+    /// or a filling queue), then takes everything queued and commits it. Rows are queued
+    /// without waking this thread, so a request costs no context switch here.
     fn run(mut self) {
-        let mut deadline: Option<Instant> = None;
         loop {
-            let wait = deadline.map_or(self.interval, |d| {
-                d.saturating_duration_since(Instant::now())
-            });
-            match self.rx.recv_timeout(wait) {
-                Ok(Msg::Row(r, t)) => {
-                    if self.batch.is_empty() {
-                        deadline = Some(Instant::now() + self.interval);
+            std::thread::park_timeout(self.interval);
+            loop {
+                match self.rx.try_recv() {
+                    Ok(Msg::Row(r, t)) => {
+                        self.batch.push((r, t));
+                        if self.batch.len() >= MAX_BATCH {
+                            self.commit();
+                        }
                     }
-                    self.batch.push((r, t));
-                    if self.batch.len() >= MAX_BATCH {
+                    // Everything queued before the flush is in the batch by now.
+                    Ok(Msg::Flush(ack)) => {
                         self.commit();
-                        deadline = None;
+                        let _ = ack.send(());
                     }
-                }
-                Ok(Msg::Flush(ack)) => {
-                    self.drain();
-                    self.commit();
-                    deadline = None;
-                    let _ = ack.send(());
-                }
-                Ok(Msg::Close(ack)) => {
-                    self.drain();
-                    self.commit();
-                    let _ = ack.send(());
-                    return;
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    self.commit();
-                    deadline = None;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.commit();
-                    return;
+                    Ok(Msg::Close(ack)) => {
+                        self.drain();
+                        self.commit();
+                        let _ = ack.send(());
+                        return;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.commit();
+                        return;
+                    }
                 }
             }
+            self.commit();
         }
     }
 
-    /// Takes every row already queued, so a flush covers all requests finished before it.
+    /// Takes every row still queued (at close).
     fn drain(&mut self) {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
@@ -324,6 +324,7 @@ impl Ledger {
             .spawn(move || writer.run())
             .context("cannot start the ledger writer")?;
         Ok(Ledger {
+            writer: thread.thread().clone(),
             tx,
             thread: Mutex::new(Some(thread)),
             stats,
@@ -339,7 +340,11 @@ impl Ledger {
     pub fn record(&self, record: Record) {
         match self.tx.try_send(Msg::Row(Box::new(record), Instant::now())) {
             Ok(()) => {
-                self.stats.pending.fetch_add(1, Ordering::Relaxed);
+                let pending = self.stats.pending.fetch_add(1, Ordering::Relaxed) + 1;
+                // A burst faster than the interval: commit early rather than fill the queue.
+                if pending >= WAKE_AT_PENDING as i64 {
+                    self.writer.unpark();
+                }
             }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -352,6 +357,7 @@ impl Ledger {
     pub fn flush(&self) {
         let (ack, done) = sync_channel(1);
         if self.tx.send(Msg::Flush(ack)).is_ok() {
+            self.writer.unpark();
             let _ = done.recv();
         }
     }
@@ -360,6 +366,7 @@ impl Ledger {
     pub fn close(&self) {
         let (ack, done) = sync_channel(1);
         if self.tx.send(Msg::Close(ack)).is_ok() {
+            self.writer.unpark();
             let _ = done.recv();
         }
         if let Ok(mut t) = self.thread.lock()
