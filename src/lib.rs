@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod listen;
+pub mod logging;
 pub mod meter;
 pub mod reload;
 pub mod route;

@@ -4,22 +4,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use bedrock_gate::cli::{Cli, Command, LogFormat};
+use bedrock_gate::cli::{Cli, Command};
 use bedrock_gate::config::Config;
 use bedrock_gate::server::{self, ServeOptions};
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -33,7 +20,7 @@ fn main() -> ExitCode {
             admin_listen,
             ledger,
         } => {
-            init_tracing(log_format);
+            bedrock_gate::logging::init(log_format, std::io::stderr().is_terminal());
             let opts = ServeOptions {
                 config_path: config,
                 listen,
@@ -42,14 +29,17 @@ fn main() -> ExitCode {
                 admin_listen,
                 ledger,
             };
-            match server::serve_blocking(opts) {
+            let code = match server::serve_blocking(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
+                    bedrock_gate::logging::flush();
                     eprintln!("bedrock-gate: {e:#}");
                     ExitCode::FAILURE
                 }
-            }
+            };
+            bedrock_gate::logging::flush();
+            code
         }
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
