@@ -1,2 +1,732 @@
-//! Placeholder; the benchmark is being written.
-fn main() {}
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark harness: a panic is a failed run"
+)]
+//! What bedrock-gate adds on top of Bedrock: the same load generator talks to a fake Bedrock
+//! directly and through the proxy, in one run, and the table shows both side by side.
+//! `cargo bench --bench overhead` (`BENCH_QUICK=1` for a short run); see bench/README.md.
+//!
+//! # Layout
+//! - `overhead.rs`: the phases, their order, and the table rows each one produces.
+//! - `fake.rs`: the fake Bedrock Runtime (hyper, own thread and runtime, pre-built bodies).
+//! - `load.rs`: open-loop (latency-corrected) and closed-loop load generation.
+//! - `proxy.rs`: the `bedrock-gate` child process and its config.
+//! - `relay.rs`: a minimal in-process relay, the reference point for the throughput ratio.
+//! - `sys.rs`: CPU and memory from /proc.
+//! - `report.rs`: the markdown table.
+
+mod fake;
+mod load;
+mod proxy;
+mod relay;
+mod report;
+mod sys;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, header};
+
+use fake::Fake;
+use load::{Schedule, Target};
+use proxy::Proxy;
+use report::{Row, Verdict, added_ms, cpu_per, mb, ms};
+use sys::Probe;
+
+const SONNET: &str = "anthropic.claude-sonnet-4-5-20250929-v1:0";
+const HAIKU: &str = "anthropic.claude-haiku-4-5-20251001-v1:0";
+/// The fake answers at once on this profile...
+const FAST_PROFILE: &str =
+    "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/bench";
+/// ...and streams one event per second on this one.
+const SLOW_PROFILE: &str =
+    "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/slow";
+
+/// Above this much CPU used by other processes in a measured window, the run is flagged as noisy.
+const QUIET_CORES: f64 = 0.2;
+
+/// How long and how hard each phase runs.
+struct Plan {
+    quick: bool,
+    small: Schedule,
+    big: Schedule,
+    big_body: usize,
+    stream: Schedule,
+    closed_warmup: Duration,
+    closed_measure: Duration,
+    connections: usize,
+    slow_streams: u64,
+    slow_secs: u64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        let secs = Duration::from_secs;
+        let (warmup, measure) = if quick {
+            (secs(1), secs(3))
+        } else {
+            (secs(2), secs(20))
+        };
+        let timeout = secs(10);
+        Plan {
+            quick,
+            small: Schedule {
+                rate: 1000,
+                warmup,
+                measure,
+                timeout,
+            },
+            big: Schedule {
+                rate: 100,
+                warmup,
+                measure: if quick { measure } else { secs(15) },
+                timeout,
+            },
+            big_body: 500 * 1024,
+            stream: Schedule {
+                rate: 200,
+                warmup,
+                measure,
+                timeout,
+            },
+            closed_warmup: warmup,
+            closed_measure: if quick { measure } else { secs(10) },
+            connections: 64,
+            slow_streams: if quick { 100 } else { 1000 },
+            slow_secs: if quick { 5 } else { 30 },
+        }
+    }
+}
+
+/// Everything a phase needs.
+struct Bench {
+    plan: Plan,
+    rt: tokio::runtime::Runtime,
+    fake: Fake,
+    proxy: Proxy,
+    probe: Probe,
+    rows: Vec<Row>,
+    notes: Vec<String>,
+    /// Requests sent through the proxy, warm-up included (each must become one ledger row).
+    through_sent: u64,
+    /// The most CPU other processes used during any measured window, in cores.
+    max_other: f64,
+}
+
+fn main() {
+    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    // For development and profiling: a comma-separated subset of the phases.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |phase: &str| only.is_empty() || only.split(',').any(|p| p.trim() == phase);
+    let plan = Plan::new(quick);
+    let (nproc, cpu_model, load) = sys::machine();
+    eprintln!("overhead: {nproc} CPUs ({cpu_model}), load average {load}; quick = {quick}");
+
+    let fake = Fake::start(2, plan.slow_secs);
+    let proxy = Proxy::start(fake.addr, &[(SONNET, FAST_PROFILE), (HAIKU, SLOW_PROFILE)]);
+    eprintln!(
+        "overhead: bedrock-gate pid {} on {}",
+        proxy.pid(),
+        proxy.addr
+    );
+    let probe = Probe::new(Some(proxy.pid()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("load-worker")
+        .enable_all()
+        .build()
+        .expect("load runtime");
+    let mut bench = Bench {
+        plan,
+        rt,
+        fake,
+        proxy,
+        probe,
+        rows: Vec::new(),
+        notes: Vec::new(),
+        through_sent: 0,
+        max_other: 0.0,
+    };
+    let started = Instant::now();
+
+    if run("idle") {
+        bench.idle_rss();
+    }
+    // Slow streams first: the proxy's peak RSS (VmHWM) is then that of start-up plus 1,000
+    // streams, not of an earlier phase's 500 KB bodies.
+    if run("slow") {
+        bench.slow_streams();
+    }
+    if run("small") {
+        bench.small_bodies();
+    }
+    if run("big") {
+        bench.big_bodies();
+    }
+    if run("stream") {
+        bench.streaming();
+    }
+    if run("max") {
+        bench.max_throughput();
+    }
+    bench.shutdown();
+
+    bench.notes.push(if bench.max_other < QUIET_CORES {
+        format!(
+            "machine quiet: other processes used at most {:.2} cores during any measured window",
+            bench.max_other
+        )
+    } else {
+        format!(
+            "**machine NOT quiet**: other processes used up to {:.2} cores during a measured window; \
+             rerun when the machine is idle",
+            bench.max_other
+        )
+    });
+    let elapsed = started.elapsed();
+    let table = report::table(&bench.rows);
+    let failed = bench
+        .rows
+        .iter()
+        .filter(|r| r.verdict == Verdict::Fail)
+        .count();
+    println!("{table}");
+    for n in &bench.notes {
+        println!("- {n}");
+    }
+    eprintln!(
+        "overhead: done in {:.0} s; {failed} target(s) missed",
+        elapsed.as_secs_f64()
+    );
+    if !bench.plan.quick && only.is_empty() {
+        let (_, _, load_after) = sys::machine();
+        let mut md = String::new();
+        let _ = writeln!(md, "# bedrock-gate overhead benchmark: results\n");
+        let _ = writeln!(
+            md,
+            "Machine: {nproc} CPUs, {cpu_model}. Date: {} UTC. Load average before / after: {load} / {load_after}. \
+             Run time {:.0} s. Command: `cargo bench --bench overhead`. Tree: `{}`.\n",
+            chrono::Utc::now().format("%Y-%m-%d %H:%M"),
+            elapsed.as_secs_f64(),
+            tree_version(),
+        );
+        let _ = writeln!(md, "{table}");
+        for n in &bench.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/RESULTS.md");
+        std::fs::write(path, md).expect("write bench/RESULTS.md");
+        eprintln!("overhead: wrote {path}");
+    }
+}
+
+/// Headers of a SigV4-signed request as an AWS SDK sends it to Bedrock (the fake checks only the
+/// scheme; the values have the real lengths).
+fn signed_headers(accept: &'static str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::ACCEPT, HeaderValue::from_static(accept));
+    h.insert("x-amz-date", HeaderValue::from_static("20261127T120000Z"));
+    h.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_static(
+            "AWS4-HMAC-SHA256 Credential=AKIDBENCHEXAMPLE/20261127/us-east-1/bedrock/aws4_request, \
+             SignedHeaders=accept;content-length;content-type;host;x-amz-date, \
+             Signature=5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7",
+        ),
+    );
+    h
+}
+
+/// Headers of a caller with a bedrock-gate key (`AWS_BEARER_TOKEN_BEDROCK`).
+fn keyed_headers(accept: &'static str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::ACCEPT, HeaderValue::from_static(accept));
+    h.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {}", proxy::KEY)).expect("header"),
+    );
+    h
+}
+
+/// ASCII text that needs no JSON escaping, `n` bytes long.
+fn filler(n: usize, seed: usize) -> String {
+    const LINES: [&str; 4] = [
+        "fn handle(state: &AppState, request: Request) -> Result<Response, ApiError> { let route = route::parse(&parts.method, parts.uri.path())?; } ",
+        "The test failed with: assertion `left == right` failed at tests/proxy.rs:212:5, left: 403, right: 200. ",
+        "let upstream = state.upstream.send(out, config.timeouts.first_byte).await.map_err(|e| e.error)?; ",
+        "src/meter/usage.rs: reads usage from headers, JSON bodies and event streams as they pass by. ",
+    ];
+    let mut s = String::with_capacity(n + 200);
+    let mut i = seed;
+    while s.len() < n {
+        s.push_str(LINES[i % LINES.len()]);
+        i += 1;
+    }
+    s.truncate(n);
+    s
+}
+
+/// A JSON body of exactly `size` bytes: `make` builds it around `turns` texts, which are padded
+/// to fill the size.
+fn sized_body(size: usize, turns: usize, make: impl Fn(&[String]) -> serde_json::Value) -> Bytes {
+    let empty = make(&vec![String::new(); turns]).to_string().len();
+    let budget = size.saturating_sub(empty);
+    let texts: Vec<String> = (0..turns)
+        .map(|i| {
+            let extra = if i + 1 == turns { budget % turns } else { 0 };
+            filler(budget / turns + extra, i)
+        })
+        .collect();
+    Bytes::from(make(&texts).to_string())
+}
+
+/// A Converse request of `size` bytes: a system prompt and alternating turns (16 KB each, as a
+/// coding agent's long context), ending with the user's.
+fn converse_body(size: usize) -> Bytes {
+    let turns = (size / 16_384).max(1) | 1;
+    sized_body(size, turns, |texts| {
+        let messages: Vec<_> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let role = if i % 2 == 0 { "user" } else { "assistant" };
+                serde_json::json!({"role": role, "content": [{"text": t}]})
+            })
+            .collect();
+        serde_json::json!({
+            "system": [{"text": "You are a coding assistant working in the user's repository."}],
+            "messages": messages,
+            "inferenceConfig": {"maxTokens": 4096, "temperature": 0.2}
+        })
+    })
+}
+
+/// An Anthropic Messages request (InvokeModelWithResponseStream) of `size` bytes.
+fn anthropic_body(size: usize) -> Bytes {
+    sized_body(size, 1, |texts| {
+        serde_json::json!({
+            "anthropic_version": "bedrock-2023-05-31",
+            "max_tokens": 4096,
+            "system": "You are a coding assistant working in the user's repository.",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": texts[0]}]}]
+        })
+    })
+}
+
+impl Bench {
+    /// The fake, called as an SDK calls Bedrock: the profile ARN in the path, SigV4 headers.
+    fn direct(&self, profile: &str, op: &str, body: Bytes, accept: &'static str) -> Arc<Target> {
+        Arc::new(Target {
+            addr: self.fake.addr,
+            path: format!(
+                "/model/{}/{op}",
+                bedrock_gate::route::encode_segment(profile)
+            ),
+            headers: signed_headers(accept),
+            body,
+            expect_len: self.fake.body_len(op, profile == SLOW_PROFILE),
+        })
+    }
+
+    /// The proxy, called as an SDK calls it: the model id in the path (`:` as `%3A`), a key.
+    fn through(&self, model: &str, op: &str, body: Bytes, accept: &'static str) -> Arc<Target> {
+        Arc::new(Target {
+            addr: self.proxy.addr,
+            path: format!("/model/{}/{op}", bedrock_gate::route::encode_segment(model)),
+            headers: keyed_headers(accept),
+            body,
+            expect_len: self.fake.body_len(op, model == HAIKU),
+        })
+    }
+
+    fn open(&mut self, label: &str, target: &Arc<Target>, schedule: Schedule) -> load::OpenRun {
+        eprintln!(
+            "overhead: {label}: {} req/s for {} s (+{} s warm-up)",
+            schedule.rate,
+            schedule.measure.as_secs(),
+            schedule.warmup.as_secs()
+        );
+        let run = load::open_loop(self.rt.handle(), target, schedule, &self.probe);
+        if target.addr == self.proxy.addr {
+            self.through_sent += run.sent_total;
+        }
+        let other = self.noise(run.cpu.other_cores());
+        self.notes.push(format!(
+            "{label}: {} measured requests, {:.1} req/s achieved, dispatch lag p99 {} / max {}, \
+             proxy CPU {:.2} s, other processes {:.2} cores{}",
+            run.recorded.total(),
+            run.achieved_rate,
+            ms(run.dispatch_lag.value_at_quantile(0.99)),
+            ms(run.dispatch_lag.max()),
+            run.cpu.proxy.as_secs_f64(),
+            other,
+            errors_note(&run.recorded),
+        ));
+        run
+    }
+
+    /// Remembers how busy the rest of the machine was; returns `cores` for the note.
+    fn noise(&mut self, cores: f64) -> f64 {
+        self.max_other = self.max_other.max(cores);
+        cores
+    }
+
+    fn idle_rss(&mut self) {
+        // Let start-up work (credential provider, ledger open, config watcher) settle.
+        std::thread::sleep(Duration::from_secs(1));
+        let (rss, _) = sys::memory(self.proxy.pid()).expect("proxy /proc status");
+        self.rows.push(
+            Row::new("idle", "proxy RSS after start-up")
+                .through(mb(rss))
+                .target("< 30 MB", Verdict::of(rss < 30_000_000)),
+        );
+    }
+
+    fn slow_streams(&mut self) {
+        let n = self.plan.slow_streams;
+        let secs = self.plan.slow_secs;
+        let phase = format!("{n} slow streams (1 event/s, {secs} s)");
+        let target = self.through(
+            HAIKU,
+            "invoke-with-response-stream",
+            anthropic_body(2048),
+            "application/vnd.amazon.eventstream",
+        );
+        // Started at 500 per second; all are open together for most of their life.
+        let ramp_rate = 500;
+        let schedule = Schedule {
+            rate: ramp_rate,
+            warmup: Duration::ZERO,
+            measure: Duration::from_millis(n * 1000 / ramp_rate),
+            timeout: Duration::from_secs(secs + 30),
+        };
+        let pid = self.proxy.pid();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some((rss, _)) = sys::memory(pid) {
+                        peak = peak.max(rss);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                peak
+            })
+        };
+        let run = self.open(&format!("slow streams through ({n})"), &target, schedule);
+        stop.store(true, Ordering::Relaxed);
+        let sampled_peak = sampler.join().expect("sampler");
+        let (_, hwm) = sys::memory(pid).expect("proxy /proc status");
+        let r = &run.recorded;
+        self.rows.push(
+            Row::new(&phase, "streams completed")
+                .through(format!("{} / {n}", r.ok))
+                .target(format!("all {n}"), Verdict::of(r.ok == n)),
+        );
+        self.rows.push(
+            Row::new(&phase, "proxy peak RSS (VmHWM)")
+                .through(format!("{} (sampled {})", mb(hwm), mb(sampled_peak)))
+                .target("< 150 MB", Verdict::of(hwm < 150_000_000)),
+        );
+        self.rows.push(
+            Row::new(&phase, "time to last byte p50 / max").through(format!(
+                "{} / {}",
+                ms(r.ttlb.value_at_quantile(0.5)),
+                ms(r.ttlb.max())
+            )),
+        );
+        self.rows.push(
+            Row::new(&phase, "proxy CPU per stream").through(cpu_per(run.cpu.proxy, r.total())),
+        );
+    }
+
+    fn small_bodies(&mut self) {
+        let body = converse_body(2048);
+        let phase = format!("Converse {} B @ {} req/s", body.len(), self.plan.small.rate);
+        let d = self.direct(FAST_PROFILE, "converse", body.clone(), "application/json");
+        let t = self.through(SONNET, "converse", body, "application/json");
+        let schedule = self.plan.small;
+        let dr = self.open("small direct", &d, schedule);
+        let tr = self.open("small through", &t, schedule);
+        self.rows.extend(report::latency_rows(
+            &phase,
+            "latency",
+            &dr.recorded.ttlb,
+            &tr.recorded.ttlb,
+            Some(1000),
+            true,
+        ));
+        self.error_and_cpu_rows(&phase, &dr, &tr);
+    }
+
+    fn big_bodies(&mut self) {
+        let body = converse_body(self.plan.big_body);
+        let phase = format!(
+            "Converse {} KB @ {} req/s",
+            body.len() / 1024,
+            self.plan.big.rate
+        );
+        let d = self.direct(FAST_PROFILE, "converse", body.clone(), "application/json");
+        let t = self.through(SONNET, "converse", body, "application/json");
+        let schedule = self.plan.big;
+        let dr = self.open("500 KB direct", &d, schedule);
+        let tr = self.open("500 KB through", &t, schedule);
+        self.rows.extend(report::latency_rows(
+            &phase,
+            "latency",
+            &dr.recorded.ttlb,
+            &tr.recorded.ttlb,
+            Some(2000),
+            true,
+        ));
+        self.error_and_cpu_rows(&phase, &dr, &tr);
+    }
+
+    fn streaming(&mut self) {
+        let body = anthropic_body(2048);
+        let phase = format!("stream {} B @ {} req/s", body.len(), self.plan.stream.rate);
+        let accept = "application/vnd.amazon.eventstream";
+        let d = self.direct(
+            FAST_PROFILE,
+            "invoke-with-response-stream",
+            body.clone(),
+            accept,
+        );
+        let t = self.through(SONNET, "invoke-with-response-stream", body, accept);
+        let schedule = self.plan.stream;
+        let dr = self.open("stream direct", &d, schedule);
+        let tr = self.open("stream through", &t, schedule);
+        self.rows.extend(report::latency_rows(
+            &phase,
+            "TTFB",
+            &dr.recorded.ttfb,
+            &tr.recorded.ttfb,
+            Some(1000),
+            true,
+        ));
+        self.rows.extend(report::latency_rows(
+            &phase,
+            "TTLB",
+            &dr.recorded.ttlb,
+            &tr.recorded.ttlb,
+            None,
+            false,
+        ));
+        self.error_and_cpu_rows(&phase, &dr, &tr);
+    }
+
+    fn error_and_cpu_rows(&mut self, phase: &str, d: &load::OpenRun, t: &load::OpenRun) {
+        let (de, te) = (d.recorded.error_count(), t.recorded.error_count());
+        self.rows.push(
+            Row::new(phase, "errors")
+                .direct(format!("{de} / {}", d.recorded.total()))
+                .through(format!("{te} / {}", t.recorded.total()))
+                .target("0", Verdict::of(de == 0 && te == 0)),
+        );
+        self.rows.push(
+            Row::new(phase, "proxy CPU per request")
+                .through(cpu_per(t.cpu.proxy, t.recorded.total())),
+        );
+    }
+
+    fn max_throughput(&mut self) {
+        let body = converse_body(2048);
+        let conns = self.plan.connections;
+        let phase = format!(
+            "closed loop, {conns} connections, Converse {} B",
+            body.len()
+        );
+        let d = self.direct(FAST_PROFILE, "converse", body.clone(), "application/json");
+        let t = self.through(SONNET, "converse", body.clone(), "application/json");
+        // The same requests as through the proxy, to a relay that does nothing but relay.
+        let r = Arc::new(Target {
+            addr: relay::start(self.fake.addr, 2),
+            ..(*self.through(SONNET, "converse", body, "application/json")).clone()
+        });
+        let (warmup, measure) = (self.plan.closed_warmup, self.plan.closed_measure);
+        let mut runs = Vec::new();
+        for (label, target) in [
+            ("max direct", &d),
+            ("max through", &t),
+            ("max via minimal relay", &r),
+        ] {
+            eprintln!(
+                "overhead: {label}: {conns} connections for {} s (+{} s warm-up)",
+                measure.as_secs(),
+                warmup.as_secs()
+            );
+            let run = load::closed_loop(
+                self.rt.handle(),
+                target,
+                conns,
+                warmup,
+                measure,
+                &self.probe,
+            );
+            if target.addr == self.proxy.addr {
+                self.through_sent += run.sent_total;
+            }
+            let other = self.noise(run.cpu.other_cores());
+            self.notes.push(format!(
+                "{label}: {} requests in {} s, proxy CPU {:.2} s, this process {:.2} s \
+                 (relay threads {:.2} s), other processes {:.2} cores{}",
+                run.recorded.total(),
+                run.window.as_secs(),
+                run.cpu.proxy.as_secs_f64(),
+                run.cpu.own.as_secs_f64(),
+                run.cpu.relay.as_secs_f64(),
+                other,
+                errors_note(&run.recorded),
+            ));
+            runs.push(run);
+        }
+        let (dr, tr, rr) = (&runs[0], &runs[1], &runs[2]);
+        let ratio = tr.throughput() / dr.throughput().max(1e-9);
+        self.rows.push(
+            Row::new(&phase, "throughput")
+                .direct(format!("{:.0} req/s", dr.throughput()))
+                .through(format!("{:.0} req/s", tr.throughput()))
+                .added(format!("×{ratio:.2}"))
+                .target("≥ ×0.50 of direct", Verdict::of(ratio >= 0.5)),
+        );
+        let (d50, t50) = (
+            dr.recorded.ttlb.value_at_quantile(0.5),
+            tr.recorded.ttlb.value_at_quantile(0.5),
+        );
+        let (d99, t99) = (
+            dr.recorded.ttlb.value_at_quantile(0.99),
+            tr.recorded.ttlb.value_at_quantile(0.99),
+        );
+        self.rows.push(
+            Row::new(&phase, "latency p50 / p99")
+                .direct(format!("{} / {}", ms(d50), ms(d99)))
+                .through(format!("{} / {}", ms(t50), ms(t99)))
+                .added(format!("{} / {}", added_ms(t50, d50), added_ms(t99, d99))),
+        );
+        let (de, te) = (dr.recorded.error_count(), tr.recorded.error_count());
+        self.rows.push(
+            Row::new(&phase, "errors")
+                .direct(format!("{de} / {}", dr.recorded.total()))
+                .through(format!("{te} / {}", tr.recorded.total()))
+                .target("0", Verdict::of(de == 0 && te == 0)),
+        );
+        // Everything shares the same cores, so through / direct is at best
+        // (generator + fake) / (generator + fake + proxy) CPU per request.
+        self.rows.push(
+            Row::new(&phase, "CPU per request, load generator + fake")
+                .direct(cpu_per(dr.cpu.own, dr.recorded.total()))
+                .through(cpu_per(tr.cpu.own, tr.recorded.total())),
+        );
+        self.rows.push(
+            Row::new(&phase, "proxy CPU per request")
+                .through(cpu_per(tr.cpu.proxy, tr.recorded.total())),
+        );
+        // The reference: the same run with a relay that does nothing but relay in place of
+        // bedrock-gate. It bounds the ratio any proxy can reach on these shared cores.
+        let relay_ratio = rr.throughput() / dr.throughput().max(1e-9);
+        self.rows.push(
+            Row::new(&phase, "reference: throughput via a minimal hyper relay")
+                .direct(format!("{:.0} req/s", dr.throughput()))
+                .through(format!("{:.0} req/s", rr.throughput()))
+                .added(format!("×{relay_ratio:.2}")),
+        );
+        self.rows.push(
+            Row::new(&phase, "reference: CPU per request, minimal relay")
+                .through(cpu_per(rr.cpu.relay, rr.recorded.total())),
+        );
+        if rr.recorded.error_count() > 0 {
+            self.notes.push(format!(
+                "minimal relay run had errors{}",
+                errors_note(&rr.recorded)
+            ));
+        }
+    }
+
+    /// SIGTERM, a clean exit, and one ledger row per request sent through.
+    fn shutdown(&mut self) {
+        let (_, hwm) = sys::memory(self.proxy.pid()).unwrap_or_default();
+        let status = self.proxy.terminate();
+        let clean = status.is_some_and(|s| s.success());
+        // Every request is one row; `complete` says the meter saw the usage of the whole answer
+        // (so the fake's Converse JSON and event streams were read as real ones).
+        let rows: Option<(i64, i64)> = rusqlite::Connection::open_with_flags(
+            self.proxy.ledger_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|c| {
+            c.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(complete), 0) FROM requests",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .ok();
+        let log = self.proxy.stderr();
+        let access = log
+            .lines()
+            .filter(|l| l.contains("bedrock_gate::access"))
+            .count();
+        let problems: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        self.rows.push(
+            Row::new("shutdown", "SIGTERM → exit status")
+                .through(status.map_or("did not exit".into(), |s| s.to_string()))
+                .target("0", Verdict::of(clean)),
+        );
+        let sent = i64::try_from(self.through_sent).unwrap_or(i64::MAX);
+        let rows_ok = rows.is_some_and(|(n, complete)| n == sent && complete == sent);
+        self.rows.push(
+            Row::new("shutdown", "ledger rows (complete) / requests sent through")
+                .through(rows.map_or("unreadable".into(), |(n, complete)| {
+                    format!("{n} ({complete}) / {sent}")
+                }))
+                .target("all, all complete", Verdict::of(rows_ok)),
+        );
+        self.notes.push(format!(
+            "proxy: VmHWM over the whole run {}, {access} access-log lines, {} WARN/ERROR lines{}; \
+             fake Bedrock saw {} requests, {} unsigned",
+            mb(hwm),
+            problems.len(),
+            problems
+                .first()
+                .map_or(String::new(), |l| format!(" (first: `{}`)", l.trim())),
+            self.fake.counters.requests.load(Ordering::Relaxed),
+            self.fake.counters.unsigned.load(Ordering::Relaxed),
+        ));
+    }
+}
+
+/// The commit the proxy was built from (`-dirty` when the work tree had changes).
+fn tree_version() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".into(), |s| s.trim().to_string())
+}
+
+fn errors_note(r: &load::Recorded) -> String {
+    if r.errors.is_empty() {
+        return String::new();
+    }
+    let kinds: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!("; errors: {}", kinds.join(", "))
+}

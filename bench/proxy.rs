@@ -1,0 +1,147 @@
+//! The proxy under test: the real `bedrock-gate` binary (built by cargo with the bench profile)
+//! as a child process, with a config in a temp dir pointing at the fake, dummy AWS credentials,
+//! its default log level, and stderr in a file next to the config.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The key the benchmark's user calls with.
+pub const KEY: &str = "bgk_bench_0123456789abcdefghijklmnopqrstuvwxyzABCDE";
+
+/// A running `bedrock-gate serve`.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Writes the config (one user, each model mapped to its profile ARN) and starts the proxy on
+    /// a free port; returns once it printed its address.
+    pub fn start(upstream: SocketAddr, models: &[(&str, &str)]) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("bedrock-gate.toml");
+        std::fs::write(
+            &config_path,
+            config(upstream, models, &dir.path().join("ledger.db")),
+        )
+        .expect("write config");
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bedrock-gate"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            // Hermetic: no ~/.aws config or credentials from the machine.
+            .env("HOME", dir.path())
+            .env("AWS_ACCESS_KEY_ID", "AKIDBENCHEXAMPLE")
+            .env(
+                "AWS_SECRET_ACCESS_KEY",
+                "bench/secret/key/not/a/real/one/EXAMPLE",
+            )
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn bedrock-gate");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let mut addr = None;
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            if let Some(a) = line
+                .trim()
+                .strip_prefix("bedrock-gate listening on http://")
+            {
+                addr = a.parse().ok();
+                break;
+            }
+            line.clear();
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "bedrock-gate did not start; stderr:\n{}",
+                std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
+            );
+        };
+        Proxy { addr, child, dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn ledger_path(&self) -> PathBuf {
+        self.dir.path().join("ledger.db")
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits up to a minute for the exit (the ledger is committed by then).
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !sent {
+            return None;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn config(upstream: SocketAddr, models: &[(&str, &str)], ledger: &std::path::Path) -> String {
+    use sha2::Digest as _;
+    let hash = hex::encode(sha2::Sha256::digest(KEY.as_bytes()));
+    let mut s = format!(
+        r#"listen = "127.0.0.1:0"
+admin_listen = ""
+
+[aws]
+region = "us-east-1"
+runtime_endpoint = "http://{upstream}"
+control_endpoint = "http://{upstream}"
+
+[ledger]
+path = "{ledger}"
+
+[users.bench]
+keys = ["sha256:{hash}"]
+
+[users.bench.models]
+"#,
+        ledger = ledger.display()
+    );
+    for (model, arn) in models {
+        s.push_str(&format!("\"{model}\" = \"{arn}\"\n"));
+    }
+    s
+}

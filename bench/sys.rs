@@ -1,0 +1,163 @@
+//! What the benchmark reads from /proc: CPU time (of the proxy, of this process and of the
+//! whole machine, so a phase can say how much of the box something else was using) and memory.
+
+use std::time::{Duration, Instant};
+
+/// Clock ticks per second of the `/proc` CPU counters (`getconf CLK_TCK`; 100 on Linux).
+pub fn clk_tck() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// utime + stime of a process (all its threads), in clock ticks.
+pub fn process_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses; the fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 (state) is fields[0]; utime is field 14, stime field 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// utime + stime of this process's threads whose name starts with `prefix`, in clock ticks.
+fn own_threads_ticks(prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter(|stat| {
+            stat.split_once('(')
+                .is_some_and(|(_, rest)| rest.starts_with(prefix))
+        })
+        .filter_map(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// Busy ticks of the whole machine (all CPUs, everything but idle and iowait).
+fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = v.iter().take(8).sum();
+    Some(total - v.get(3)? - v.get(4)?)
+}
+
+/// (VmRSS, VmHWM) of a process in bytes.
+pub fn memory(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU counters at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSnapshot {
+    at: Instant,
+    machine: u64,
+    own: u64,
+    proxy: u64,
+    relay: u64,
+}
+
+/// CPU used between two snapshots.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuDelta {
+    pub wall: Duration,
+    /// CPU time of the proxy process.
+    pub proxy: Duration,
+    /// CPU time of this process (load generator and fake Bedrock, and the reference relay).
+    pub own: Duration,
+    /// CPU time of the reference relay's threads (part of `own`).
+    pub relay: Duration,
+    /// CPU time of everything else on the machine (another build, say): noise.
+    pub other: Duration,
+}
+
+impl CpuDelta {
+    /// `other` as a share of one core.
+    pub fn other_cores(&self) -> f64 {
+        self.other.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Takes snapshots of the machine, this process and (when set) the proxy.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    pub proxy_pid: Option<u32>,
+    tck: u64,
+}
+
+impl Probe {
+    pub fn new(proxy_pid: Option<u32>) -> Probe {
+        Probe {
+            proxy_pid,
+            tck: clk_tck(),
+        }
+    }
+
+    pub fn snapshot(&self) -> CpuSnapshot {
+        CpuSnapshot {
+            at: Instant::now(),
+            machine: machine_busy_ticks().unwrap_or(0),
+            own: process_ticks("self").unwrap_or(0),
+            proxy: self
+                .proxy_pid
+                .and_then(|p| process_ticks(&p.to_string()))
+                .unwrap_or(0),
+            relay: own_threads_ticks(crate::relay::THREAD_PREFIX),
+        }
+    }
+
+    pub fn delta(&self, a: &CpuSnapshot, b: &CpuSnapshot) -> CpuDelta {
+        let ticks = |t: u64| Duration::from_micros(t * 1_000_000 / self.tck);
+        let proxy = b.proxy.saturating_sub(a.proxy);
+        let own = b.own.saturating_sub(a.own);
+        let machine = b.machine.saturating_sub(a.machine);
+        CpuDelta {
+            wall: b.at - a.at,
+            proxy: ticks(proxy),
+            own: ticks(own),
+            relay: ticks(b.relay.saturating_sub(a.relay)),
+            other: ticks(machine.saturating_sub(proxy + own)),
+        }
+    }
+}
+
+/// nproc, CPU model and load average, for the results header.
+pub fn machine() -> (usize, String, String) {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    (cpus, model, load)
+}
