@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderName, Method, StatusCode, header};
 use http_body::{Frame, SizeHint};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
@@ -38,6 +38,7 @@ use crate::meter::Meter;
 use crate::meter::request::RequestInfo;
 use crate::meter::usage::{Usage, UsageMeter};
 use crate::route::{self, Route, RuntimeOp};
+use crate::upstream::payload::{Payload, PayloadBuilder};
 use crate::upstream::{Outbound, Upstream, headers};
 
 /// Longest query string forwarded to ListInferenceProfiles.
@@ -278,7 +279,7 @@ async fn handle(
         () = state.shutdown.cancelled() => return Err(shutting_down()),
         b = read_body(body, &parts.headers, config.max_body_bytes, config.timeouts.request_body) => b?,
     };
-    info.bytes_in = body.len();
+    info.bytes_in = usize::try_from(body.len()).unwrap_or(usize::MAX);
     let out = Outbound {
         method,
         url,
@@ -333,12 +334,13 @@ async fn handle(
     Ok(Response::from_parts(head, Body::new(observed)))
 }
 
+/// Reads the request body under the size and time limits, hashing it as it arrives.
 async fn read_body(
-    body: Body,
+    mut body: Body,
     headers: &http::HeaderMap,
     limit: usize,
     timeout: Duration,
-) -> Result<Bytes, ApiError> {
+) -> Result<Payload, ApiError> {
     let too_large = || {
         ApiError::validation(format!(
             "The request body is larger than this bedrock-gate accepts ({limit} bytes, limits.max_body_bytes)."
@@ -353,15 +355,27 @@ async fn read_body(
     {
         return Err(too_large());
     }
-    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+    let read = async {
+        let mut payload = PayloadBuilder::default();
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| ApiError::validation("The request body could not be read."))?;
+            if let Ok(data) = frame.into_data() {
+                if payload.len() + data.len() as u64 > limit as u64 {
+                    return Err(too_large());
+                }
+                payload.push(data);
+            }
+        }
+        Ok(payload.finish())
+    };
+    match tokio::time::timeout(timeout, read).await {
         Err(_) => Err(ApiError::validation(format!(
             "The request body did not arrive within {} s.",
             timeout.as_secs()
         ))
         .with_status(StatusCode::REQUEST_TIMEOUT)),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(_)) => Err(ApiError::validation("The request body could not be read.")),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(result) => result,
     }
 }
 

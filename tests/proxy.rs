@@ -345,6 +345,37 @@ async fn oversized_chunked_body_is_refused_too() {
 }
 
 #[tokio::test]
+async fn a_large_body_streamed_in_pieces_arrives_whole_and_correctly_signed() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    // 600 KB in uneven pieces, chunked: the proxy hashes them as they come and sends them on
+    // without joining them.
+    let pieces: Vec<bytes::Bytes> = (0..150u32)
+        .map(|i| bytes::Bytes::from(vec![b'a' + (i % 26) as u8; 1000 + (i as usize * 37) % 5000]))
+        .collect();
+    let whole: Vec<u8> = pieces.iter().flat_map(|p| p.to_vec()).collect();
+    let chunks = futures_util::stream::iter(
+        pieces
+            .into_iter()
+            .map(|p| Ok::<_, std::io::Error>(http_body::Frame::data(p))),
+    );
+    let req = http::Request::builder()
+        .method(Method::POST)
+        .uri(format!("{}/model/{SONNET}/converse", proxy.url()))
+        .header("authorization", format!("Bearer {ALICE_KEY}"))
+        .body(http_body_util::StreamBody::new(chunks))
+        .unwrap();
+    let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = fake.received();
+    assert_eq!(got[0].body.as_ref(), &whole[..]);
+    assert!(got[0].signature.is_ok(), "{:?}", got[0].signature);
+    assert_eq!(got[0].headers["content-length"], whole.len().to_string());
+}
+
+#[tokio::test]
 async fn upstream_errors_pass_through_unchanged() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&two_user_config(&fake, "")).await;

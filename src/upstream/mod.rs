@@ -5,6 +5,7 @@
 //! caches. This module must never forward a caller credential: it signs only headers it built.
 
 pub mod headers;
+pub mod payload;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,9 +15,7 @@ use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvid
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -25,6 +24,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::AwsSettings;
 use crate::error::{ApiError, ErrorKind};
+use payload::{Chunks, Payload};
 
 /// SigV4 service name for both Bedrock Runtime and the Bedrock control plane.
 const SIGNING_SERVICE: &str = "bedrock";
@@ -47,7 +47,7 @@ pub struct Outbound {
     pub region: String,
     /// Headers to forward (already filtered by [`headers::forwardable_request_headers`]).
     pub headers: HeaderMap,
-    pub body: Bytes,
+    pub body: Payload,
 }
 
 /// A request that got no response, and whether Bedrock may have received it anyway.
@@ -61,7 +61,7 @@ pub struct SendError {
 /// The pooled client and the proxy's AWS credentials.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Chunks>,
     credentials: SharedCredentialsProvider,
 }
 
@@ -167,7 +167,7 @@ impl Upstream {
         }
     }
 
-    async fn sign(&self, out: Outbound) -> Result<Request<Full<Bytes>>, ApiError> {
+    async fn sign(&self, out: Outbound) -> Result<Request<Chunks>, ApiError> {
         let uri: http::Uri = out.url.parse().map_err(|_| {
             ApiError::new(
                 ErrorKind::Internal,
@@ -220,7 +220,7 @@ impl Upstream {
             out.method.as_str(),
             out.url.as_str(),
             signable_headers.into_iter(),
-            SignableBody::Bytes(&out.body),
+            SignableBody::Precomputed(out.body.sha256_hex().to_string()),
         )
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("cannot sign request: {e}")))?;
         let (instructions, _signature) = sign(signable, &params)
@@ -230,7 +230,7 @@ impl Upstream {
         let mut request = Request::builder()
             .method(out.method)
             .uri(uri)
-            .body(Full::new(out.body))
+            .body(out.body.into_body())
             .map_err(|e| {
                 ApiError::new(ErrorKind::Internal, format!("cannot build request: {e}"))
             })?;

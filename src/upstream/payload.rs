@@ -1,0 +1,157 @@
+//! A request body as it arrived: the chunks as read, never copied into one buffer, and their
+//! SHA-256 computed while they arrived, which SigV4 needs as the payload hash.
+//!
+//! For a 500 KB Claude Code context this saves a copy of the whole body (and the page faults
+//! of a fresh 500 KB buffer), and the hash is done by the time the last byte is in.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use sha2::{Digest, Sha256};
+
+/// A complete request body and its SHA-256 (lowercase hex). Cloning shares the chunks.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    chunks: Vec<Bytes>,
+    len: u64,
+    sha256_hex: String,
+}
+
+impl Payload {
+    /// A body held in one buffer (control-plane reads, tests).
+    pub fn from_bytes(bytes: Bytes) -> Payload {
+        let mut p = PayloadBuilder::default();
+        p.push(bytes);
+        p.finish()
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The payload hash for SigV4's canonical request.
+    pub fn sha256_hex(&self) -> &str {
+        &self.sha256_hex
+    }
+
+    /// The body to send: the same chunks, with an exact size.
+    pub fn into_body(self) -> Chunks {
+        Chunks {
+            remaining: self.len,
+            chunks: self.chunks.into_iter(),
+        }
+    }
+}
+
+/// Collects chunks as they are read, hashing each on arrival.
+#[derive(Default)]
+pub struct PayloadBuilder {
+    chunks: Vec<Bytes>,
+    len: u64,
+    hasher: Sha256,
+}
+
+impl PayloadBuilder {
+    pub fn push(&mut self, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        self.hasher.update(&chunk);
+        self.len += chunk.len() as u64;
+        self.chunks.push(chunk);
+    }
+
+    /// Bytes collected so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn finish(self) -> Payload {
+        Payload {
+            chunks: self.chunks,
+            len: self.len,
+            sha256_hex: hex::encode(self.hasher.finalize()),
+        }
+    }
+}
+
+/// [`Payload`] as an HTTP body: its chunks in order, then the end.
+#[derive(Debug)]
+pub struct Chunks {
+    chunks: std::vec::IntoIter<Bytes>,
+    remaining: u64,
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.chunks.next() {
+            Some(chunk) => {
+                self.remaining -= chunk.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn chunks_hash_and_replay_like_one_buffer() {
+        let whole = Bytes::from_static(b"{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}");
+        let mut b = PayloadBuilder::default();
+        for piece in whole.chunks(7) {
+            b.push(Bytes::copy_from_slice(piece));
+        }
+        b.push(Bytes::new());
+        let p = b.finish();
+        assert_eq!(p.len(), whole.len() as u64);
+        assert_eq!(p.sha256_hex(), hex::encode(Sha256::digest(&whole)));
+        assert_eq!(
+            p.sha256_hex(),
+            Payload::from_bytes(whole.clone()).sha256_hex()
+        );
+        let body = p.clone().into_body();
+        assert_eq!(body.size_hint().exact(), Some(whole.len() as u64));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), whole);
+        // The empty body hashes as SigV4 expects.
+        assert_eq!(
+            PayloadBuilder::default().finish().sha256_hex(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert!(
+            Payload::from_bytes(Bytes::new())
+                .into_body()
+                .is_end_stream()
+        );
+    }
+}
