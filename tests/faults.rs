@@ -274,6 +274,34 @@ async fn a_request_that_reached_bedrock_is_never_sent_again() {
     assert!(!proxy.logs().contains("retrying"));
 }
 
+#[tokio::test]
+async fn a_tls_handshake_that_never_finishes_is_a_connect_failure_and_retried() {
+    // Accepts TCP, then never answers the ClientHello.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (sock, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(sock);
+        }
+    });
+    let config = format!(
+        "[aws]\nruntime_endpoint = \"https://{addr}\"\n[timeouts]\nconnect_secs = 1\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
+        hash(ALICE_KEY),
+        alice_sonnet()
+    );
+    let proxy = Proxy::start(&config).await;
+    let reply = converse_owned(proxy.url()).await;
+    assert_eq!(reply.status, 502, "{:?}", reply.body);
+    // The first try and three retries, each cut at connect_secs.
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    assert!(proxy.logs().contains("TLS handshake took longer than 1 s"));
+}
+
 /// Reads until the peer closes the connection; returns what it sent.
 async fn read_to_close(sock: &mut tokio::net::TcpStream) -> String {
     let mut out = Vec::new();

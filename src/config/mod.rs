@@ -152,7 +152,7 @@ pub struct AwsSettings {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// TCP connect to Bedrock (the TLS handshake counts toward `first_byte`).
+    /// TCP connect plus TLS handshake to Bedrock; past it the connect is retried.
     pub connect: Duration,
     /// From sending the request to receiving response headers. Non-streaming calls only
     /// answer when the whole completion is done, so this is long.

@@ -58,10 +58,51 @@ pub struct SendError {
     pub maybe_sent: bool,
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Https = HttpsConnector<HttpConnector>;
+
+/// TCP connect and TLS handshake under one deadline (`timeouts.connect_secs`). A timeout here is
+/// a connect failure: the request never left, so it is retried like one.
+#[derive(Clone)]
+struct Connector {
+    inner: Https,
+    timeout: Duration,
+}
+
+impl tower::Service<http::Uri> for Connector {
+    type Response = <Https as tower::Service<http::Uri>>::Response;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let limit = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "TCP connect and TLS handshake took longer than {} s (timeouts.connect_secs)",
+                    limit.as_secs()
+                )
+                .into()),
+            }
+        })
+    }
+}
+
 /// The pooled client and the proxy's AWS credentials.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Chunks>,
+    client: Client<Connector, Chunks>,
     credentials: SharedCredentialsProvider,
 }
 
@@ -93,7 +134,6 @@ impl Upstream {
     ) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -103,10 +143,14 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
+        let connector = Connector {
+            inner: https,
+            timeout: connect_timeout,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(50))
             .pool_max_idle_per_host(64)
-            .build(https);
+            .build(connector);
         Upstream {
             client,
             credentials,
