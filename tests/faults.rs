@@ -195,6 +195,26 @@ async fn a_stream_that_goes_silent_is_cut_after_stream_idle_secs_and_recorded() 
 }
 
 #[tokio::test]
+async fn the_header_timeout_does_not_cut_a_response_that_takes_longer() {
+    // The connection waits on its response far past request_header_secs; only the stream
+    // idle timeout may end it.
+    let fake = FakeBedrock::start().await;
+    fake.script(&alice_sonnet(), fake::Script::StallAfterFirst);
+    let proxy = Proxy::start(&two_user_config(
+        &fake,
+        "[timeouts]\nrequest_header_secs = 1\nstream_idle_secs = 4\n",
+    ))
+    .await;
+    assert_eq!(call(proxy.url(), true).await, Seen::TransferError);
+    let rows = eventually("the row", || async {
+        let rows = outcomes(&proxy);
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0].2, "upstream_idle", "not client_gone");
+}
+
+#[tokio::test]
 async fn a_failed_connect_is_retried_until_bedrock_comes_up() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
