@@ -1,14 +1,17 @@
-//! Log output for `serve`: tracing lines to stderr through a shared buffer.
+//! Log output for `serve`: tracing lines to stderr, written by a thread of their own.
 //!
-//! A direct `write(2)` per line on a tokio worker costs a syscall per request and stalls that
-//! worker whenever the reader of stderr (a pipe, journald, a container runtime) is slow. Lines
-//! are appended to one buffer instead; a background thread writes it out every
-//! [`FLUSH_EVERY`], a full buffer is written at once, and WARN and ERROR lines are written
-//! immediately. [`flush`] runs at exit and from the panic hook, so only a `kill -9` can lose
-//! the last few milliseconds of INFO lines (the ledger holds every request either way).
+//! A request thread never writes to stderr: it appends its line to a shared buffer in memory
+//! and goes on. A background thread swaps the buffer out and writes it every [`FLUSH_EVERY`],
+//! or at once when a WARN or ERROR line arrives. A reader of stderr that is slow or gone (a
+//! pipe, journald, a container runtime restarting) therefore never stalls a request: the buffer
+//! holds up to [`MAX_BUFFERED`] bytes, and lines beyond that are dropped and counted (the count
+//! is logged once writing works again). [`flush`] runs at exit and, without waiting on a lock,
+//! from the panic hook. A `kill -9` can lose the last [`FLUSH_EVERY`] of lines; the ledger keeps
+//! every request either way.
 
-use std::io::{BufWriter, Stderr, Write};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::Thread;
 use std::time::Duration;
 
 use tracing::{Level, Metadata};
@@ -16,39 +19,57 @@ use tracing_subscriber::fmt::MakeWriter;
 
 use crate::cli::LogFormat;
 
-/// Longest time an INFO line waits in the buffer.
+/// Longest time a line waits in the buffer.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
-const BUFFER_BYTES: usize = 64 * 1024;
+/// Bytes held for a stderr that does not keep up; lines beyond are dropped and counted.
+pub const MAX_BUFFERED: usize = 4 * 1024 * 1024;
 
-type Shared = Arc<Mutex<BufWriter<Stderr>>>;
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    dropped_lines: u64,
+}
 
-static BUFFER: OnceLock<Shared> = OnceLock::new();
+struct Shared {
+    pending: Mutex<Pending>,
+    /// The writer thread, woken early for WARN and ERROR lines.
+    writer: OnceLock<Thread>,
+    /// Held while writing to stderr, so an exit-time flush and the writer thread do not
+    /// interleave their output.
+    output: Mutex<()>,
+}
 
-/// Installs the global subscriber (`RUST_LOG`, default `info`) writing through the buffer,
-/// and starts the flusher thread.
+static SHARED: OnceLock<Arc<Shared>> = OnceLock::new();
+
+/// Installs the global subscriber (`RUST_LOG`, default `info`) and starts the writer thread.
 pub fn init(format: LogFormat, ansi: bool) {
-    let shared = BUFFER
+    let shared = SHARED
         .get_or_init(|| {
-            Arc::new(Mutex::new(BufWriter::with_capacity(
-                BUFFER_BYTES,
-                std::io::stderr(),
-            )))
+            Arc::new(Shared {
+                pending: Mutex::new(Pending::default()),
+                writer: OnceLock::new(),
+                output: Mutex::new(()),
+            })
         })
         .clone();
-    let flusher = shared.clone();
-    let _ = std::thread::Builder::new()
-        .name("log-flusher".into())
+    let for_thread = shared.clone();
+    if let Ok(handle) = std::thread::Builder::new()
+        .name("log-writer".into())
         .spawn(move || {
             loop {
-                std::thread::sleep(FLUSH_EVERY);
-                if let Ok(mut w) = flusher.lock() {
-                    let _ = w.flush();
-                }
+                std::thread::park_timeout(FLUSH_EVERY);
+                write_out(&for_thread, true);
             }
-        });
+        })
+    {
+        let _ = shared.writer.set(handle.thread().clone());
+    }
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        flush();
+        // Never wait on a lock here: the panic may have happened while it was held.
+        if let Some(shared) = SHARED.get() {
+            write_out(shared, false);
+        }
         default_hook(info);
     }));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -56,6 +77,8 @@ pub fn init(format: LogFormat, ansi: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
+        // A failed write must not print (and possibly panic) from inside the logger.
+        .log_internal_errors(false)
         .with_writer(Buffered(shared));
     match format {
         LogFormat::Text => builder.init(),
@@ -63,46 +86,84 @@ pub fn init(format: LogFormat, ansi: bool) {
     }
 }
 
-/// Writes out whatever is buffered.
+/// Writes out whatever is buffered (at exit).
 pub fn flush() {
-    if let Some(shared) = BUFFER.get()
-        && let Ok(mut w) = shared.lock()
-    {
-        let _ = w.flush();
+    if let Some(shared) = SHARED.get() {
+        write_out(shared, true);
     }
 }
 
-struct Buffered(Shared);
+/// Takes the buffer and writes it to stderr outside the buffer's lock. With `wait` false it
+/// gives up rather than block on either lock.
+fn write_out(shared: &Shared, wait: bool) {
+    let output = if wait {
+        shared.output.lock().ok()
+    } else {
+        shared.output.try_lock().ok()
+    };
+    if output.is_none() {
+        return;
+    }
+    let taken = {
+        let pending = if wait {
+            shared.pending.lock().ok()
+        } else {
+            shared.pending.try_lock().ok()
+        };
+        match pending {
+            Some(mut p) if !p.bytes.is_empty() || p.dropped_lines > 0 => std::mem::take(&mut *p),
+            _ => return,
+        }
+    };
+    let mut err = std::io::stderr().lock();
+    // Nowhere to report a failed write to stderr; the lines are lost either way.
+    let _ = err.write_all(&taken.bytes);
+    if taken.dropped_lines > 0 {
+        let _ = writeln!(
+            err,
+            "bedrock-gate: {} log lines dropped: stderr did not keep up",
+            taken.dropped_lines
+        );
+    }
+    let _ = err.flush();
+}
 
-/// One log line's access to the buffer; writes it out on drop when `urgent`.
+struct Buffered(Arc<Shared>);
+
+/// One log line on its way into the buffer.
 pub struct LineWriter<'a> {
-    guard: Option<MutexGuard<'a, BufWriter<Stderr>>>,
+    shared: &'a Shared,
+    line: Vec<u8>,
     urgent: bool,
 }
 
 impl Write for LineWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.guard.as_mut() {
-            Some(w) => w.write(buf),
-            // A poisoned lock (a panic mid-write): fall back to plain stderr.
-            None => std::io::stderr().write(buf),
-        }
+        self.line.extend_from_slice(buf);
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        match self.guard.as_mut() {
-            Some(w) => w.flush(),
-            None => Ok(()),
-        }
+        Ok(())
     }
 }
 
 impl Drop for LineWriter<'_> {
     fn drop(&mut self) {
+        if self.line.is_empty() {
+            return;
+        }
+        if let Ok(mut p) = self.shared.pending.lock() {
+            if p.bytes.len() + self.line.len() > MAX_BUFFERED {
+                p.dropped_lines += 1;
+            } else {
+                p.bytes.extend_from_slice(&self.line);
+            }
+        }
         if self.urgent
-            && let Some(w) = self.guard.as_mut()
+            && let Some(writer) = self.shared.writer.get()
         {
-            let _ = w.flush();
+            writer.unpark();
         }
     }
 }
@@ -112,14 +173,16 @@ impl<'a> MakeWriter<'a> for Buffered {
 
     fn make_writer(&'a self) -> LineWriter<'a> {
         LineWriter {
-            guard: self.0.lock().ok(),
+            shared: &self.0,
+            line: Vec::new(),
             urgent: false,
         }
     }
 
     fn make_writer_for(&'a self, meta: &Metadata<'_>) -> LineWriter<'a> {
         LineWriter {
-            guard: self.0.lock().ok(),
+            shared: &self.0,
+            line: Vec::new(),
             urgent: *meta.level() <= Level::WARN,
         }
     }
