@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,10 +16,11 @@ use axum::body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 use crate::server::AppState;
@@ -42,7 +44,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let graceful = GracefulShutdown::new();
+    let closing = CancellationToken::new();
+    let connections = TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -60,15 +63,22 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let builder = builder(&state);
-        let service = TowerToHyperService::new(
-            app.clone()
-                .map_request(|r: http::Request<Incoming>| r.map(Body::new)),
-        );
-        let watcher = graceful.watcher();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counter = requests.clone();
+        let service =
+            TowerToHyperService::new(app.clone().map_request(move |r: http::Request<Incoming>| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                r.map(Body::new)
+            }));
+        let conn = Conn {
+            builder: builder(&state),
+            requests,
+            idle_after: state.live.load().config.timeouts.request_header,
+            closing: closing.clone(),
+        };
         match &tls {
             None => {
-                tokio::spawn(serve_io(builder, stream, service, watcher));
+                connections.spawn(conn.serve(stream, service));
             }
             Some(initial) => {
                 // The live config's certificate, so a reload rotates it; the one we started
@@ -81,7 +91,7 @@ pub async fn serve(
                     .as_ref()
                     .and_then(|t| t.server.clone())
                     .unwrap_or_else(|| initial.clone());
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let acceptor = tokio_rustls::TlsAcceptor::from(server);
                     let tls_stream =
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
@@ -97,18 +107,20 @@ pub async fn serve(
                                 return;
                             }
                         };
-                    serve_io(builder, tls_stream, service, watcher).await;
+                    conn.serve(tls_stream, service).await;
                 });
             }
         }
     }
     drop(listener);
     tracing::debug!(
-        connections = graceful.count(),
+        connections = connections.len(),
         "stopped accepting; closing connections"
     );
+    closing.cancel();
+    connections.close();
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = connections.wait() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_secs = grace.as_secs(), "grace period over; dropping requests still in flight");
         }
@@ -116,27 +128,69 @@ pub async fn serve(
     Ok(())
 }
 
-async fn serve_io<I, S>(
+/// One accepted connection and what decides when it ends.
+struct Conn {
     builder: auto::Builder<TokioExecutor>,
-    io: I,
-    service: S,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            http::Request<Incoming>,
-            Response = http::Response<Body>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "connection ended with an error");
+    /// Requests started on this connection so far.
+    requests: Arc<AtomicU64>,
+    /// `timeouts.request_header`: how long a connection may go without starting a request.
+    idle_after: Duration,
+    /// Cancelled at shutdown.
+    closing: CancellationToken,
+}
+
+impl Conn {
+    /// Serves the connection until it ends. One that starts no request within `idle_after`
+    /// of opening (silent, or stuck before its first request, HTTP/2 included) is dropped;
+    /// one that starts none for that long after earlier requests, and every one at shutdown,
+    /// is asked to close after its current responses, which still finish.
+    async fn serve<I, S>(self, io: I, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<
+                http::Request<Incoming>,
+                Response = http::Response<Body>,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let check = tokio::time::sleep(self.idle_after);
+        tokio::pin!(check);
+        let mut seen = 0;
+        let mut asked_to_close = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = self.closing.cancelled(), if !asked_to_close => {
+                    conn.as_mut().graceful_shutdown();
+                    asked_to_close = true;
+                }
+                () = &mut check, if !asked_to_close => {
+                    let started = self.requests.load(Ordering::Relaxed);
+                    if started == 0 {
+                        tracing::debug!("no request within timeouts.request_header_secs; closing the connection");
+                        return;
+                    }
+                    if started == seen {
+                        conn.as_mut().graceful_shutdown();
+                        asked_to_close = true;
+                    }
+                    seen = started;
+                    check.as_mut().reset(tokio::time::Instant::now() + self.idle_after);
+                }
+            }
+        }
     }
 }
 
