@@ -190,11 +190,10 @@ impl Upstream {
             // A failed connect never carried the request; anything later may have.
             let never_sent = e.is_connect();
             match backoff.next() {
-                Some(pause) if never_sent => {
+                // Only while a retry can still start before the deadline; otherwise this
+                // connect failure is the answer (502, never sent).
+                Some(pause) if never_sent && tokio::time::Instant::now() + *pause < deadline => {
                     tracing::warn!(error = %error_chain(&e), retry_in_ms = pause.as_millis() as u64, "could not connect to Bedrock; retrying");
-                    if tokio::time::Instant::now() + *pause >= deadline {
-                        return Err(timed_out());
-                    }
                     tokio::time::sleep(*pause).await;
                 }
                 _ => {
