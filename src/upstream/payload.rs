@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use sha2::{Digest, Sha256};
 
@@ -50,10 +50,18 @@ impl Payload {
     }
 }
 
+/// Chunks smaller than this are copied together rather than kept one by one, so a body
+/// dribbled in tiny pieces costs no more memory (or upstream frames) than a normal one.
+const SMALL_CHUNK: usize = 16 * 1024;
+/// Size at which the small pieces gathered so far become one chunk.
+const GATHERED_CHUNK: usize = 64 * 1024;
+
 /// Collects chunks as they are read, hashing each on arrival.
 #[derive(Default)]
 pub struct PayloadBuilder {
     chunks: Vec<Bytes>,
+    /// Small pieces waiting to become one chunk.
+    gathered: BytesMut,
     len: u64,
     hasher: Sha256,
 }
@@ -65,7 +73,17 @@ impl PayloadBuilder {
         }
         self.hasher.update(&chunk);
         self.len += chunk.len() as u64;
-        self.chunks.push(chunk);
+        if chunk.len() < SMALL_CHUNK {
+            self.gathered.extend_from_slice(&chunk);
+            if self.gathered.len() >= GATHERED_CHUNK {
+                self.chunks.push(self.gathered.split().freeze());
+            }
+        } else {
+            if !self.gathered.is_empty() {
+                self.chunks.push(self.gathered.split().freeze());
+            }
+            self.chunks.push(chunk);
+        }
     }
 
     /// Bytes collected so far.
@@ -77,7 +95,10 @@ impl PayloadBuilder {
         self.len == 0
     }
 
-    pub fn finish(self) -> Payload {
+    pub fn finish(mut self) -> Payload {
+        if !self.gathered.is_empty() {
+            self.chunks.push(self.gathered.split().freeze());
+        }
         Payload {
             chunks: self.chunks,
             len: self.len,
@@ -134,6 +155,7 @@ mod tests {
         }
         b.push(Bytes::new());
         let p = b.finish();
+        assert_eq!(p.chunks.len(), 1, "tiny pieces are gathered");
         assert_eq!(p.len(), whole.len() as u64);
         assert_eq!(p.sha256_hex(), hex::encode(Sha256::digest(&whole)));
         assert_eq!(
