@@ -405,3 +405,104 @@ async fn healthcheck_command_passes_on_a_running_proxy_and_fails_on_a_dead_port(
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("healthcheck"));
 }
+
+#[tokio::test]
+async fn connections_that_never_start_a_request_are_closed() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(
+        &fake,
+        "[timeouts]\nrequest_header_secs = 1\n",
+    ))
+    .await;
+    // Silent; one byte; the HTTP/2 preface and nothing else.
+    for opening in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"] {
+        let mut sock = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+        sock.write_all(opening).await.unwrap();
+        read_to_close(&mut sock).await;
+    }
+}
+
+#[tokio::test]
+async fn connect_failures_until_the_first_byte_deadline_are_502_never_sent() {
+    let config = format!(
+        "{}[timeouts]\nfirst_byte_secs = 1\n",
+        unreachable_upstream_config()
+    );
+    let proxy = Proxy::start(&config).await;
+    let reply = converse_owned(proxy.url()).await;
+    assert_eq!(reply.status, 502, "{:?}", reply.body);
+    assert_eq!(reply.error_type(), "ServiceUnavailableException");
+    let rows = eventually("the row", || async {
+        let rows = outcomes(&proxy);
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0].1, 502);
+}
+
+#[tokio::test]
+async fn a_closed_stderr_neither_blocks_requests_nor_shutdown() {
+    use std::io::BufRead as _;
+    let fake = FakeBedrock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bedrock-gate.toml");
+    std::fs::write(&config, two_user_config(&fake, "")).unwrap();
+    let mut child = command(dir.path())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody reads stderr any more: every write to it fails (EPIPE).
+    drop(child.stderr.take());
+    let mut line = String::new();
+    // Kept open to the end: stdout still has its reader.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("bedrock-gate listening on ")
+        .unwrap()
+        .to_string();
+    for i in 0..300 {
+        // Refusals (unknown key) log a WARN line each; some succeed and log INFO.
+        let key = if i % 2 == 0 { "bgk_nobody" } else { ALICE_KEY };
+        let reply = tokio::time::timeout(
+            Duration::from_secs(30),
+            send(request(
+                Method::POST,
+                &format!("{addr}/model/{SONNET}/converse"),
+                &[("authorization", &format!("Bearer {key}"))],
+                CONVERSE_BODY,
+            )),
+        )
+        .await
+        .expect("a request stalled on logging");
+        assert!(
+            reply.status == 200 || reply.status == 403,
+            "{}",
+            reply.status
+        );
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bedrock-gate hung at shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    drop(stdout);
+}

@@ -162,8 +162,8 @@ pub struct Timeouts {
     /// Longest gap between two pieces of a response body (stream events); a stream silent
     /// that long is cut. Long, because a model can think for minutes between events.
     pub stream_idle: Duration,
-    /// How long a client connection may take to send a request's headers, counted from the
-    /// end of its previous request: also how long an idle keep-alive connection stays open.
+    /// How long a connection may go without starting a request: slow headers, idle keep-alive
+    /// (HTTP/1.1 and HTTP/2), and connections that never send one.
     pub request_header: Duration,
 }
 
