@@ -63,6 +63,9 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        // One look at the live config per connection: its timeouts and certificate.
+        let live = state.live.load_full();
+        let idle_after = live.config.timeouts.request_header;
         let requests = Arc::new(AtomicU64::new(0));
         let counter = requests.clone();
         let service =
@@ -71,9 +74,9 @@ pub async fn serve(
                 r.map(Body::new)
             }));
         let conn = Conn {
-            builder: builder(&state),
+            builder: builder(idle_after),
             requests,
-            idle_after: state.live.load().config.timeouts.request_header,
+            idle_after,
             closing: closing.clone(),
         };
         match &tls {
@@ -83,9 +86,7 @@ pub async fn serve(
             Some(initial) => {
                 // The live config's certificate, so a reload rotates it; the one we started
                 // with if TLS was since removed from the file (that needs a restart).
-                let server = state
-                    .live
-                    .load()
+                let server = live
                     .config
                     .tls
                     .as_ref()
@@ -194,9 +195,8 @@ impl Conn {
     }
 }
 
-/// HTTP/1.1 and HTTP/2 with the live config's header timeout.
-fn builder(state: &AppState) -> auto::Builder<TokioExecutor> {
-    let header_timeout = state.live.load().config.timeouts.request_header;
+/// HTTP/1.1 and HTTP/2, with hyper's HTTP/1 header timeout at `header_timeout`.
+fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
