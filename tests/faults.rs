@@ -33,6 +33,15 @@ fn outcomes(proxy: &Proxy) -> Vec<(String, i64, String)> {
         .unwrap()
 }
 
+/// The ledger's rows once there is at least one (rows are committed in the background).
+async fn ledger_rows(proxy: &Proxy) -> Vec<(String, i64, String)> {
+    eventually("a ledger row", || async {
+        let rows = outcomes(proxy);
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await
+}
+
 /// What one client saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Seen {
@@ -185,11 +194,7 @@ async fn a_stream_that_goes_silent_is_cut_after_stream_idle_secs_and_recorded() 
         .expect("the silent stream was never cut")
         .unwrap();
     assert_eq!(seen, Seen::TransferError);
-    let rows = eventually("the row", || async {
-        let rows = outcomes(&proxy);
-        (!rows.is_empty()).then_some(rows)
-    })
-    .await;
+    let rows = ledger_rows(&proxy).await;
     assert_eq!(rows[0].2, "upstream_idle");
     assert!(proxy.logs().contains("stream_idle_secs"));
 }
@@ -206,27 +211,14 @@ async fn the_header_timeout_does_not_cut_a_response_that_takes_longer() {
     ))
     .await;
     assert_eq!(call(proxy.url(), true).await, Seen::TransferError);
-    let rows = eventually("the row", || async {
-        let rows = outcomes(&proxy);
-        (!rows.is_empty()).then_some(rows)
-    })
-    .await;
+    let rows = ledger_rows(&proxy).await;
     assert_eq!(rows[0].2, "upstream_idle", "not client_gone");
 }
 
 #[tokio::test]
 async fn a_failed_connect_is_retried_until_bedrock_comes_up() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
-    let config = format!(
-        "[aws]\nruntime_endpoint = \"{url}\"\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
-        hash(ALICE_KEY),
-        alice_sonnet()
-    );
+    let port = free_port();
+    let config = alice_config(&format!("http://127.0.0.1:{port}"), "");
     let proxy = Proxy::start(&config).await;
     let call = tokio::spawn(converse_owned(proxy.url()));
     // Only once the first connect has failed does Bedrock come up.
@@ -274,22 +266,14 @@ async fn a_request_that_reached_bedrock_is_never_sent_again() {
             });
         }
     });
-    let config = format!(
-        "[aws]\nruntime_endpoint = \"http://{addr}\"\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
-        hash(ALICE_KEY),
-        alice_sonnet()
-    );
+    let config = alice_config(&format!("http://{addr}"), "");
     let proxy = Proxy::start(&config).await;
     let reply = converse_owned(proxy.url()).await;
     assert_eq!(reply.status, 502);
     assert_eq!(reply.error_type(), "ServiceUnavailableException");
     assert_eq!(requests.load(Ordering::SeqCst), 1, "sent exactly once");
     // The row says Bedrock may have run it.
-    let conn_rows = eventually("the row", || async {
-        let rows = outcomes(&proxy);
-        (!rows.is_empty()).then_some(rows)
-    })
-    .await;
+    let conn_rows = ledger_rows(&proxy).await;
     assert_eq!(conn_rows.len(), 1);
     assert!(!proxy.logs().contains("retrying"));
 }
@@ -309,11 +293,7 @@ async fn a_tls_handshake_that_never_finishes_is_a_connect_failure_and_retried() 
             held.push(sock);
         }
     });
-    let config = format!(
-        "[aws]\nruntime_endpoint = \"https://{addr}\"\n[timeouts]\nconnect_secs = 1\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
-        hash(ALICE_KEY),
-        alice_sonnet()
-    );
+    let config = alice_config(&format!("https://{addr}"), "[timeouts]\nconnect_secs = 1\n");
     let proxy = Proxy::start(&config).await;
     let reply = converse_owned(proxy.url()).await;
     assert_eq!(reply.status, 502, "{:?}", reply.body);
@@ -365,11 +345,7 @@ async fn a_client_that_dribbles_its_body_gets_408_and_nothing_reaches_bedrock() 
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.to_ascii_lowercase().contains("x-amzn-errortype"));
     assert!(fake.received().is_empty());
-    let rows = eventually("the row", || async {
-        let rows = outcomes(&proxy);
-        (!rows.is_empty()).then_some(rows)
-    })
-    .await;
+    let rows = ledger_rows(&proxy).await;
     assert_eq!(rows[0].1, 408);
 }
 
@@ -387,11 +363,7 @@ async fn healthcheck_command_passes_on_a_running_proxy_and_fails_on_a_dead_port(
         .output()
         .unwrap();
     assert!(ok.status.success(), "{ok:?}");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let bad = command(dir.path())
         .args([
             "healthcheck",
@@ -432,11 +404,7 @@ async fn connect_failures_until_the_first_byte_deadline_are_502_never_sent() {
     let reply = converse_owned(proxy.url()).await;
     assert_eq!(reply.status, 502, "{:?}", reply.body);
     assert_eq!(reply.error_type(), "ServiceUnavailableException");
-    let rows = eventually("the row", || async {
-        let rows = outcomes(&proxy);
-        (!rows.is_empty()).then_some(rows)
-    })
-    .await;
+    let rows = ledger_rows(&proxy).await;
     assert_eq!(rows[0].1, 502);
 }
 

@@ -78,19 +78,28 @@ keys = ["{kb}"]
     )
 }
 
-/// Alice alone, with a runtime endpoint where nothing listens (a port that was free a moment
-/// ago), so every connect fails.
-pub fn unreachable_upstream_config() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A port on 127.0.0.1 that was free a moment ago (nothing listens on it now).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
-        .port();
+        .port()
+}
+
+/// Alice alone, mapping Sonnet, with Bedrock Runtime at `runtime_endpoint`; `extra` is
+/// appended (more tables).
+pub fn alice_config(runtime_endpoint: &str, extra: &str) -> String {
     format!(
-        "[aws]\nruntime_endpoint = \"http://127.0.0.1:{port}\"\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n",
+        "[aws]\nruntime_endpoint = \"{runtime_endpoint}\"\n[users.alice]\nkeys = [\"{}\"]\n[users.alice.models]\n\"{SONNET}\" = \"{}\"\n{extra}",
         hash(ALICE_KEY),
         alice_sonnet()
     )
+}
+
+/// Alice alone, with a runtime endpoint where nothing listens, so every connect fails.
+pub fn unreachable_upstream_config() -> String {
+    alice_config(&format!("http://127.0.0.1:{}", free_port()), "")
 }
 
 /// The real binary, running on a free port with a temp config and dummy AWS credentials.
