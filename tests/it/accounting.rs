@@ -1,13 +1,8 @@
 //! Every request is recorded exactly once, whatever happens to it: a client that gives up
 //! before Bedrock answers, a stream cut at shutdown, an upstream that cannot be reached. And
 //! only what was admitted counts against a rate limit, before and after a restart.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

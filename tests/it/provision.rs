@@ -2,13 +2,8 @@
 //! control plane on 127.0.0.1:0 that keeps state, pages its lists, checks every signature and
 //! refuses what AWS would refuse. The fake is driven through the real aws-sdk-bedrock client
 //! inside the binary, so these tests also pin the wire shapes.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,12 +1,7 @@
 //! The fake Bedrock's SigV4 verifier must itself be right, or every signing test proves
 //! nothing. Checked against the worked example in the AWS SigV4 documentation.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use common::sigv4::verify_with;
 use http::{HeaderMap, HeaderValue};

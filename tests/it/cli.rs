@@ -1,11 +1,6 @@
 //! The `check` and `keygen` subcommands, run as a user would.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -3,13 +3,8 @@
 //! Needs the pinned Claude Code that `.ci/run` installs (into
 //! `~/.cache/bedrock-gate/claude-code`), or `BEDROCK_GATE_CLAUDE` pointing at a `claude`
 //! binary. Without one the test fails and says how to get it: a skipped test proves nothing.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Stdio;

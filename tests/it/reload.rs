@@ -1,12 +1,7 @@
 //! Live reload of the running binary: file changes and SIGHUP swap the config atomically; an
 //! invalid file is refused and the old config keeps serving; streams in flight finish.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use http::Method;

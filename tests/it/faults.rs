@@ -2,13 +2,8 @@
 //! cannot be reached or drops a request it received; a client that dribbles its headers or its
 //! body. Every client gets the full answer or a clean error, every request one ledger row, and
 //! nothing that may have reached the model is sent twice.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

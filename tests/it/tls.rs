@@ -1,12 +1,7 @@
 //! The HTTPS listener (`tls_cert`, `tls_key`): HTTP/1.1 and HTTP/2 by ALPN, streaming over
 //! both, certificate rotation on reload, and `check` refusing a bad pair.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

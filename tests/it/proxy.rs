@@ -1,12 +1,7 @@
 //! Black-box tests of the real binary against the fake Bedrock: routing, signing, header
 //! hygiene and refusals.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use http::Method;

@@ -1,12 +1,7 @@
 //! Streams pass through frame by frame: proven without timing, by a fake that sends event N+1
 //! only after the test client has received event N. A proxy that buffers deadlocks here.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

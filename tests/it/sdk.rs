@@ -1,13 +1,8 @@
 //! A real client: aws-sdk-bedrockruntime with a bearer token and an endpoint override, through
 //! the proxy, for all five runtime operations. Responses must parse and every stream event
 //! must arrive, exactly as against Bedrock.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use aws_sdk_bedrockruntime::Client;
 use aws_sdk_bedrockruntime::config::{BehaviorVersion, Region, Token};

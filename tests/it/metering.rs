@@ -1,12 +1,7 @@
 //! Metering through the real binary: exact token totals per operation in the ledger, budgets
 //! and rate limits, restart safety, the `usage` report and `/metrics`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a panic is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use http::Method;

@@ -1,0 +1,25 @@
+//! Every integration test in one binary, so the helpers in `common` compile once.
+//!
+//! Most modules are black-box tests of the real `bedrock-gate` binary (started on port 0 with a
+//! temp config) against fakes of AWS on 127.0.0.1:0; `parsers_prop` calls the library directly.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
+
+mod common;
+
+mod accounting;
+mod claude_code;
+mod cli;
+mod faults;
+mod metering;
+mod parsers_prop;
+mod provision;
+mod proxy;
+mod reload;
+mod sdk;
+mod sigv4_verifier;
+mod streaming;
+mod tls;
