@@ -5,6 +5,7 @@
 //! untouched.
 //!
 //! # Layout
+//! - [`domain`]: the shared words (Bedrock Runtime operations, token usage); imports nothing.
 //! - [`cli`]: clap definitions only.
 //! - [`config`]: TOML → raw serde types → validated [`config::Config`] (the routing table).
 //! - [`auth`]: API key extraction, SHA-256 hashing, key generation.
@@ -14,6 +15,7 @@
 //! - [`upstream`]: header hygiene, SigV4 signing, the pooled rustls HTTP client.
 //! - [`server`]: router, the proxy handler, body limits, response streaming, `serve`, the
 //!   admin (metrics) listener.
+//! - [`state`]: what every request shares (live config, upstream client, meter, shutdown).
 //! - [`reload`]: live config reload on file change and SIGHUP (validate, then swap whole).
 //! - [`admin`]: config-editing commands (users, keys) and profile provisioning (plan, apply,
 //!   verify) against the Bedrock control plane.
@@ -26,6 +28,7 @@ pub mod arn;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod listen;
 pub mod logging;
@@ -33,5 +36,6 @@ pub mod meter;
 pub mod reload;
 pub mod route;
 pub mod server;
+pub mod state;
 pub mod tls;
 pub mod upstream;

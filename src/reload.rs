@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError};
-use crate::server::{AppState, Live};
+use crate::state::{AppState, Live};
 
 /// Editors and `mv` produce bursts of events; one reload per burst is enough.
 const DEBOUNCE: Duration = Duration::from_millis(50);

@@ -11,6 +11,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 
 use crate::arn::{BedrockArn, ModelRef, ResourceKind, strip_geo_prefix};
 use crate::config::{Profile, User, Users};
+use crate::domain::RuntimeOp;
 use crate::error::ApiError;
 
 /// Longest path accepted; ARNs are short, anything longer is not a Bedrock call.
@@ -27,51 +28,6 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 /// Percent-encodes a model or profile id as a single path segment.
 pub fn encode_segment(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
-}
-
-/// The Bedrock Runtime operations the proxy forwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RuntimeOp {
-    Invoke,
-    InvokeStream,
-    Converse,
-    ConverseStream,
-    CountTokens,
-}
-
-impl RuntimeOp {
-    fn from_suffix(s: &str) -> Option<Self> {
-        Some(match s {
-            "invoke" => RuntimeOp::Invoke,
-            "invoke-with-response-stream" => RuntimeOp::InvokeStream,
-            "converse" => RuntimeOp::Converse,
-            "converse-stream" => RuntimeOp::ConverseStream,
-            "count-tokens" => RuntimeOp::CountTokens,
-            _ => return None,
-        })
-    }
-
-    /// The path suffix after `/model/{id}/`.
-    pub fn suffix(self) -> &'static str {
-        match self {
-            RuntimeOp::Invoke => "invoke",
-            RuntimeOp::InvokeStream => "invoke-with-response-stream",
-            RuntimeOp::Converse => "converse",
-            RuntimeOp::ConverseStream => "converse-stream",
-            RuntimeOp::CountTokens => "count-tokens",
-        }
-    }
-
-    /// The AWS operation name, as logs and metrics show it.
-    pub fn name(self) -> &'static str {
-        match self {
-            RuntimeOp::Invoke => "InvokeModel",
-            RuntimeOp::InvokeStream => "InvokeModelWithResponseStream",
-            RuntimeOp::Converse => "Converse",
-            RuntimeOp::ConverseStream => "ConverseStream",
-            RuntimeOp::CountTokens => "CountTokens",
-        }
-    }
 }
 
 /// A recognised request, with ids percent-decoded.

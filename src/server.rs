@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -28,61 +27,21 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-use crate::config::Config;
+use crate::domain::{RuntimeOp, Usage};
 use crate::error::{ApiError, ErrorKind};
 use crate::meter::Meter;
 use crate::meter::request::RequestInfo;
-use crate::meter::usage::{Usage, UsageMeter};
-use crate::route::{self, Route, RuntimeOp};
+use crate::meter::usage::UsageMeter;
+use crate::route::{self, Route};
+use crate::state::AppState;
 use crate::upstream::payload::{Payload, PayloadBuilder};
 use crate::upstream::{Outbound, Upstream, headers};
 
 /// Longest query string forwarded to ListInferenceProfiles.
 const MAX_QUERY_LEN: usize = 1024;
-
-/// The config in force, with what identifies it to an operator.
-#[derive(Debug)]
-pub struct Live {
-    pub config: Config,
-    /// 1 at start, +1 on every successful reload.
-    pub generation: u64,
-    /// SHA-256 of the file bytes this config was parsed from.
-    pub sha256: String,
-}
-
-/// Shared state: the live config snapshot and the upstream client.
-pub struct AppState {
-    /// Swapped whole on reload; each request takes one snapshot and keeps it to the end, so a
-    /// stream in flight finishes on the config it started with.
-    pub live: ArcSwap<Live>,
-    pub upstream: Upstream,
-    pub meter: Arc<Meter>,
-    /// Cancelled when the shutdown grace period is over: requests still running stop and are
-    /// recorded as `shutdown`.
-    pub shutdown: CancellationToken,
-    /// Every request not yet recorded holds a token, so shutdown can wait for the last row.
-    pub requests: TaskTracker,
-}
-
-impl AppState {
-    pub fn new(config: Config, sha256: String, upstream: Upstream, meter: Meter) -> Arc<AppState> {
-        Arc::new(AppState {
-            live: ArcSwap::from_pointee(Live {
-                config,
-                generation: 1,
-                sha256,
-            }),
-            upstream,
-            meter: Arc::new(meter),
-            shutdown: CancellationToken::new(),
-            requests: TaskTracker::new(),
-        })
-    }
-}
 
 /// Builds the router around the state.
 pub fn router(state: Arc<AppState>) -> Router {

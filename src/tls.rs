@@ -12,7 +12,23 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
-use crate::config::ConfigError;
+/// A problem with the certificate or key: which setting it is about, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct TlsError {
+    /// `tls_cert` or `tls_key`.
+    pub setting: &'static str,
+    pub message: String,
+}
+
+impl TlsError {
+    fn new(setting: &'static str, message: impl Into<String>) -> TlsError {
+        TlsError {
+            setting,
+            message: message.into(),
+        }
+    }
+}
 
 /// Largest PEM file read for `tls_cert` or `tls_key`.
 const MAX_PEM_BYTES: u64 = 1024 * 1024;
@@ -50,20 +66,20 @@ impl TlsSettings {
     }
 
     /// Reads both files (relative to `config_dir`) and builds the rustls server config.
-    pub fn load(&mut self, config_dir: &Path) -> Result<(), ConfigError> {
+    pub fn load(&mut self, config_dir: &Path) -> Result<(), TlsError> {
         let cert_pem = read_pem("tls_cert", &config_dir.join(&self.cert))?;
         let key_pem = read_pem("tls_key", &config_dir.join(&self.key))?;
         let certs = CertificateDer::pem_slice_iter(&cert_pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError::new("tls_cert", format!("not a PEM certificate: {e}")))?;
+            .map_err(|e| TlsError::new("tls_cert", format!("not a PEM certificate: {e}")))?;
         if certs.is_empty() {
-            return Err(ConfigError::new(
+            return Err(TlsError::new(
                 "tls_cert",
                 format!("{} holds no CERTIFICATE block", self.cert),
             ));
         }
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-            ConfigError::new(
+            TlsError::new(
                 "tls_key",
                 format!("no PEM private key in {}: {e}", self.key),
             )
@@ -71,11 +87,11 @@ impl TlsSettings {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut server = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError::new("tls_cert", format!("TLS setup: {e}")))?
+            .map_err(|e| TlsError::new("tls_cert", format!("TLS setup: {e}")))?
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .map_err(|e| {
-                ConfigError::new(
+                TlsError::new(
                     "tls_key",
                     format!("the key does not fit the certificate: {e}"),
                 )
@@ -91,16 +107,16 @@ impl TlsSettings {
     }
 }
 
-fn read_pem(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+fn read_pem(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     use std::io::Read as _;
     let file = std::fs::File::open(path)
-        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| TlsError::new(key, format!("cannot read {}: {e}", path.display())))?;
     let mut bytes = Vec::new();
     file.take(MAX_PEM_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| TlsError::new(key, format!("cannot read {}: {e}", path.display())))?;
     if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(ConfigError::new(
+        return Err(TlsError::new(
             key,
             format!("{} is larger than {MAX_PEM_BYTES} bytes", path.display()),
         ));

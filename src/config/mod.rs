@@ -300,7 +300,8 @@ impl Config {
             .map_err(|_| ConfigError::new(path.display().to_string(), "not UTF-8"))?;
         let mut config = Self::parse(&text)?;
         if let Some(tls) = config.tls.as_mut() {
-            tls.load(&dir_of(path))?;
+            tls.load(&dir_of(path))
+                .map_err(|e| ConfigError::new(e.setting, e.message))?;
         }
         Ok((config, sha256))
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rusqlite::{Connection, OpenFlags, params};
 
-use crate::meter::usage::Usage;
+use crate::domain::Usage;
 
 /// Rows waiting in memory at most; beyond this a row is dropped and counted, never blocking.
 const CHANNEL_CAPACITY: usize = 65_536;

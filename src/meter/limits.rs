@@ -11,9 +11,9 @@ use std::sync::Mutex;
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 
 use crate::config::UserLimits;
+use crate::domain::Usage;
 use crate::error::{ApiError, ErrorKind};
 use crate::meter::ledger::Totals;
-use crate::meter::usage::Usage;
 
 const WINDOW_SECS: i64 = 60;
 

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use crate::arn::strip_geo_prefix;
-use crate::meter::usage::Usage;
+use crate::domain::Usage;
 
 /// USD per million tokens of each kind.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -230,8 +230,8 @@ pub fn until_exclusive_ms(day: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Usage;
     use crate::meter::ledger::{Ledger, Record, open_read_only};
-    use crate::meter::usage::Usage;
 
     fn rec(user: &str, day: &str, model: &str, input: u64, cost: Option<f64>) -> Record {
         Record {

@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 
+use crate::domain::Usage;
 use crate::meter::Meter;
 use crate::meter::ledger::Record;
 use crate::meter::prices::Price;
-use crate::meter::usage::Usage;
 
 /// What is known about a request, filled in while it is handled.
 #[derive(Debug, Default)]

@@ -24,7 +24,8 @@ use serde_json::{Map, Value};
 
 use self::scan::TopLevelValue;
 use self::stream::{Dialect, EventStreamMeter};
-use crate::route::RuntimeOp;
+use crate::domain::RuntimeOp;
+use crate::domain::Usage;
 
 /// Largest event-stream frame the meter will wait for; a longer declared length stops metering.
 /// Bedrock's frames are a few KiB, so this only bounds memory against a broken upstream.
@@ -39,25 +40,6 @@ const INPUT_TOKENS_HEADER: &str = "x-amzn-bedrock-input-token-count";
 const OUTPUT_TOKENS_HEADER: &str = "x-amzn-bedrock-output-token-count";
 const CACHE_READ_HEADER: &str = "x-amzn-bedrock-cache-read-input-token-count";
 const CACHE_WRITE_HEADER: &str = "x-amzn-bedrock-cache-write-input-token-count";
-
-/// Tokens one response consumed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cache_read_tokens: u64,
-    pub cache_write_tokens: u64,
-}
-
-impl Usage {
-    /// Tokens of every kind together (what a tokens-per-minute limit counts).
-    pub fn total(&self) -> u64 {
-        self.input_tokens
-            .saturating_add(self.output_tokens)
-            .saturating_add(self.cache_read_tokens)
-            .saturating_add(self.cache_write_tokens)
-    }
-}
 
 /// What the meter learned about one response.
 #[derive(Debug, Clone, PartialEq, Eq)]

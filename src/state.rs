@@ -1,0 +1,55 @@
+//! The state every request shares: the live config snapshot, the upstream client, the meter,
+//! and what shutdown waits for.
+//!
+//! Owned here so the accept loop, the reloader and the handler can all reach it without
+//! importing each other. It holds state only; it must never decide anything about a request.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::meter::Meter;
+use crate::upstream::Upstream;
+
+/// The config in force, with what identifies it to an operator.
+#[derive(Debug)]
+pub struct Live {
+    pub config: Config,
+    /// 1 at start, +1 on every successful reload.
+    pub generation: u64,
+    /// SHA-256 of the file bytes this config was parsed from.
+    pub sha256: String,
+}
+
+/// Shared state: the live config snapshot and the upstream client.
+pub struct AppState {
+    /// Swapped whole on reload; each request takes one snapshot and keeps it to the end, so a
+    /// stream in flight finishes on the config it started with.
+    pub live: ArcSwap<Live>,
+    pub upstream: Upstream,
+    pub meter: Arc<Meter>,
+    /// Cancelled when the shutdown grace period is over: requests still running stop and are
+    /// recorded as `shutdown`.
+    pub shutdown: CancellationToken,
+    /// Every request not yet recorded holds a token, so shutdown can wait for the last row.
+    pub requests: TaskTracker,
+}
+
+impl AppState {
+    pub fn new(config: Config, sha256: String, upstream: Upstream, meter: Meter) -> Arc<AppState> {
+        Arc::new(AppState {
+            live: ArcSwap::from_pointee(Live {
+                config,
+                generation: 1,
+                sha256,
+            }),
+            upstream,
+            meter: Arc::new(meter),
+            shutdown: CancellationToken::new(),
+            requests: TaskTracker::new(),
+        })
+    }
+}
