@@ -332,7 +332,7 @@ impl Bench {
             addr: self.fake.addr,
             path: format!(
                 "/model/{}/{op}",
-                bedrock_gate::route::encode_segment(profile)
+                bedrock_gate::resolve::encode_segment(profile)
             ),
             headers: signed_headers(accept),
             body,
@@ -344,7 +344,10 @@ impl Bench {
     fn through(&self, model: &str, op: &str, body: Bytes, accept: &'static str) -> Arc<Target> {
         Arc::new(Target {
             addr: self.proxy.addr,
-            path: format!("/model/{}/{op}", bedrock_gate::route::encode_segment(model)),
+            path: format!(
+                "/model/{}/{op}",
+                bedrock_gate::resolve::encode_segment(model)
+            ),
             headers: keyed_headers(accept),
             body,
             expect_len: self.fake.body_len(op, model == HAIKU),

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::error::ApiError;
+use crate::refusal::Refusal;
 
 /// Prefix of every key `keygen` makes, so secret scanners can recognise a leaked one.
 pub const KEY_PREFIX: &str = "bgk_";
@@ -92,58 +92,56 @@ pub fn generate_key() -> Result<NewKey, getrandom::Error> {
     })
 }
 
-const HOW_TO: &str = "Set AWS_BEARER_TOKEN_BEDROCK to the API key your bedrock-gate admin gave you \
-     (it is sent as `Authorization: Bearer <key>`), or send it in an `x-api-key` header.";
-
-/// Reads the caller's key from `Authorization: Bearer` or `x-api-key`.
-pub fn extract_key(headers: &HeaderMap) -> Result<ApiKey, ApiError> {
+/// Reads the caller's key from `Authorization: Bearer` or `x-api-key`. `how_to` ends every
+/// refusal: how a client of the caller's protocol sends the key.
+pub fn extract_key(headers: &HeaderMap, how_to: &str) -> Result<ApiKey, Refusal> {
     if let Some(value) = headers.get(http::header::AUTHORIZATION) {
         let text = value.to_str().map_err(|_| {
-            ApiError::access_denied(format!(
-                "The Authorization header is not valid text. {HOW_TO}"
+            Refusal::unauthenticated(format!(
+                "The Authorization header is not valid text. {how_to}"
             ))
         })?;
         let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
-            return check_key(rest.trim());
+            return check_key(rest.trim(), how_to);
         }
         if scheme.starts_with("AWS4-") {
-            return Err(ApiError::access_denied(format!(
-                "bedrock-gate does not accept AWS SigV4 credentials; it signs requests itself. {HOW_TO}"
+            return Err(Refusal::unauthenticated(format!(
+                "bedrock-gate does not accept AWS SigV4 credentials; it signs requests itself. {how_to}"
             )));
         }
-        return Err(ApiError::access_denied(format!(
-            "Unsupported Authorization scheme. {HOW_TO}"
+        return Err(Refusal::unauthenticated(format!(
+            "Unsupported Authorization scheme. {how_to}"
         )));
     }
     if let Some(value) = headers.get("x-api-key") {
         let text = value.to_str().map_err(|_| {
-            ApiError::access_denied(format!("The x-api-key header is not valid text. {HOW_TO}"))
+            Refusal::unauthenticated(format!("The x-api-key header is not valid text. {how_to}"))
         })?;
-        return check_key(text.trim());
+        return check_key(text.trim(), how_to);
     }
-    Err(ApiError::access_denied(format!(
-        "No API key in the request. {HOW_TO}"
+    Err(Refusal::unauthenticated(format!(
+        "No API key in the request. {how_to}"
     )))
 }
 
-fn check_key(key: &str) -> Result<ApiKey, ApiError> {
+fn check_key(key: &str, how_to: &str) -> Result<ApiKey, Refusal> {
     if key.is_empty() {
-        return Err(ApiError::access_denied(format!(
-            "The API key is empty. {HOW_TO}"
+        return Err(Refusal::unauthenticated(format!(
+            "The API key is empty. {how_to}"
         )));
     }
     if key.len() > MAX_KEY_LEN {
-        return Err(ApiError::access_denied(format!(
-            "The API key is too long to be one. {HOW_TO}"
+        return Err(Refusal::unauthenticated(format!(
+            "The API key is too long to be one. {how_to}"
         )));
     }
     Ok(ApiKey(key.to_string()))
 }
 
 /// The message for a key that is well formed but not in the config.
-pub fn unknown_key_message() -> String {
-    format!("The API key is not known to this bedrock-gate (revoked or mistyped?). {HOW_TO}")
+pub fn unknown_key_message(how_to: &str) -> String {
+    format!("The API key is not known to this bedrock-gate (revoked or mistyped?). {how_to}")
 }
 
 #[cfg(test)]
@@ -157,6 +155,12 @@ mod tests {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    const HOW_TO: &str = "Set AWS_BEARER_TOKEN_BEDROCK.";
+
+    fn extract_key(h: &HeaderMap) -> Result<ApiKey, Refusal> {
+        super::extract_key(h, HOW_TO)
     }
 
     #[test]
@@ -178,7 +182,7 @@ mod tests {
             headers(&[("authorization", "Basic Zm9vOmJhcg==")]),
         ] {
             let e = extract_key(&h).unwrap_err();
-            assert_eq!(e.status, http::StatusCode::FORBIDDEN);
+            assert_eq!(e.reason, crate::refusal::Reason::Unauthenticated);
             assert!(
                 e.message.contains("AWS_BEARER_TOKEN_BEDROCK"),
                 "{}",

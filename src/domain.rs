@@ -1,5 +1,6 @@
-//! The words every phase of a request shares: which Bedrock Runtime operation is called and
-//! how many tokens a response used.
+//! The words every phase of a request shares: which front a call came in on, which operation it
+//! is, how many tokens its response used, the caller's standing against a budget, and how the
+//! request ended.
 //!
 //! A leaf: it imports nothing from the crate, so any module may use it without an import
 //! circle. It holds plain data and the names that go with it; it must never do I/O or hold
@@ -67,5 +68,104 @@ impl Usage {
             .saturating_add(self.output_tokens)
             .saturating_add(self.cache_read_tokens)
             .saturating_add(self.cache_write_tokens)
+    }
+}
+
+/// The protocol a caller speaks to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Front {
+    /// Bedrock's own REST API (`/model/{id}/...`, `/inference-profiles`): Claude Code in
+    /// Bedrock mode, the AWS SDKs.
+    Bedrock,
+}
+
+impl Front {
+    /// As the ledger and the access log name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Front::Bedrock => "bedrock",
+        }
+    }
+}
+
+/// What a request asks for, as logs, metrics and the ledger name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Not recognised (yet): a path no front serves, or a request refused before routing.
+    Unknown,
+    Health,
+    /// The caller's own usage this month (`GET /usage`).
+    Usage,
+    Runtime(RuntimeOp),
+    ListInferenceProfiles,
+    GetInferenceProfile,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Unknown => "Unknown",
+            Op::Health => "Health",
+            Op::Usage => "Usage",
+            Op::Runtime(op) => op.name(),
+            Op::ListInferenceProfiles => "ListInferenceProfiles",
+            Op::GetInferenceProfile => "GetInferenceProfile",
+        }
+    }
+}
+
+/// How a request ended, as the ledger's `outcome` column and the access log name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response reached its natural end (an upstream error response included).
+    Complete,
+    /// The client went away before the response ended.
+    ClientGone,
+    /// The upstream connection failed mid-response.
+    UpstreamError,
+    /// The upstream went silent mid-response for `timeouts.stream_idle_secs`.
+    UpstreamIdle,
+    /// Cut at the end of the shutdown grace period, or refused because the proxy was stopping.
+    Shutdown,
+    /// Refused by the proxy itself; the name is the refusal's (see `Reason::name`).
+    Refused(&'static str),
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::ClientGone => "client_gone",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamIdle => "upstream_idle",
+            Outcome::Shutdown => "shutdown",
+            Outcome::Refused(name) => name,
+        }
+    }
+}
+
+/// A caller's standing against their monthly budget, at the moment a call was admitted or
+/// refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Standing {
+    pub budget_usd: f64,
+    /// Estimated spend so far this month.
+    pub spent_usd: f64,
+    /// When the budget resets (the start of the next UTC month), Unix seconds.
+    pub resets_at: i64,
+}
+
+impl Standing {
+    /// Spent over budget; 1 or more once the budget is used up (a zero budget is used up).
+    pub fn utilization(&self) -> f64 {
+        if self.budget_usd > 0.0 {
+            self.spent_usd / self.budget_usd
+        } else {
+            1.0
+        }
+    }
+
+    pub fn exhausted(&self) -> bool {
+        self.spent_usd >= self.budget_usd
     }
 }

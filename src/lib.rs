@@ -1,41 +1,62 @@
 //! bedrock-gate: a local HTTP proxy in front of Amazon Bedrock that makes cost attribution
 //! enforced, not requested. A caller presents an API key; the proxy finds who they are, swaps
-//! the model id in the Bedrock Runtime path for *that caller's* application inference profile
-//! ARN, re-signs with SigV4 using the proxy's own AWS credentials, and streams the answer back
-//! untouched.
+//! the model id for *that caller's* application inference profile ARN, re-signs with SigV4
+//! using the proxy's own AWS credentials, and streams the answer back.
 //!
 //! # Layout
-//! - [`domain`]: the shared words (Bedrock Runtime operations, token usage); imports nothing.
+//! The request pipeline (see [`server`]), one module per phase:
+//! - [`front`]: the protocols callers speak; decodes a request into a [`call::Call`] and encodes
+//!   the answer or a refusal in the caller's protocol ([`front::bedrock`]: Bedrock-native).
+//! - [`identify`]: API key → user.
+//! - [`resolve`]: (user, requested model) → the caller's own profile and the upstream URL. The
+//!   model id swap lives here.
+//! - [`meter::limits`]: `admit`, the budget and rate-limit check.
+//! - [`forward`]: send to Bedrock (signed by [`upstream`]).
+//! - [`stream`]: the response body on its way back, metered, cut on silence or shutdown.
+//! - [`observe`]: one log line, one ledger row, counters and metrics per request.
+//!
+//! What the phases share:
+//! - [`domain`]: the shared words (front, operation, usage, outcome, budget standing); imports
+//!   nothing from the crate.
+//! - [`refusal`]: why a request was refused, in no protocol's words.
+//! - [`call`]: what a front decoded a request into.
+//! - [`state`]: what every request shares (live config, upstream client, meter, shutdown).
+//!
+//! Around them:
 //! - [`cli`]: clap definitions only.
 //! - [`config`]: TOML → raw serde types → validated [`config::Config`] (the routing table).
 //! - [`auth`]: API key extraction, SHA-256 hashing, key generation.
 //! - [`arn`]: Bedrock ARN and model id parsing and normalisation (geo prefixes).
-//! - [`route`]: Bedrock path parsing and (caller, model) → the caller's profile. The model id
-//!   swap lives here.
-//! - [`upstream`]: header hygiene, SigV4 signing, the pooled rustls HTTP client.
-//! - [`server`]: router, the proxy handler, body limits, response streaming, `serve`, the
-//!   admin (metrics) listener.
-//! - [`state`]: what every request shares (live config, upstream client, meter, shutdown).
+//! - [`upstream`]: header hygiene, SigV4 signing, the pooled rustls HTTP client. The signature is
+//!   made here.
+//! - [`listen`]: the accept loop (header timeout, TLS handshake, graceful shutdown).
+//! - [`tls`]: the listener's certificate and key.
 //! - [`reload`]: live config reload on file change and SIGHUP (validate, then swap whole).
+//! - [`logging`]: stderr logs written off the request threads.
 //! - [`admin`]: config-editing commands (users, keys) and profile provisioning (plan, apply,
 //!   verify) against the Bedrock control plane.
 //! - [`meter`]: usage extraction from streams, the SQLite ledger, prices, budgets and rate
 //!   limits, Prometheus metrics, the `usage` report.
-//! - [`error`]: AWS-shaped errors (`x-amzn-ErrorType` + `{"message"}`) the proxy produces.
 
 pub mod admin;
 pub mod arn;
 pub mod auth;
+pub mod call;
 pub mod cli;
 pub mod config;
 pub mod domain;
-pub mod error;
+pub mod forward;
+pub mod front;
+pub mod identify;
 pub mod listen;
 pub mod logging;
 pub mod meter;
+pub mod observe;
+pub mod refusal;
 pub mod reload;
-pub mod route;
+pub mod resolve;
 pub mod server;
 pub mod state;
+pub mod stream;
 pub mod tls;
 pub mod upstream;

@@ -1,4 +1,4 @@
-//! Fuzzes request routing: `route::parse` on any method and path, then `ModelRef::parse` on the
+//! Fuzzes request routing: `front::bedrock::parse` on any method and path, then `ModelRef::parse` on the
 //! model or profile id it extracted (and on the raw path). Nothing may panic, and:
 //! - a refusal is a 4xx and renders as a response;
 //! - an accepted id is a valid, non-empty `ModelRef`, and re-encoding it with `encode_segment`
@@ -11,7 +11,8 @@
 #![no_main]
 
 use bedrock_gate::arn::{BedrockArn, ModelRef, ResourceKind, strip_geo_prefix};
-use bedrock_gate::route::{Route, encode_segment, parse};
+use bedrock_gate::front::bedrock::{Route, error_response, parse, status};
+use bedrock_gate::resolve::encode_segment;
 use http::Method;
 use libfuzzer_sys::fuzz_target;
 
@@ -49,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
 
     match parse(&method, &path) {
         Ok(route) => {
-            let _ = route.operation();
+            let _ = route.op().name();
             match route {
                 Route::Runtime { op, model } => {
                     assert_eq!(method, Method::POST);
@@ -90,11 +91,11 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => {
             assert!(
-                e.status.is_client_error(),
-                "{} for {method} {path:?}",
-                e.status
+                status(e.reason).is_client_error(),
+                "{:?} for {method} {path:?}",
+                e.reason
             );
-            let _ = e.into_response_with_id("fuzz");
+            let _ = error_response(&e, "fuzz");
         }
     }
 });

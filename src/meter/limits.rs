@@ -10,10 +10,11 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 
-use crate::config::UserLimits;
-use crate::domain::Usage;
-use crate::error::{ApiError, ErrorKind};
+use crate::call::Call;
+use crate::config::{User, UserLimits};
+use crate::domain::{Standing, Usage};
 use crate::meter::ledger::Totals;
+use crate::refusal::{Reason, Refusal};
 
 const WINDOW_SECS: i64 = 60;
 
@@ -175,49 +176,84 @@ impl Accounts {
         f(a)
     }
 
+    /// Phase `admit`: a metered call (a model call) must be within the caller's budget and
+    /// rate limits, and is then counted in the rate window; free calls (CountTokens, profile
+    /// reads) always pass and count nothing.
+    pub fn admit_call(
+        &self,
+        user: &User,
+        call: &Call,
+        now: DateTime<Utc>,
+    ) -> Result<Admission, Refusal> {
+        if !call.is_metered() {
+            return Ok(Admission::default());
+        }
+        let standing = self.admit(&user.name, &user.limits, now)?;
+        Ok(Admission {
+            counted: true,
+            standing,
+        })
+    }
+
     /// Checks the user's limits and, if the request may go, counts it in the rate window.
+    /// Returns the user's standing against their budget, if they have one.
     pub fn admit(
         &self,
         user: &str,
         limits: &UserLimits,
         now: DateTime<Utc>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<Standing>, Refusal> {
         let sec = now.timestamp();
         self.with(user, now, |a| {
-            if let Some(budget) = limits.monthly_budget_usd
-                && a.totals.cost_usd >= budget
+            let resets = a.month.next().start();
+            let standing = limits.monthly_budget_usd.map(|budget| Standing {
+                budget_usd: budget,
+                spent_usd: a.totals.cost_usd,
+                resets_at: resets.timestamp(),
+            });
+            if let Some(standing) = standing
+                && standing.exhausted()
             {
-                let resets = a.month.next().start();
-                return Err(throttle(format!(
+                let budget = standing.budget_usd;
+                let retry_after = u64::try_from(resets.timestamp() - sec).unwrap_or(0).max(1);
+                return Err(Refusal::new(Reason::OverBudget, format!(
                     "User `{user}` has used the monthly budget of ${budget:.2} (users.{user}.limits.monthly_budget_usd): \
                      ${:.2} spent in {}. It resets at {}.",
                     a.totals.cost_usd,
                     a.month,
                     resets.format("%Y-%m-%dT%H:%M:%SZ")
-                )));
+                ))
+                .with_retry_after(retry_after)
+                .with_standing(standing));
             }
             let (reqs, toks) = a.window.sums(sec);
             if let Some(rpm) = limits.requests_per_minute
                 && reqs >= rpm
             {
                 let after = a.window.retry_after(sec, |b| b.1 > 0);
-                return Err(throttle(format!(
-                    "User `{user}` is over the rate limit of {rpm} requests per minute \
-                     (users.{user}.limits.requests_per_minute). Retry in {after} s."
-                )));
+                return Err(rate_limited(
+                    format!(
+                        "User `{user}` is over the rate limit of {rpm} requests per minute \
+                         (users.{user}.limits.requests_per_minute). Retry in {after} s."
+                    ),
+                    after,
+                ));
             }
             if let Some(tpm) = limits.tokens_per_minute
                 && toks >= tpm
             {
                 let after = a.window.retry_after(sec, |b| b.2 > 0);
-                return Err(throttle(format!(
-                    "User `{user}` is over the rate limit of {tpm} tokens per minute \
-                     (users.{user}.limits.tokens_per_minute): {toks} used in the last minute. Retry in {after} s."
-                )));
+                return Err(rate_limited(
+                    format!(
+                        "User `{user}` is over the rate limit of {tpm} tokens per minute \
+                         (users.{user}.limits.tokens_per_minute): {toks} used in the last minute. Retry in {after} s."
+                    ),
+                    after,
+                ));
             }
             let slot = a.window.slot(sec);
             slot.1 = slot.1.saturating_add(1);
-            Ok(())
+            Ok(standing)
         })
     }
 
@@ -265,8 +301,18 @@ impl Accounts {
     }
 }
 
-fn throttle(message: String) -> ApiError {
-    ApiError::new(ErrorKind::Throttling, message)
+fn rate_limited(message: String, retry_after: i64) -> Refusal {
+    Refusal::new(Reason::RateLimited, message)
+        .with_retry_after(u64::try_from(retry_after).unwrap_or(1).max(1))
+}
+
+/// What the `admit` phase found.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Admission {
+    /// The call was counted in the caller's rate window (it is a metered model call).
+    pub counted: bool,
+    /// The caller's standing against their monthly budget, when they have one.
+    pub standing: Option<Standing>,
 }
 
 #[cfg(test)]
@@ -295,8 +341,15 @@ mod tests {
         a.admit("alice", &limits, t).unwrap();
         a.complete("alice", &usage(10), Some(1.25), t, t);
         let e = a.admit("alice", &limits, t).unwrap_err();
-        assert_eq!(e.status, 429);
-        assert_eq!(e.aws_type(), "ThrottlingException");
+        assert_eq!(e.reason, Reason::OverBudget);
+        let standing = e.standing.unwrap();
+        assert!((standing.spent_usd - 1.25).abs() < 1e-12 && standing.exhausted());
+        assert_eq!(
+            standing.resets_at,
+            at("2026-12-01T00:00:00Z").timestamp(),
+            "the budget resets with the month"
+        );
+        assert_eq!(e.retry_after, Some(3 * 86_400 + 14 * 3_600));
         assert!(
             e.message.contains("$1.00") && e.message.contains("$1.25"),
             "{}",

@@ -13,7 +13,6 @@ pub mod limits;
 pub mod metrics;
 pub mod prices;
 pub mod report;
-pub mod request;
 pub mod usage;
 
 use std::path::Path;

@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::AwsSettings;
-use crate::error::{ApiError, ErrorKind};
+use crate::refusal::{Reason, Refusal};
 use payload::{Chunks, Payload};
 
 /// SigV4 service name for both Bedrock Runtime and the Bedrock control plane.
@@ -53,7 +53,7 @@ pub struct Outbound {
 /// A request that got no response, and whether Bedrock may have received it anyway.
 #[derive(Debug)]
 pub struct SendError {
-    pub error: ApiError,
+    pub error: Refusal,
     /// False only when the request certainly never left (signing or connect failed).
     pub maybe_sent: bool,
 }
@@ -166,8 +166,8 @@ impl Upstream {
         first_byte_timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
         let timed_out = || SendError {
-            error: ApiError::new(
-                ErrorKind::Timeout,
+            error: Refusal::new(
+                Reason::Timeout,
                 format!(
                     "Bedrock did not start answering within {} s (bedrock-gate timeouts.first_byte_secs).",
                     first_byte_timeout.as_secs()
@@ -199,8 +199,8 @@ impl Upstream {
                 _ => {
                     tracing::warn!(error = %error_chain(&e), "upstream request failed");
                     return Err(SendError {
-                        error: ApiError::new(
-                            ErrorKind::BadGateway,
+                        error: Refusal::new(
+                            Reason::Unreachable,
                             "bedrock-gate could not reach Bedrock; try again. The operator can see the cause in the proxy log.",
                         ),
                         maybe_sent: !never_sent,
@@ -210,28 +210,20 @@ impl Upstream {
         }
     }
 
-    async fn sign(&self, out: Outbound) -> Result<Request<Chunks>, ApiError> {
-        let uri: http::Uri = out.url.parse().map_err(|_| {
-            ApiError::new(
-                ErrorKind::Internal,
-                "bedrock-gate built an invalid upstream URL.",
-            )
-        })?;
+    async fn sign(&self, out: Outbound) -> Result<Request<Chunks>, Refusal> {
+        let uri: http::Uri = out
+            .url
+            .parse()
+            .map_err(|_| Refusal::internal("bedrock-gate built an invalid upstream URL."))?;
         let host = uri
             .authority()
             .map(|a| a.as_str().to_string())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorKind::Internal,
-                    "bedrock-gate built an upstream URL with no host.",
-                )
-            })?;
+            .ok_or_else(|| Refusal::internal("bedrock-gate built an upstream URL with no host."))?;
 
         let mut headers = out.headers;
         headers.insert(
             header::HOST,
-            HeaderValue::from_str(&host)
-                .map_err(|_| ApiError::new(ErrorKind::Internal, "invalid upstream host"))?,
+            HeaderValue::from_str(&host).map_err(|_| Refusal::internal("invalid upstream host"))?,
         );
         if out.method != Method::GET || !out.body.is_empty() {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(out.body.len()));
@@ -239,8 +231,7 @@ impl Upstream {
 
         let creds = self.credentials.provide_credentials().await.map_err(|e| {
             tracing::error!(error = %error_chain(&e), "no AWS credentials to sign with");
-            ApiError::new(
-                ErrorKind::Internal,
+            Refusal::internal(
                 "bedrock-gate has no AWS credentials to sign with; the operator must fix its AWS credential chain.",
             )
         })?;
@@ -252,7 +243,7 @@ impl Upstream {
             .time(SystemTime::now())
             .settings(SigningSettings::default())
             .build()
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("signing parameters: {e}")))?
+            .map_err(|e| Refusal::internal(format!("signing parameters: {e}")))?
             .into();
 
         let signable_headers: Vec<(&str, &str)> = headers
@@ -265,18 +256,16 @@ impl Upstream {
             signable_headers.into_iter(),
             SignableBody::Precomputed(out.body.sha256_hex().to_string()),
         )
-        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("cannot sign request: {e}")))?;
+        .map_err(|e| Refusal::internal(format!("cannot sign request: {e}")))?;
         let (instructions, _signature) = sign(signable, &params)
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("cannot sign request: {e}")))?
+            .map_err(|e| Refusal::internal(format!("cannot sign request: {e}")))?
             .into_parts();
 
         let mut request = Request::builder()
             .method(out.method)
             .uri(uri)
             .body(out.body.into_body())
-            .map_err(|e| {
-                ApiError::new(ErrorKind::Internal, format!("cannot build request: {e}"))
-            })?;
+            .map_err(|e| Refusal::internal(format!("cannot build request: {e}")))?;
         *request.headers_mut() = headers;
         instructions.apply_to_request_http1x(&mut request);
         Ok(request)

@@ -20,6 +20,20 @@ pub struct Payload {
     sha256_hex: String,
 }
 
+/// SHA-256 of nothing.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+impl Default for Payload {
+    /// The empty body.
+    fn default() -> Payload {
+        Payload {
+            chunks: Vec::new(),
+            len: 0,
+            sha256_hex: EMPTY_SHA256.to_string(),
+        }
+    }
+}
+
 impl Payload {
     /// A body held in one buffer (control-plane reads, tests).
     pub fn from_bytes(bytes: Bytes) -> Payload {
@@ -170,6 +184,7 @@ mod tests {
             PayloadBuilder::default().finish().sha256_hex(),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+        assert_eq!(Payload::default().sha256_hex(), EMPTY_SHA256);
         assert!(
             Payload::from_bytes(Bytes::new())
                 .into_body()

@@ -1,21 +1,21 @@
-//! Where a request goes: Bedrock path parsing and (caller, requested model) → target.
+//! Phase `resolve`: the model id swap. (caller, requested model) → the caller's own
+//! application inference profile, and where and how the call goes upstream.
 //!
-//! This is the module that swaps the model id. It decides from the path alone (never the body)
-//! which operation is called, and from the caller's own profile map which profile ARN is used.
-//! It refuses anything it cannot attribute; it never reaches the network.
+//! Every spelling of a mapped model resolves here, the same for every front: the plain id, any
+//! geo prefix, a foundation-model or system-profile ARN, the caller's own profile ARN or id.
+//! It refuses anything it cannot attribute to the caller's own profile; it never reaches the
+//! network and never looks at a body.
 
 use std::sync::Arc;
 
 use http::Method;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::arn::{BedrockArn, ModelRef, ResourceKind, strip_geo_prefix};
-use crate::config::{Profile, User, Users};
+use crate::call::{Call, Wanted};
+use crate::config::{Config, Profile, User, Users};
 use crate::domain::RuntimeOp;
-use crate::error::ApiError;
-
-/// Longest path accepted; ARNs are short, anything longer is not a Bedrock call.
-const MAX_PATH_LEN: usize = 2048;
+use crate::refusal::{Refusal, shown};
 
 /// Everything but RFC 3986 unreserved characters is encoded, so an ARN (`:` and `/`) is one
 /// path segment upstream.
@@ -30,102 +30,72 @@ pub fn encode_segment(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
 }
 
-/// A recognised request, with ids percent-decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    Health,
-    /// `GET /usage`: the caller's own usage this month.
-    Usage,
-    Runtime {
-        op: RuntimeOp,
-        model: String,
-    },
-    ListProfiles,
-    GetProfile {
-        id: String,
-    },
+/// Where a call goes: the caller's profile (for model calls) and the upstream request line.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The caller's own profile, for runtime calls.
+    pub profile: Option<Arc<Profile>>,
+    pub method: Method,
+    /// Full URL: the endpoint of the region, the encoded path and query.
+    pub url: String,
+    /// The region to sign for.
+    pub region: String,
 }
 
-impl Route {
-    /// The AWS operation name for logs.
-    pub fn operation(&self) -> &'static str {
-        match self {
-            Route::Health => "Health",
-            Route::Usage => "Usage",
-            Route::Runtime { op, .. } => op.name(),
-            Route::ListProfiles => "ListInferenceProfiles",
-            Route::GetProfile { .. } => "GetInferenceProfile",
+/// Resolves a decoded call for this caller against the live config.
+pub fn target(user: &User, config: &Config, call: &Call) -> Result<Target, Refusal> {
+    let model = call.model.as_deref().unwrap_or_default();
+    match &call.wanted {
+        Wanted::Runtime(op) => {
+            let profile = profile_for(user, &config.users, model)?;
+            let region = profile.parsed.region.clone();
+            // CountTokens is free and takes a foundation model id, not a profile.
+            let upstream_id = match op {
+                RuntimeOp::CountTokens => strip_geo_prefix(&profile.model).to_string(),
+                _ => profile.arn.clone(),
+            };
+            let url = format!(
+                "{}/model/{}/{}",
+                config.aws.runtime_endpoint.for_region(&region),
+                encode_segment(&upstream_id),
+                op.suffix()
+            );
+            Ok(Target {
+                profile: Some(profile),
+                method: Method::POST,
+                url,
+                region,
+            })
+        }
+        Wanted::ListProfiles { query } => {
+            let region = config.aws.region.clone();
+            let url = format!(
+                "{}/inference-profiles?{query}",
+                config.aws.control_endpoint.for_region(&region)
+            );
+            Ok(Target {
+                profile: None,
+                method: Method::GET,
+                url,
+                region,
+            })
+        }
+        Wanted::GetProfile => {
+            let lookup = profile_lookup(user, &config.users, model)?;
+            let region = lookup.region.unwrap_or_else(|| config.aws.region.clone());
+            let url = format!(
+                "{}/inference-profiles/{}",
+                config.aws.control_endpoint.for_region(&region),
+                encode_segment(&lookup.id)
+            );
+            Ok(Target {
+                profile: None,
+                method: Method::GET,
+                url,
+                region,
+            })
         }
     }
-}
-
-fn decode_id(raw: &str, what: &str) -> Result<String, ApiError> {
-    let decoded = percent_decode_str(raw).decode_utf8().map_err(|_| {
-        ApiError::validation(format!(
-            "The {what} in the path is not valid UTF-8 after percent-decoding."
-        ))
-    })?;
-    if decoded.is_empty() {
-        return Err(ApiError::validation(format!(
-            "The {what} in the path is empty."
-        )));
-    }
-    Ok(decoded.into_owned())
-}
-
-/// Parses method and raw (still percent-encoded) path into a [`Route`].
-pub fn parse(method: &Method, path: &str) -> Result<Route, ApiError> {
-    if path.len() > MAX_PATH_LEN {
-        return Err(ApiError::validation(format!(
-            "The request path is longer than {MAX_PATH_LEN} bytes."
-        )));
-    }
-    if path == "/healthz" && method == Method::GET {
-        return Ok(Route::Health);
-    }
-    if path == "/usage" && method == Method::GET {
-        return Ok(Route::Usage);
-    }
-    if let Some(rest) = path.strip_prefix("/model/") {
-        // The operation is the last segment; everything before it is the model id, which some
-        // clients send with a raw `/` (an ARN) and others with `%2F`.
-        if let Some((raw_model, suffix)) = rest.rsplit_once('/')
-            && let Some(op) = RuntimeOp::from_suffix(suffix)
-            && method == Method::POST
-        {
-            let model = decode_id(raw_model, "model id")?;
-            ModelRef::parse(&model).map_err(|e| {
-                ApiError::validation(format!(
-                    "The model id `{}` is not valid: {e}.",
-                    shown(&model)
-                ))
-            })?;
-            return Ok(Route::Runtime { op, model });
-        }
-    }
-    if method == Method::GET {
-        if path == "/inference-profiles" || path == "/inference-profiles/" {
-            return Ok(Route::ListProfiles);
-        }
-        if let Some(raw_id) = path.strip_prefix("/inference-profiles/")
-            && !raw_id.contains('/')
-        {
-            let id = decode_id(raw_id, "inference profile id")?;
-            ModelRef::parse(&id).map_err(|e| {
-                ApiError::validation(format!(
-                    "The inference profile id `{}` is not valid: {e}.",
-                    shown(&id)
-                ))
-            })?;
-            return Ok(Route::GetProfile { id });
-        }
-    }
-    Err(ApiError::unknown_operation(method, path))
-}
-
-/// Truncates caller-supplied text before it is echoed in a message.
-fn shown(s: &str) -> String {
-    s.chars().take(200).collect()
 }
 
 /// Finds the caller's profile for a base model id, accepting config keys written with a
@@ -139,9 +109,9 @@ fn by_base_model<'u>(user: &'u User, base: &str) -> Option<&'u Arc<Profile>> {
     })
 }
 
-fn no_profile(user: &User, requested: &str, base: &str) -> ApiError {
+fn no_profile(user: &User, requested: &str, base: &str) -> Refusal {
     if user.pending.iter().any(|k| strip_geo_prefix(k) == base) {
-        return ApiError::access_denied(format!(
+        return Refusal::not_allowed(format!(
             "User `{}`'s inference profile for model `{}` is not provisioned yet. \
              Ask your bedrock-gate admin to run `bedrock-gate profiles apply`.",
             user.name,
@@ -154,7 +124,7 @@ fn no_profile(user: &User, requested: &str, base: &str) -> ApiError {
     } else {
         mapped.join(", ")
     };
-    ApiError::access_denied(format!(
+    Refusal::not_allowed(format!(
         "User `{}` has no inference profile for model `{}`. Ask your bedrock-gate admin to map it. \
          Models mapped for you: {mapped}.",
         user.name,
@@ -162,15 +132,15 @@ fn no_profile(user: &User, requested: &str, base: &str) -> ApiError {
     ))
 }
 
-fn not_yours(user: &User, users: &Users, arn: &str) -> ApiError {
+fn not_yours(user: &User, users: &Users, arn: &str) -> Refusal {
     if users.owner_of(arn).is_some() {
-        ApiError::access_denied(format!(
+        Refusal::not_allowed(format!(
             "Inference profile `{}` belongs to another user; user `{}` may only call their own profiles.",
             shown(arn),
             user.name
         ))
     } else {
-        ApiError::access_denied(format!(
+        Refusal::not_allowed(format!(
             "Inference profile `{}` is not mapped for user `{}` in bedrock-gate.",
             shown(arn),
             user.name
@@ -179,13 +149,9 @@ fn not_yours(user: &User, users: &Users, arn: &str) -> ApiError {
 }
 
 /// Resolves the model id a caller asked for to the caller's own profile.
-pub fn resolve_runtime(
-    user: &User,
-    users: &Users,
-    requested: &str,
-) -> Result<Arc<Profile>, ApiError> {
+pub fn profile_for(user: &User, users: &Users, requested: &str) -> Result<Arc<Profile>, Refusal> {
     let parsed = ModelRef::parse(requested).map_err(|e| {
-        ApiError::validation(format!(
+        Refusal::invalid(format!(
             "The model id `{}` is not valid: {e}.",
             shown(requested)
         ))
@@ -228,13 +194,13 @@ pub struct ProfileLookup {
 }
 
 /// Allows GetInferenceProfile for system profiles and the caller's own profiles only.
-pub fn resolve_profile_lookup(
+pub fn profile_lookup(
     user: &User,
     users: &Users,
     requested: &str,
-) -> Result<ProfileLookup, ApiError> {
+) -> Result<ProfileLookup, Refusal> {
     let parsed = ModelRef::parse(requested).map_err(|e| {
-        ApiError::validation(format!(
+        Refusal::invalid(format!(
             "The inference profile id `{}` is not valid: {e}.",
             shown(requested)
         ))
@@ -259,7 +225,7 @@ pub fn resolve_profile_lookup(
             id: requested.to_string(),
             region: Some(region),
         }),
-        ModelRef::Arn(_) => Err(ApiError::validation(format!(
+        ModelRef::Arn(_) => Err(Refusal::invalid(format!(
             "`{}` is a foundation model, not an inference profile.",
             shown(requested)
         ))),
@@ -273,7 +239,7 @@ pub fn resolve_profile_lookup(
             if strip_geo_prefix(&id) != id {
                 return Ok(ProfileLookup { id, region: None });
             }
-            Err(ApiError::access_denied(format!(
+            Err(Refusal::not_allowed(format!(
                 "Inference profile `{}` is neither a system-defined profile nor one of user `{}`'s profiles.",
                 shown(&id),
                 user.name
@@ -286,6 +252,7 @@ pub fn resolve_profile_lookup(
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::refusal::Reason;
 
     const A1: &str = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/aaa111";
     const A2: &str = "arn:aws:bedrock:us-west-2:123456789012:application-inference-profile/aaa222";
@@ -324,92 +291,6 @@ keys = ["sha256:{kb}"]
     }
 
     #[test]
-    fn parses_runtime_paths_with_raw_and_encoded_arns() {
-        let enc = "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Aapplication-inference-profile%2Faaa111/invoke";
-        let claude = "/model/arn:aws:bedrock:us-east-1:123456789012:application-inference-profile%2Faaa111/invoke-with-response-stream";
-        let raw = "/model/arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/aaa111/converse";
-        for (p, op) in [
-            (enc, RuntimeOp::Invoke),
-            (claude, RuntimeOp::InvokeStream),
-            (raw, RuntimeOp::Converse),
-        ] {
-            assert_eq!(
-                parse(&Method::POST, p).unwrap(),
-                Route::Runtime {
-                    op,
-                    model: A1.to_string()
-                }
-            );
-        }
-        assert_eq!(
-            parse(
-                &Method::POST,
-                "/model/us.anthropic.claude-x-v1%3A0/count-tokens"
-            )
-            .unwrap(),
-            Route::Runtime {
-                op: RuntimeOp::CountTokens,
-                model: "us.anthropic.claude-x-v1:0".into()
-            }
-        );
-    }
-
-    #[test]
-    fn unknown_and_malformed_paths_are_refused() {
-        assert_eq!(
-            parse(&Method::GET, "/model/x/invoke").unwrap_err().status,
-            404
-        );
-        assert_eq!(
-            parse(&Method::POST, "/model/x/explode").unwrap_err().status,
-            404
-        );
-        assert_eq!(
-            parse(&Method::POST, "/foundation-models")
-                .unwrap_err()
-                .status,
-            404
-        );
-        assert_eq!(
-            parse(&Method::POST, "/model//invoke").unwrap_err().status,
-            400
-        );
-        assert_eq!(
-            parse(&Method::POST, "/model/%FF%FE/invoke")
-                .unwrap_err()
-                .status,
-            400
-        );
-        assert_eq!(
-            parse(&Method::POST, "/model/a%20b/invoke")
-                .unwrap_err()
-                .status,
-            400
-        );
-        assert_eq!(
-            parse(
-                &Method::POST,
-                &format!("/model/{}/invoke", "a".repeat(3000))
-            )
-            .unwrap_err()
-            .status,
-            400
-        );
-    }
-
-    #[test]
-    fn profile_paths() {
-        assert_eq!(
-            parse(&Method::GET, "/inference-profiles").unwrap(),
-            Route::ListProfiles
-        );
-        assert_eq!(
-            parse(&Method::GET, "/inference-profiles/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Aapplication-inference-profile%2Faaa111").unwrap(),
-            Route::GetProfile { id: A1.into() }
-        );
-    }
-
-    #[test]
     fn resolves_every_spelling_of_a_mapped_model() {
         let c = config();
         let a = alice(&c);
@@ -423,17 +304,17 @@ keys = ["sha256:{kb}"]
             "aaa111".to_string(),
         ] {
             assert_eq!(
-                resolve_runtime(&a, &c.users, &requested).unwrap().arn,
+                profile_for(&a, &c.users, &requested).unwrap().arn,
                 A1,
                 "{requested}"
             );
         }
         // A config key written with a geo prefix matches the base id and other prefixes.
-        let e = resolve_runtime(&a, &c.users, &format!("us.{OPUS}")).unwrap_err();
+        let e = profile_for(&a, &c.users, &format!("us.{OPUS}")).unwrap_err();
         assert!(e.message.contains("not provisioned yet"), "{}", e.message);
-        assert_eq!(resolve_runtime(&a, &c.users, HAIKU).unwrap().arn, A2);
+        assert_eq!(profile_for(&a, &c.users, HAIKU).unwrap().arn, A2);
         assert_eq!(
-            resolve_runtime(&a, &c.users, &format!("eu.{HAIKU}"))
+            profile_for(&a, &c.users, &format!("eu.{HAIKU}"))
                 .unwrap()
                 .arn,
             A2
@@ -444,16 +325,15 @@ keys = ["sha256:{kb}"]
     fn refuses_other_users_profiles_and_unmapped_models() {
         let c = config();
         let a = alice(&c);
-        let e = resolve_runtime(&a, &c.users, B1).unwrap_err();
-        assert_eq!(e.status, 403);
+        let e = profile_for(&a, &c.users, B1).unwrap_err();
+        assert_eq!(e.reason, Reason::ModelNotAllowed);
         assert!(
             e.message.contains("belongs to another user"),
             "{}",
             e.message
         );
-        let e =
-            resolve_runtime(&a, &c.users, "anthropic.claude-opus-4-1-20250805-v1:0").unwrap_err();
-        assert_eq!(e.status, 403);
+        let e = profile_for(&a, &c.users, "anthropic.claude-opus-4-1-20250805-v1:0").unwrap_err();
+        assert_eq!(e.reason, Reason::ModelNotAllowed);
         assert!(
             e.message
                 .contains("anthropic.claude-opus-4-1-20250805-v1:0")
@@ -464,8 +344,8 @@ keys = ["sha256:{kb}"]
             e.message
         );
         assert_eq!(
-            resolve_runtime(&a, &c.users, "bbb111").unwrap_err().status,
-            403
+            profile_for(&a, &c.users, "bbb111").unwrap_err().reason,
+            Reason::ModelNotAllowed
         );
     }
 
@@ -474,27 +354,25 @@ keys = ["sha256:{kb}"]
         let c = config();
         let a = alice(&c);
         assert_eq!(
-            resolve_profile_lookup(&a, &c.users, A2).unwrap(),
+            profile_lookup(&a, &c.users, A2).unwrap(),
             ProfileLookup {
                 id: A2.into(),
                 region: Some("us-west-2".into())
             }
         );
         assert_eq!(
-            resolve_profile_lookup(&a, &c.users, &format!("us.{SONNET}"))
+            profile_lookup(&a, &c.users, &format!("us.{SONNET}"))
                 .unwrap()
                 .region,
             None
         );
         assert_eq!(
-            resolve_profile_lookup(&a, &c.users, B1).unwrap_err().status,
-            403
+            profile_lookup(&a, &c.users, B1).unwrap_err().reason,
+            Reason::ModelNotAllowed
         );
         assert_eq!(
-            resolve_profile_lookup(&a, &c.users, "bbb111")
-                .unwrap_err()
-                .status,
-            403
+            profile_lookup(&a, &c.users, "bbb111").unwrap_err().reason,
+            Reason::ModelNotAllowed
         );
     }
 

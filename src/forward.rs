@@ -1,0 +1,66 @@
+//! Phase `forward`: the call goes to Bedrock, signed with the proxy's own credentials (see
+//! `upstream`), and the phase returns when Bedrock's response headers arrive; the body is left
+//! streaming for the front to encode.
+//!
+//! Shutdown is checked first, so a request whose body arrived after the grace period is never
+//! sent. From the send on, Bedrock may have run (and billed) the call; the record says so. This
+//! phase never retries anything that may have reached the model.
+
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+
+use crate::call::Call;
+use crate::observe::RequestInfo;
+use crate::refusal::{Reason, Refusal};
+use crate::resolve::Target;
+use crate::state::AppState;
+use crate::upstream::Outbound;
+
+/// The refusal of a request that arrives, or finishes arriving, while the proxy stops.
+pub fn shutting_down() -> Refusal {
+    Refusal::new(
+        Reason::ShuttingDown,
+        "bedrock-gate is shutting down; retry.",
+    )
+}
+
+/// Sends `call` to `target`; fills in what the record needs (sent, time to first byte,
+/// Bedrock's status and request id).
+/// The call's headers and body move into the request; the rest of it stays for the front.
+pub async fn forward(
+    state: &AppState,
+    call: &mut Call,
+    target: Target,
+    first_byte: Duration,
+    info: &mut RequestInfo,
+    started: Instant,
+) -> Result<http::Response<Incoming>, Refusal> {
+    let out = Outbound {
+        method: target.method,
+        url: target.url,
+        region: target.region,
+        headers: std::mem::take(&mut call.headers),
+        body: std::mem::take(&mut call.body),
+    };
+    info.sent = true;
+    let upstream = tokio::select! {
+        biased;
+        () = state.shutdown.cancelled() => return Err(shutting_down()),
+        r = state.upstream.send(out, first_byte) => match r {
+            Ok(resp) => resp,
+            Err(e) => {
+                info.sent = e.maybe_sent;
+                return Err(e.error);
+            }
+        },
+    };
+    info.ttfb = Some(started.elapsed());
+    info.status = upstream.status().as_u16();
+    info.upstream_request_id = upstream
+        .headers()
+        .get("x-amzn-requestid")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(128).collect());
+    Ok(upstream)
+}

@@ -1,0 +1,220 @@
+//! Fronts: the protocols a caller can speak to the proxy. A front decodes a request into a
+//! [`Call`] at the start of the pipeline and encodes the answer (or a [`Refusal`]) in its own
+//! protocol at the end; every phase in between is shared.
+//!
+//! - [`bedrock`]: Bedrock's own REST paths, passed through byte for byte.
+//!
+//! A front never decides who may call what (that is `resolve` and `admit`) and never signs or
+//! sends anything (that is `forward`).
+
+pub mod bedrock;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use http::{HeaderMap, Method, StatusCode, Uri, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::call::Call;
+use crate::call::Wanted;
+use crate::config::Config;
+use crate::domain::{Front, Op};
+use crate::meter::Meter;
+use crate::meter::limits::Admission;
+use crate::meter::usage::UsageMeter;
+use crate::observe::Recorder;
+use crate::refusal::{Reason, Refusal};
+use crate::stream::{self, PassThrough, Relay};
+use crate::upstream::headers;
+use crate::upstream::payload::{Payload, PayloadBuilder};
+
+/// A request recognised from its method and path, before anything else is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Bedrock(bedrock::Route),
+}
+
+impl Request {
+    pub fn front(&self) -> Front {
+        match self {
+            Request::Bedrock(_) => Front::Bedrock,
+        }
+    }
+
+    pub fn op(&self) -> Op {
+        match self {
+            Request::Bedrock(route) => route.op(),
+        }
+    }
+}
+
+/// The front whose protocol a request to this path speaks, so that even a request no front
+/// recognises is refused in the shape its client reads.
+pub fn front_of(_path: &str) -> Front {
+    Front::Bedrock
+}
+
+/// Which front serves the request, and what it asks for.
+pub fn route(method: &Method, uri: &Uri) -> Result<Request, Refusal> {
+    bedrock::parse(method, uri.path()).map(Request::Bedrock)
+}
+
+/// How a client of `front` sends its key (ends the refusal of a missing or unknown one).
+pub fn key_hint(front: Front) -> &'static str {
+    match front {
+        Front::Bedrock => bedrock::KEY_HINT,
+    }
+}
+
+/// Reads the body of a routed request (under the size and time limits, hashing it as it
+/// arrives) and decodes the call it makes.
+pub async fn decode(
+    request: Request,
+    parts: &http::request::Parts,
+    body: Body,
+    config: &Config,
+) -> Result<Call, Refusal> {
+    let payload = read_body(
+        body,
+        &parts.headers,
+        config.max_body_bytes,
+        config.timeouts.request_body,
+    )
+    .await?;
+    match request {
+        Request::Bedrock(route) => {
+            bedrock::decode(route, parts.uri.query(), &parts.headers, payload)
+        }
+    }
+}
+
+/// Reads a request body under the size and time limits, hashing it as it arrives.
+pub async fn read_body(
+    mut body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Payload, Refusal> {
+    let too_large = || {
+        Refusal::new(
+            Reason::TooLarge,
+            format!(
+                "The request body is larger than this bedrock-gate accepts ({limit} bytes, limits.max_body_bytes)."
+            ),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large());
+    }
+    let read = async {
+        let mut payload = PayloadBuilder::default();
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| Refusal::invalid("The request body could not be read."))?;
+            if let Ok(data) = frame.into_data() {
+                if payload.len() + data.len() as u64 > limit as u64 {
+                    return Err(too_large());
+                }
+                payload.push(data);
+            }
+        }
+        Ok(payload.finish())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(Refusal::new(
+            Reason::BodyTimeout,
+            format!(
+                "The request body did not arrive within {} s.",
+                timeout.as_secs()
+            ),
+        )),
+        Ok(result) => result,
+    }
+}
+
+/// A refusal in the protocol of `front`.
+pub fn error_response(front: Front, refusal: &Refusal, request_id: &str) -> Response {
+    match front {
+        Front::Bedrock => bedrock::error_response(refusal, request_id),
+    }
+}
+
+/// A call Bedrock answered: what the `forward` phase hands to the front's encoder.
+pub struct Answered {
+    pub call: Call,
+    pub admission: Admission,
+    pub upstream: http::Response<Incoming>,
+}
+
+/// Encodes Bedrock's answer for the client and hands the record of the request to the body,
+/// which writes it when the response ends.
+pub fn respond(
+    answered: Answered,
+    recorder: Recorder,
+    meter: &Arc<Meter>,
+    shutdown: tokio_util::sync::CancellationToken,
+    config: &Config,
+) -> Response {
+    let Answered { call, upstream, .. } = answered;
+    let (mut head, incoming) = upstream.into_parts();
+    headers::strip_hop_by_hop(&mut head.headers);
+    let usage = match call.wanted {
+        Wanted::Runtime(op) => Some(UsageMeter::new(op, head.status.as_u16(), &head.headers)),
+        _ => None,
+    };
+    let limits = stream::Limits {
+        idle: config.timeouts.stream_idle,
+    };
+    let relay = Relay::new(
+        incoming,
+        PassThrough,
+        recorder,
+        usage,
+        meter.clone(),
+        shutdown,
+        limits,
+    );
+    Response::from_parts(head, Body::new(relay))
+}
+
+/// `GET /usage`: the caller's own usage this month.
+pub fn usage_response(meter: &Meter, user: &crate::config::User) -> Response {
+    let (month, t) = meter.accounts.month_totals(&user.name, chrono::Utc::now());
+    let budget = user.limits.monthly_budget_usd;
+    let body = serde_json::json!({
+        "user": user.name,
+        "month": month.to_string(),
+        "requests": t.requests,
+        "input_tokens": t.usage.input_tokens,
+        "output_tokens": t.usage.output_tokens,
+        "cache_read_tokens": t.usage.cache_read_tokens,
+        "cache_write_tokens": t.usage.cache_write_tokens,
+        "cost_usd": t.cost_usd,
+        "unpriced_requests": t.unpriced,
+        "limits": {
+            "monthly_budget_usd": budget,
+            "requests_per_minute": user.limits.requests_per_minute,
+            "tokens_per_minute": user.limits.tokens_per_minute,
+        },
+        "budget_remaining_usd": budget.map(|b| (b - t.cost_usd).max(0.0)),
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+    let mut resp = Response::new(Body::from(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
