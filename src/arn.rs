@@ -2,7 +2,9 @@
 //!
 //! Owns the one place that knows how a model id can be spelled (foundation model id, system
 //! cross-region profile id with a geo prefix, or an ARN of a foundation model, a system profile
-//! or an application inference profile) and how to reduce each to the base model id.
+//! or an application inference profile) and how to reduce each to the base model id; and how
+//! Anthropic's own names (`claude-sonnet-4-5-20250929`, `claude-sonnet-4-5`) relate to
+//! Bedrock's (`anthropic.claude-sonnet-4-5-20250929-v1:0`).
 
 /// Geo prefixes of system-defined cross-region inference profiles (`us.anthropic...`).
 const GEO_PREFIXES: &[&str] = &["us", "us-gov", "eu", "apac", "global", "jp", "au", "ca"];
@@ -144,6 +146,66 @@ impl ModelRef {
     }
 }
 
+/// Anthropic's name for a Bedrock Anthropic model id: `anthropic.claude-sonnet-4-5-20250929-v1:0`
+/// (with or without a geo prefix) is `claude-sonnet-4-5-20250929`; `anthropic.claude-opus-5-5`
+/// is `claude-opus-5-5`. `None` for models of other providers.
+pub fn anthropic_name(bedrock_id: &str) -> Option<&str> {
+    let id = strip_geo_prefix(bedrock_id).strip_prefix("anthropic.")?;
+    // The Bedrock version suffix: `-v1:0`, `-v2:0`, or a bare `-v1`.
+    let without_version = match id.rsplit_once("-v") {
+        Some((name, version))
+            if !version.is_empty()
+                && version
+                    .split(':')
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            name
+        }
+        _ => id,
+    };
+    without_version
+        .starts_with("claude")
+        .then_some(without_version)
+}
+
+/// An Anthropic model name split into its family and release date: `claude-sonnet-4-5-20250929`
+/// is (`claude-sonnet-4-5`, `Some("20250929")`); an undated name is its own family.
+pub fn anthropic_family(name: &str) -> (&str, Option<&str>) {
+    match name.rsplit_once('-') {
+        Some((family, date)) if date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()) => {
+            (family, Some(date))
+        }
+        _ => (name, None),
+    }
+}
+
+/// A display name for an Anthropic model name: `claude-sonnet-4-5-20250929` is
+/// "Claude Sonnet 4.5", `claude-3-5-haiku-20241022` is "Claude 3.5 Haiku".
+pub fn anthropic_display_name(name: &str) -> String {
+    let (family, _) = anthropic_family(name);
+    let mut words: Vec<String> = Vec::new();
+    let mut number: Vec<&str> = Vec::new();
+    let flush = |number: &mut Vec<&str>, words: &mut Vec<String>| {
+        if !number.is_empty() {
+            words.push(number.join("."));
+            number.clear();
+        }
+    };
+    for part in family.split('-').filter(|p| !p.is_empty()) {
+        if part.bytes().all(|b| b.is_ascii_digit()) {
+            number.push(part);
+            continue;
+        }
+        flush(&mut number, &mut words);
+        let mut chars = part.chars();
+        if let Some(first) = chars.next() {
+            words.push(first.to_uppercase().chain(chars).collect());
+        }
+    }
+    flush(&mut number, &mut words);
+    words.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +262,59 @@ mod tests {
             strip_geo_prefix("xx.anthropic.claude"),
             "xx.anthropic.claude"
         );
+    }
+
+    #[test]
+    fn anthropic_names_of_bedrock_ids() {
+        for (bedrock, name) in [
+            (
+                "anthropic.claude-sonnet-4-5-20250929-v1:0",
+                Some("claude-sonnet-4-5-20250929"),
+            ),
+            (
+                "us.anthropic.claude-haiku-4-5-20251001-v1:0",
+                Some("claude-haiku-4-5-20251001"),
+            ),
+            ("anthropic.claude-opus-5-5", Some("claude-opus-5-5")),
+            (
+                "anthropic.claude-3-5-haiku-20241022-v1",
+                Some("claude-3-5-haiku-20241022"),
+            ),
+            (
+                "anthropic.claude-opus-4-1-20250805-v2:0",
+                Some("claude-opus-4-1-20250805"),
+            ),
+            ("amazon.nova-pro-v1:0", None),
+            ("anthropic.titan-x", None),
+            ("claude-sonnet-4-5", None),
+        ] {
+            assert_eq!(anthropic_name(bedrock), name, "{bedrock}");
+        }
+    }
+
+    #[test]
+    fn anthropic_families_and_display_names() {
+        assert_eq!(
+            anthropic_family("claude-sonnet-4-5-20250929"),
+            ("claude-sonnet-4-5", Some("20250929"))
+        );
+        assert_eq!(
+            anthropic_family("claude-opus-5-5"),
+            ("claude-opus-5-5", None)
+        );
+        assert_eq!(
+            anthropic_family("claude-sonnet-4"),
+            ("claude-sonnet-4", None)
+        );
+        assert_eq!(
+            anthropic_display_name("claude-sonnet-4-5-20250929"),
+            "Claude Sonnet 4.5"
+        );
+        assert_eq!(
+            anthropic_display_name("claude-3-5-haiku-20241022"),
+            "Claude 3.5 Haiku"
+        );
+        assert_eq!(anthropic_display_name("claude-opus-5-5"), "Claude Opus 5.5");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use http::HeaderMap;
 
-use crate::domain::{Front, Op, RuntimeOp};
+use crate::domain::{Front, Labels, Op, RuntimeOp};
 use crate::upstream::payload::Payload;
 
 /// What the caller asks of Bedrock.
@@ -32,6 +32,8 @@ pub struct Call {
     pub headers: HeaderMap,
     /// The body to send, as the front made it (hashed while it arrived).
     pub body: Payload,
+    /// Project and session, for the ledger.
+    pub labels: Labels,
 }
 
 impl Call {

@@ -77,6 +77,9 @@ pub enum Front {
     /// Bedrock's own REST API (`/model/{id}/...`, `/inference-profiles`): Claude Code in
     /// Bedrock mode, the AWS SDKs.
     Bedrock,
+    /// The Anthropic Messages API (`/v1/messages`, `/v1/models`): Claude Code in Anthropic
+    /// mode, the Anthropic SDKs.
+    Anthropic,
 }
 
 impl Front {
@@ -84,6 +87,7 @@ impl Front {
     pub fn name(self) -> &'static str {
         match self {
             Front::Bedrock => "bedrock",
+            Front::Anthropic => "anthropic",
         }
     }
 }
@@ -99,6 +103,12 @@ pub enum Op {
     Runtime(RuntimeOp),
     ListInferenceProfiles,
     GetInferenceProfile,
+    /// `POST /v1/messages` (InvokeModel upstream).
+    Messages,
+    /// `POST /v1/messages` with `"stream": true` (InvokeModelWithResponseStream upstream).
+    MessagesStream,
+    /// `GET /v1/models[/{id}]`: the caller's own models, answered by the proxy.
+    ListModels,
 }
 
 impl Op {
@@ -110,8 +120,20 @@ impl Op {
             Op::Runtime(op) => op.name(),
             Op::ListInferenceProfiles => "ListInferenceProfiles",
             Op::GetInferenceProfile => "GetInferenceProfile",
+            Op::Messages => "Messages",
+            Op::MessagesStream => "MessagesStream",
+            Op::ListModels => "ListModels",
         }
     }
+}
+
+/// What a call is for, beyond who made it: labels the ledger and the `usage` report group by.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels {
+    /// A project the caller names (`x-bedrock-gate-project`, or a Messages body's `tags`).
+    pub project: Option<String>,
+    /// The Claude Code session (`x-claude-code-session-id`).
+    pub session: Option<String>,
 }
 
 /// How a request ended, as the ledger's `outcome` column and the access log name it.

@@ -6,7 +6,8 @@
 //! # Layout
 //! The request pipeline (see [`server`]), one module per phase:
 //! - [`front`]: the protocols callers speak; decodes a request into a [`call::Call`] and encodes
-//!   the answer or a refusal in the caller's protocol ([`front::bedrock`]: Bedrock-native).
+//!   the answer or a refusal in the caller's protocol ([`front::bedrock`]: Bedrock-native;
+//!   [`front::messages`]: the Anthropic Messages API, streams as SSE by [`front::sse`]).
 //! - [`identify`]: API key → user.
 //! - [`resolve`]: (user, requested model) → the caller's own profile and the upstream URL. The
 //!   model id swap lives here.

@@ -16,7 +16,7 @@ use chrono::{TimeZone, Utc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::domain::{Front, Op, Outcome, Usage};
+use crate::domain::{Front, Labels, Op, Outcome, Usage};
 use crate::meter::Meter;
 use crate::meter::ledger::Record;
 use crate::meter::prices::Price;
@@ -31,6 +31,8 @@ pub struct RequestInfo {
     pub started_ms: i64,
     pub front: Option<Front>,
     pub user: Option<String>,
+    /// Project and session labels of the call.
+    pub labels: Labels,
     pub operation: Option<Op>,
     /// The model id as the caller asked for it.
     pub model: Option<String>,
@@ -166,6 +168,7 @@ impl Recorder {
             target: "bedrock_gate::access",
             request_id = %info.request_id,
             user = info.user.as_deref().unwrap_or("-"),
+            front = info.front.map_or("-", |f| f.name()),
             operation = op.name(),
             model = info.model.as_deref().unwrap_or("-"),
             profile = info.profile.as_deref().unwrap_or("-"),
@@ -181,6 +184,8 @@ impl Recorder {
             cost_usd = cost,
             complete,
             outcome,
+            project = info.labels.project.as_deref().unwrap_or("-"),
+            session = info.labels.session.as_deref().unwrap_or("-"),
             "request"
         );
         let meter = &self.meter;
@@ -210,6 +215,9 @@ impl Recorder {
         meter.ledger.record(Record {
             ts_ms: info.started_ms,
             user: Some(user),
+            front: info.front.map(|f| f.name().to_string()),
+            project: info.labels.project,
+            session: info.labels.session,
             operation: op.name().to_string(),
             model: info.model,
             base_model: info.base_model,

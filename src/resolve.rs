@@ -2,7 +2,8 @@
 //! application inference profile, and where and how the call goes upstream.
 //!
 //! Every spelling of a mapped model resolves here, the same for every front: the plain id, any
-//! geo prefix, a foundation-model or system-profile ARN, the caller's own profile ARN or id.
+//! geo prefix, a foundation-model or system-profile ARN, the caller's own profile ARN or id, and
+//! Anthropic's own names (`claude-sonnet-4-5-20250929`, the undated alias `claude-sonnet-4-5`).
 //! It refuses anything it cannot attribute to the caller's own profile; it never reaches the
 //! network and never looks at a body.
 
@@ -11,10 +12,12 @@ use std::sync::Arc;
 use http::Method;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-use crate::arn::{BedrockArn, ModelRef, ResourceKind, strip_geo_prefix};
+use crate::arn::{
+    BedrockArn, ModelRef, ResourceKind, anthropic_family, anthropic_name, strip_geo_prefix,
+};
 use crate::call::{Call, Wanted};
 use crate::config::{Config, Profile, User, Users};
-use crate::domain::RuntimeOp;
+use crate::domain::{Front, RuntimeOp};
 use crate::refusal::{Refusal, shown};
 
 /// Everything but RFC 3986 unreserved characters is encoded, so an ARN (`:` and `/`) is one
@@ -47,7 +50,15 @@ pub fn target(user: &User, config: &Config, call: &Call) -> Result<Target, Refus
     let model = call.model.as_deref().unwrap_or_default();
     match &call.wanted {
         Wanted::Runtime(op) => {
-            let profile = profile_for(user, &config.users, model)?;
+            let profile = profile_for(user, &config.users, model, call.front)?;
+            if call.front == Front::Anthropic && anthropic_name(&profile.model).is_none() {
+                return Err(Refusal::invalid(format!(
+                    "Model `{}` is `{}` for you, which is not an Anthropic model; the Messages API \
+                     serves Claude models only. Call it on the Bedrock routes (POST /model/{{id}}/converse).",
+                    shown(model),
+                    profile.model
+                )));
+            }
             let region = profile.parsed.region.clone();
             // CountTokens is free and takes a foundation model id, not a profile.
             let upstream_id = match op {
@@ -109,8 +120,34 @@ fn by_base_model<'u>(user: &'u User, base: &str) -> Option<&'u Arc<Profile>> {
     })
 }
 
-fn no_profile(user: &User, requested: &str, base: &str) -> Refusal {
-    if user.pending.iter().any(|k| strip_geo_prefix(k) == base) {
+/// The config key an Anthropic-style name picks among `keys`: the exact name
+/// (`claude-sonnet-4-5-20250929`), or for an undated alias (`claude-sonnet-4-5`,
+/// `claude-sonnet-4-5-latest`, `anthropic.claude-sonnet-4-5`) the newest model of that family.
+fn by_anthropic_name<'k>(keys: impl Iterator<Item = &'k str>, requested: &str) -> Option<&'k str> {
+    let wanted = anthropic_name(requested)
+        .or_else(|| requested.starts_with("claude-").then_some(requested))?;
+    let wanted = wanted.strip_suffix("-latest").unwrap_or(wanted);
+    let mut newest: Option<(&str, Option<&str>)> = None;
+    for key in keys {
+        let Some(name) = anthropic_name(key) else {
+            continue;
+        };
+        if name == wanted {
+            return Some(key);
+        }
+        let (family, date) = anthropic_family(name);
+        if family == wanted && newest.is_none_or(|(_, d)| date > d) {
+            newest = Some((key, date));
+        }
+    }
+    newest.map(|(key, _)| key)
+}
+
+fn no_profile(user: &User, requested: &str, base: &str, front: Front) -> Refusal {
+    let pending = user.pending.iter().map(String::as_str);
+    if user.pending.iter().any(|k| strip_geo_prefix(k) == base)
+        || by_anthropic_name(pending, requested).is_some()
+    {
         return Refusal::not_allowed(format!(
             "User `{}`'s inference profile for model `{}` is not provisioned yet. \
              Ask your bedrock-gate admin to run `bedrock-gate profiles apply`.",
@@ -118,7 +155,15 @@ fn no_profile(user: &User, requested: &str, base: &str) -> Refusal {
             shown(requested)
         ));
     }
-    let mapped: Vec<&str> = user.models.keys().map(String::as_str).collect();
+    let mapped: Vec<&str> = match front {
+        Front::Bedrock => user.models.keys().map(String::as_str).collect(),
+        // In the names the caller's client uses.
+        Front::Anthropic => user
+            .models
+            .keys()
+            .filter_map(|k| anthropic_name(k))
+            .collect(),
+    };
     let mapped = if mapped.is_empty() {
         "none".to_string()
     } else {
@@ -148,8 +193,14 @@ fn not_yours(user: &User, users: &Users, arn: &str) -> Refusal {
     }
 }
 
-/// Resolves the model id a caller asked for to the caller's own profile.
-pub fn profile_for(user: &User, users: &Users, requested: &str) -> Result<Arc<Profile>, Refusal> {
+/// Resolves the model a caller asked for to the caller's own profile. `front` words the
+/// refusal in the model names its clients use.
+pub fn profile_for(
+    user: &User,
+    users: &Users,
+    requested: &str,
+    front: Front,
+) -> Result<Arc<Profile>, Refusal> {
     let parsed = ModelRef::parse(requested).map_err(|e| {
         Refusal::invalid(format!(
             "The model id `{}` is not valid: {e}.",
@@ -177,11 +228,15 @@ pub fn profile_for(user: &User, users: &Users, requested: &str) -> Result<Arc<Pr
             .models
             .get(id)
             .or_else(|| user.profile_by_id(id))
-            .or_else(|| by_base_model(user, strip_geo_prefix(id))),
+            .or_else(|| by_base_model(user, strip_geo_prefix(id)))
+            .or_else(|| {
+                by_anthropic_name(user.models.keys().map(String::as_str), id)
+                    .and_then(|key| user.models.get(key))
+            }),
     };
     found
         .cloned()
-        .ok_or_else(|| no_profile(user, requested, base))
+        .ok_or_else(|| no_profile(user, requested, base, front))
 }
 
 /// Where a GetInferenceProfile call may go.
@@ -257,6 +312,7 @@ mod tests {
     const A1: &str = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/aaa111";
     const A2: &str = "arn:aws:bedrock:us-west-2:123456789012:application-inference-profile/aaa222";
     const B1: &str = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/bbb111";
+    const A3: &str = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/aaa333";
     const SONNET: &str = "anthropic.claude-sonnet-4-5-20250929-v1:0";
     const HAIKU: &str = "anthropic.claude-haiku-4-5-20251001-v1:0";
     const OPUS: &str = "anthropic.claude-opus-4-5-20251101-v1:0";
@@ -304,17 +360,24 @@ keys = ["sha256:{kb}"]
             "aaa111".to_string(),
         ] {
             assert_eq!(
-                profile_for(&a, &c.users, &requested).unwrap().arn,
+                profile_for(&a, &c.users, &requested, Front::Bedrock)
+                    .unwrap()
+                    .arn,
                 A1,
                 "{requested}"
             );
         }
         // A config key written with a geo prefix matches the base id and other prefixes.
-        let e = profile_for(&a, &c.users, &format!("us.{OPUS}")).unwrap_err();
+        let e = profile_for(&a, &c.users, &format!("us.{OPUS}"), Front::Bedrock).unwrap_err();
         assert!(e.message.contains("not provisioned yet"), "{}", e.message);
-        assert_eq!(profile_for(&a, &c.users, HAIKU).unwrap().arn, A2);
         assert_eq!(
-            profile_for(&a, &c.users, &format!("eu.{HAIKU}"))
+            profile_for(&a, &c.users, HAIKU, Front::Bedrock)
+                .unwrap()
+                .arn,
+            A2
+        );
+        assert_eq!(
+            profile_for(&a, &c.users, &format!("eu.{HAIKU}"), Front::Bedrock)
                 .unwrap()
                 .arn,
             A2
@@ -322,17 +385,72 @@ keys = ["sha256:{kb}"]
     }
 
     #[test]
+    fn anthropic_names_and_aliases_resolve_to_the_newest_mapped_model() {
+        let newer = "anthropic.claude-sonnet-4-5-20260101-v1:0";
+        let c = Config::parse(&format!(
+            r#"
+[users.alice]
+keys = ["sha256:{ka}"]
+[users.alice.models]
+"{SONNET}" = "{A1}"
+"{newer}" = "{A3}"
+"us.{HAIKU}" = "{A2}"
+"anthropic.claude-opus-5-5" = "auto"
+"#,
+            ka = "a".repeat(64),
+        ))
+        .unwrap();
+        let a = alice(&c);
+        let arn = |requested: &str| {
+            profile_for(&a, &c.users, requested, Front::Anthropic)
+                .map(|p| p.arn.clone())
+                .map_err(|e| e.message)
+        };
+        assert_eq!(arn("claude-sonnet-4-5-20250929"), Ok(A1.to_string()));
+        assert_eq!(arn("claude-sonnet-4-5-20260101"), Ok(A3.to_string()));
+        for alias in [
+            "claude-sonnet-4-5",
+            "claude-sonnet-4-5-latest",
+            "anthropic.claude-sonnet-4-5",
+            "us.anthropic.claude-sonnet-4-5",
+        ] {
+            assert_eq!(
+                arn(alias),
+                Ok(A3.to_string()),
+                "{alias}: the newest of the family"
+            );
+        }
+        assert_eq!(arn("claude-haiku-4-5"), Ok(A2.to_string()));
+        assert_eq!(arn(SONNET), Ok(A1.to_string()), "Bedrock spellings too");
+        // `claude-sonnet-4` is another family than `claude-sonnet-4-5`.
+        let e = arn("claude-sonnet-4").unwrap_err();
+        assert!(
+            e.contains("claude-sonnet-4-5-20250929") && e.contains("claude-haiku-4-5-20251001"),
+            "lists what is mapped, in Anthropic names: {e}"
+        );
+        assert!(!e.contains("anthropic."), "{e}");
+        let e = arn("claude-opus-5-5").unwrap_err();
+        assert!(e.contains("not provisioned yet"), "{e}");
+    }
+
+    #[test]
     fn refuses_other_users_profiles_and_unmapped_models() {
         let c = config();
         let a = alice(&c);
-        let e = profile_for(&a, &c.users, B1).unwrap_err();
+        let e = profile_for(&a, &c.users, B1, Front::Bedrock).unwrap_err();
         assert_eq!(e.reason, Reason::ModelNotAllowed);
         assert!(
             e.message.contains("belongs to another user"),
             "{}",
             e.message
         );
-        let e = profile_for(&a, &c.users, "anthropic.claude-opus-4-1-20250805-v1:0").unwrap_err();
+        let e = profile_for(
+            &a,
+            &c.users,
+            "anthropic.claude-opus-4-1-20250805-v1:0",
+            Front::Bedrock,
+        )
+        .unwrap_err();
         assert_eq!(e.reason, Reason::ModelNotAllowed);
         assert!(
             e.message
@@ -344,7 +462,9 @@ keys = ["sha256:{kb}"]
             e.message
         );
         assert_eq!(
-            profile_for(&a, &c.users, "bbb111").unwrap_err().reason,
+            profile_for(&a, &c.users, "bbb111", Front::Bedrock)
+                .unwrap_err()
+                .reason,
             Reason::ModelNotAllowed
         );
     }

@@ -1,7 +1,7 @@
 //! The HTTP server: the router, the request pipeline that every front shares, and
 //! `serve(listener, shutdown)`.
 //!
-//! [`handle`] is the pipeline, one line per phase, each owned by its module:
+//! `handle` is the pipeline, one line per phase, each owned by its module:
 //! `front` (which protocol, which operation) → `identify` (key → user) → `front` (read the body,
 //! decode the call) → `resolve` (user × model → the caller's own profile: the model id swap) →
 //! `admit` (budget and rate limits) → `forward` (sign, send) → `front` (encode the answer:
@@ -84,13 +84,16 @@ async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response
             recorder.skip();
             response
         }
-        Ok(Handled::Upstream(answered)) => front::respond(
-            *answered,
-            recorder,
-            &state.meter,
-            state.shutdown.clone(),
-            &live.config,
-        ),
+        Ok(Handled::Upstream(answered)) => {
+            front::respond(
+                *answered,
+                recorder,
+                &state.meter,
+                state.shutdown.clone(),
+                &live.config,
+            )
+            .await
+        }
         Err(refusal) => {
             let response = front::error_response(front, &refusal, &recorder.info.request_id);
             recorder.refused(response.status().as_u16(), &refusal);
@@ -122,8 +125,10 @@ async fn handle(
         front::key_hint(request.front()),
     )?;
     info.user = Some(user.name.clone());
-    if request.op() == Op::Usage {
-        return Ok(Handled::Local(front::usage_response(&state.meter, &user)));
+    if let Some(answer) =
+        front::answer_locally(&request, &user, &state.meter, config, &info.request_id)
+    {
+        return Ok(Handled::Local(answer));
     }
 
     tracing::debug!(request_id = %info.request_id, "reading request body");
@@ -134,6 +139,7 @@ async fn handle(
     };
     info.operation = Some(call.op);
     info.model = call.model.clone();
+    info.labels = call.labels.clone();
     info.bytes_in = usize::try_from(call.body.len()).unwrap_or(usize::MAX);
 
     let target = resolve::target(&user, config, &call)?;

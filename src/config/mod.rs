@@ -56,7 +56,15 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub timeouts: Timeouts,
     pub provisioning: Provisioning,
+    pub attribution: Attribution,
     pub users: Users,
+}
+
+/// Labels a call carries besides its user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribution {
+    /// The key in a Messages body's `tags` whose value is the call's project.
+    pub project_tag: String,
 }
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
@@ -165,6 +173,9 @@ pub struct Timeouts {
     /// How long a connection may go without starting a request: slow headers, idle keep-alive
     /// (HTTP/1.1 and HTTP/2), and connections that never send one.
     pub request_header: Duration,
+    /// How long an SSE stream (Messages front) may go silent before the proxy sends `ping`,
+    /// so idle timeouts between client and proxy do not cut a model that thinks for long.
+    pub stream_ping: Duration,
 }
 
 /// An endpoint URL in which `{region}` is replaced by the target's region.
@@ -406,6 +417,11 @@ impl Config {
                 raw.timeouts.request_header_secs,
                 60,
             )?,
+            stream_ping: secs(
+                "timeouts.stream_ping_secs",
+                raw.timeouts.stream_ping_secs,
+                10,
+            )?,
         };
 
         let admin_text = raw.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
@@ -484,6 +500,20 @@ impl Config {
         }
         let prices = Prices::with_overrides(overrides);
         let provisioning = Self::provisioning(raw.provisioning)?;
+        let project_tag = raw
+            .attribution
+            .project_tag
+            .unwrap_or_else(|| "project".to_string());
+        if project_tag.is_empty()
+            || project_tag.len() > 128
+            || project_tag.chars().any(char::is_control)
+        {
+            return Err(ConfigError::new(
+                "attribution.project_tag",
+                "1 to 128 characters, no control characters",
+            ));
+        }
+        let attribution = Attribution { project_tag };
         let users = Self::users(raw.users)?;
         // A budget can only stop what it can price: every model such a user may call needs one.
         for user in users.iter() {
@@ -517,6 +547,7 @@ impl Config {
             max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
             timeouts,
             provisioning,
+            attribution,
             users,
         })
     }

@@ -26,6 +26,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub ledger: RawLedger,
     #[serde(default)]
+    pub attribution: RawAttribution,
+    #[serde(default)]
     pub prices: BTreeMap<String, RawPrice>,
     #[serde(default)]
     pub users: BTreeMap<String, RawUser>,
@@ -64,6 +66,14 @@ pub struct RawTimeouts {
     pub request_body_secs: Option<u64>,
     pub stream_idle_secs: Option<u64>,
     pub request_header_secs: Option<u64>,
+    pub stream_ping_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAttribution {
+    /// The key of a Messages body's `tags` whose value is the call's project.
+    pub project_tag: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

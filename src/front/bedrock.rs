@@ -15,7 +15,7 @@ use percent_encoding::percent_decode_str;
 
 use crate::arn::ModelRef;
 use crate::call::{Call, Wanted};
-use crate::domain::{Front, Op, RuntimeOp};
+use crate::domain::{Front, Labels, Op, RuntimeOp};
 use crate::refusal::{Reason, Refusal, shown};
 use crate::upstream::headers;
 use crate::upstream::payload::Payload;
@@ -143,6 +143,7 @@ pub fn decode(
     query: Option<&str>,
     incoming: &HeaderMap,
     body: Payload,
+    labels: Labels,
 ) -> Result<Call, Refusal> {
     let op = route.op();
     let (wanted, model) = match route {
@@ -165,6 +166,7 @@ pub fn decode(
         model,
         headers: headers::forwardable_request_headers(incoming),
         body,
+        labels,
     })
 }
 

@@ -3,11 +3,15 @@
 //! protocol at the end; every phase in between is shared.
 //!
 //! - [`bedrock`]: Bedrock's own REST paths, passed through byte for byte.
+//! - [`messages`]: the Anthropic Messages API, translated to InvokeModel; streams re-encoded as
+//!   SSE by [`sse`].
 //!
 //! A front never decides who may call what (that is `resolve` and `admit`) and never signs or
 //! sends anything (that is `forward`).
 
 pub mod bedrock;
+pub mod messages;
+pub mod sse;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +24,8 @@ use hyper::body::Incoming;
 
 use crate::call::Call;
 use crate::call::Wanted;
-use crate::config::Config;
-use crate::domain::{Front, Op};
+use crate::config::{Config, User};
+use crate::domain::{Front, Labels, Op};
 use crate::meter::Meter;
 use crate::meter::limits::Admission;
 use crate::meter::usage::UsageMeter;
@@ -35,38 +39,95 @@ use crate::upstream::payload::{Payload, PayloadBuilder};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Bedrock(bedrock::Route),
+    Messages(messages::Route),
 }
 
 impl Request {
     pub fn front(&self) -> Front {
         match self {
             Request::Bedrock(_) => Front::Bedrock,
+            Request::Messages(_) => Front::Anthropic,
         }
     }
 
     pub fn op(&self) -> Op {
         match self {
             Request::Bedrock(route) => route.op(),
+            Request::Messages(route) => route.op(),
         }
     }
 }
 
 /// The front whose protocol a request to this path speaks, so that even a request no front
 /// recognises is refused in the shape its client reads.
-pub fn front_of(_path: &str) -> Front {
-    Front::Bedrock
+pub fn front_of(path: &str) -> Front {
+    if messages::owns(path) {
+        Front::Anthropic
+    } else {
+        Front::Bedrock
+    }
 }
 
 /// Which front serves the request, and what it asks for.
 pub fn route(method: &Method, uri: &Uri) -> Result<Request, Refusal> {
-    bedrock::parse(method, uri.path()).map(Request::Bedrock)
+    match front_of(uri.path()) {
+        Front::Anthropic => messages::parse(method, uri.path()).map(Request::Messages),
+        Front::Bedrock => bedrock::parse(method, uri.path()).map(Request::Bedrock),
+    }
 }
 
 /// How a client of `front` sends its key (ends the refusal of a missing or unknown one).
 pub fn key_hint(front: Front) -> &'static str {
     match front {
         Front::Bedrock => bedrock::KEY_HINT,
+        Front::Anthropic => messages::KEY_HINT,
     }
+}
+
+/// Requests the proxy answers itself once it knows the caller: their own usage, their models.
+pub fn answer_locally(
+    request: &Request,
+    user: &User,
+    meter: &Meter,
+    config: &Config,
+    request_id: &str,
+) -> Option<Response> {
+    match request {
+        Request::Bedrock(bedrock::Route::Usage) => Some(usage_response(meter, user)),
+        Request::Messages(messages::Route::ListModels) => Some(messages::models_response(
+            user,
+            &config.users,
+            None,
+            request_id,
+        )),
+        Request::Messages(messages::Route::GetModel { id }) => Some(messages::models_response(
+            user,
+            &config.users,
+            Some(id),
+            request_id,
+        )),
+        _ => None,
+    }
+}
+
+/// The labels every front reads from headers: `x-bedrock-gate-project` and Claude Code's
+/// `x-claude-code-session-id`. A value that is not text is refused, not guessed at.
+fn header_labels(headers: &HeaderMap) -> Result<Labels, Refusal> {
+    let read = |name: &str| -> Result<Option<String>, Refusal> {
+        match headers.get(name) {
+            None => Ok(None),
+            Some(v) => {
+                let text = v.to_str().map_err(|_| {
+                    Refusal::invalid(format!("The `{name}` header must be plain text."))
+                })?;
+                messages::label(text, name)
+            }
+        }
+    };
+    Ok(Labels {
+        project: read("x-bedrock-gate-project")?,
+        session: read("x-claude-code-session-id")?,
+    })
 }
 
 /// Reads the body of a routed request (under the size and time limits, hashing it as it
@@ -84,9 +145,13 @@ pub async fn decode(
         config.timeouts.request_body,
     )
     .await?;
+    let labels = header_labels(&parts.headers)?;
     match request {
         Request::Bedrock(route) => {
-            bedrock::decode(route, parts.uri.query(), &parts.headers, payload)
+            bedrock::decode(route, parts.uri.query(), &parts.headers, payload, labels)
+        }
+        Request::Messages(route) => {
+            messages::decode(route, &parts.headers, payload, labels, config)
         }
     }
 }
@@ -144,6 +209,7 @@ pub async fn read_body(
 pub fn error_response(front: Front, refusal: &Refusal, request_id: &str) -> Response {
     match front {
         Front::Bedrock => bedrock::error_response(refusal, request_id),
+        Front::Anthropic => messages::error_response(refusal, request_id),
     }
 }
 
@@ -154,9 +220,23 @@ pub struct Answered {
     pub upstream: http::Response<Incoming>,
 }
 
-/// Encodes Bedrock's answer for the client and hands the record of the request to the body,
-/// which writes it when the response ends.
-pub fn respond(
+/// Encodes Bedrock's answer in the caller's protocol and hands the record of the request to
+/// the body, which writes it when the response ends.
+pub async fn respond(
+    answered: Answered,
+    recorder: Recorder,
+    meter: &Arc<Meter>,
+    shutdown: tokio_util::sync::CancellationToken,
+    config: &Config,
+) -> Response {
+    match answered.call.front {
+        Front::Bedrock => pass_through(answered, recorder, meter, shutdown, config),
+        Front::Anthropic => messages::respond(answered, recorder, meter, shutdown, config).await,
+    }
+}
+
+/// The Bedrock-native answer: Bedrock's status, headers (but hop-by-hop ones) and body.
+fn pass_through(
     answered: Answered,
     recorder: Recorder,
     meter: &Arc<Meter>,

@@ -34,6 +34,12 @@ pub struct Record {
     pub ts_ms: i64,
     /// `None` when the caller was not identified.
     pub user: Option<String>,
+    /// The protocol the call came in on: `bedrock` or `anthropic`.
+    pub front: Option<String>,
+    /// The project the call named (`x-bedrock-gate-project`, or a Messages body's `tags`).
+    pub project: Option<String>,
+    /// The Claude Code session (`x-claude-code-session-id`).
+    pub session: Option<String>,
     pub operation: String,
     /// The model id the caller asked for.
     pub model: Option<String>,
@@ -113,27 +119,35 @@ CREATE TABLE IF NOT EXISTS requests (
     upstream_request_id TEXT,
     complete            INTEGER NOT NULL,
     admitted            INTEGER NOT NULL,
-    outcome             TEXT NOT NULL
+    outcome             TEXT NOT NULL,
+    front               TEXT,
+    project             TEXT,
+    session             TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_user_ts ON requests (user, ts_ms);
 ";
 
 /// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Brings an older ledger up to [`SCHEMA_VERSION`], keeping its rows.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version < 2 {
-        let has_admitted = conn
-            .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'admitted'")?
-            .exists([])?;
-        if !has_admitted {
-            // Version 1 had no `admitted`; its rows predate refusal tracking in the rate window.
-            conn.execute_batch(
-                "ALTER TABLE requests ADD COLUMN admitted INTEGER NOT NULL DEFAULT 1",
-            )?;
+    let has = |column: &str| -> rusqlite::Result<bool> {
+        conn.prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = ?1")?
+            .exists([column])
+    };
+    // Version 1 had no `admitted`; its rows predate refusal tracking in the rate window.
+    if version < 2 && !has("admitted")? {
+        conn.execute_batch("ALTER TABLE requests ADD COLUMN admitted INTEGER NOT NULL DEFAULT 1")?;
+    }
+    // Version 2 had one front (Bedrock-native) and no labels.
+    if version < 3 {
+        for column in ["front", "project", "session"] {
+            if !has(column)? {
+                conn.execute_batch(&format!("ALTER TABLE requests ADD COLUMN {column} TEXT"))?;
+            }
         }
     }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -181,8 +195,10 @@ fn write_batch(conn: &mut Connection, batch: &[(Box<Record>, Instant)]) -> rusql
         let mut stmt = tx.prepare_cached(
             "INSERT INTO requests (ts_ms, user, operation, model, base_model, profile_arn, status,
                 input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
-                latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted, outcome)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted, outcome,
+                front, project, session)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+                ?20, ?21, ?22)",
         )?;
         for (r, _) in batch {
             stmt.execute(params![
@@ -205,6 +221,9 @@ fn write_batch(conn: &mut Connection, batch: &[(Box<Record>, Instant)]) -> rusql
                 r.complete,
                 r.admitted,
                 r.outcome,
+                r.front,
+                r.project,
+                r.session,
             ])?;
         }
     }
@@ -438,6 +457,9 @@ mod tests {
         Record {
             ts_ms,
             user: Some(user.into()),
+            front: Some("bedrock".into()),
+            project: None,
+            session: None,
             operation: "Converse".into(),
             model: Some("m".into()),
             base_model: Some("m".into()),
@@ -514,6 +536,18 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
+        let labels: Vec<(Option<String>, Option<String>)> = conn
+            .prepare("SELECT front, session FROM requests ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            labels,
+            [(None, None), (Some("bedrock".into()), None)],
+            "old rows have no labels, new ones do"
+        );
     }
 
     #[test]

@@ -218,7 +218,7 @@ impl Accounts {
                 let retry_after = u64::try_from(resets.timestamp() - sec).unwrap_or(0).max(1);
                 return Err(Refusal::new(Reason::OverBudget, format!(
                     "User `{user}` has used the monthly budget of ${budget:.2} (users.{user}.limits.monthly_budget_usd): \
-                     ${:.2} spent in {}. It resets at {}.",
+                     ${:.2} spent in {}. It resets at {}; until then your bedrock-gate admin can raise it.",
                     a.totals.cost_usd,
                     a.month,
                     resets.format("%Y-%m-%dT%H:%M:%SZ")

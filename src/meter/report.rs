@@ -1,5 +1,6 @@
-//! The `usage` report: per user, model, profile or day, from the ledger, as a table, CSV or
-//! JSON. Read-only; safe to run while `serve` writes.
+//! The `usage` report: per user, model, profile, day, project, Claude Code session or front,
+//! from the ledger, as a table, CSV or JSON. Read-only; safe to run while `serve` writes, and on
+//! a ledger older than the labels (its rows count as unlabelled).
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use rusqlite::Connection;
@@ -12,15 +13,28 @@ pub enum GroupBy {
     Model,
     Profile,
     Day,
+    /// `x-bedrock-gate-project`, or the Messages body's `tags` value.
+    Project,
+    /// Claude Code's `x-claude-code-session-id`.
+    Session,
+    /// The protocol: `bedrock` or `anthropic`.
+    Front,
 }
 
 impl GroupBy {
-    fn column(self) -> &'static str {
-        match self {
-            GroupBy::User => "coalesce(user, '(unidentified)')",
-            GroupBy::Model => "coalesce(base_model, model, '-')",
-            GroupBy::Profile => "coalesce(profile_arn, '-')",
-            GroupBy::Day => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+    /// The grouping expression; `labelled` says whether the ledger has the label columns.
+    fn column(self, labelled: bool) -> &'static str {
+        match (self, labelled) {
+            (GroupBy::User, _) => "coalesce(user, '(unidentified)')",
+            (GroupBy::Model, _) => "coalesce(base_model, model, '-')",
+            (GroupBy::Profile, _) => "coalesce(profile_arn, '-')",
+            (GroupBy::Day, _) => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+            (GroupBy::Project, true) => "coalesce(project, '-')",
+            (GroupBy::Session, true) => "coalesce(session, '-')",
+            (GroupBy::Front, true) => "coalesce(front, 'bedrock')",
+            // Written before there were labels, or a second front.
+            (GroupBy::Project | GroupBy::Session, false) => "'-'",
+            (GroupBy::Front, false) => "'bedrock'",
         }
     }
 
@@ -30,6 +44,9 @@ impl GroupBy {
             GroupBy::Model => "model",
             GroupBy::Profile => "profile",
             GroupBy::Day => "day",
+            GroupBy::Project => "project",
+            GroupBy::Session => "session",
+            GroupBy::Front => "front",
         }
     }
 }
@@ -77,6 +94,9 @@ pub fn query(
     until_ms: i64,
     by: GroupBy,
 ) -> rusqlite::Result<Vec<Row>> {
+    let labelled = conn
+        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'project'")?
+        .exists([])?;
     let sql = format!(
         "SELECT {key} AS k, count(*), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
                 sum(cache_write_tokens), total(cost_usd),
@@ -84,7 +104,7 @@ pub fn query(
                 sum(CASE WHEN complete = 0 AND status = 200 THEN 1 ELSE 0 END),
                 sum(CASE WHEN status <> 200 THEN 1 ELSE 0 END)
          FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2 GROUP BY k ORDER BY total(cost_usd) DESC, k",
-        key = by.column()
+        key = by.column(labelled)
     );
     let mut stmt = conn.prepare(&sql)?;
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
@@ -237,6 +257,16 @@ mod tests {
         Record {
             ts_ms: day_start_ms(day).unwrap() + 3_600_000,
             user: Some(user.into()),
+            front: Some(
+                if user == "alice" {
+                    "anthropic"
+                } else {
+                    "bedrock"
+                }
+                .into(),
+            ),
+            project: (model == "m1").then(|| "apollo".into()),
+            session: Some(format!("{user}-session")),
             operation: "Converse".into(),
             model: Some(format!("us.{model}")),
             base_model: Some(model.into()),
@@ -290,6 +320,30 @@ mod tests {
         assert_eq!(by_model.len(), 2);
         let by_profile = query(&c, 0, i64::MAX, GroupBy::Profile).unwrap();
         assert_eq!(by_profile.len(), 3);
+        let keys = |by| -> Vec<(String, u64)> {
+            let mut rows: Vec<_> = query(&c, since, until, by)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.key, r.requests))
+                .collect();
+            rows.sort();
+            rows
+        };
+        assert_eq!(
+            keys(GroupBy::Project),
+            [("-".to_string(), 1), ("apollo".to_string(), 2)]
+        );
+        assert_eq!(
+            keys(GroupBy::Session),
+            [
+                ("alice-session".to_string(), 2),
+                ("bob-session".to_string(), 1)
+            ]
+        );
+        assert_eq!(
+            keys(GroupBy::Front),
+            [("anthropic".to_string(), 2), ("bedrock".to_string(), 1)]
+        );
     }
 
     #[test]

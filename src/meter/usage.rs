@@ -19,6 +19,7 @@ mod tests;
 
 use std::fmt;
 
+use aws_smithy_types::event_stream::Message;
 use http::HeaderMap;
 use serde_json::{Map, Value};
 
@@ -193,6 +194,15 @@ impl UsageMeter {
         }
     }
 
+    /// One event-stream message, for a front that decodes the stream itself (the SSE
+    /// re-encoder of the Messages front) instead of passing bytes through [`UsageMeter::feed`].
+    /// Counts exactly as the same message would if fed as bytes.
+    pub fn observe(&mut self, message: &Message) {
+        if let Mode::Stream(meter) = &mut self.mode {
+            meter.on_message(message);
+        }
+    }
+
     /// Call when the body ended normally (`ended = true`) or was cut (client went away /
     /// upstream error: `ended = false`). A cut stream returns what was seen with
     /// complete = false.
@@ -244,7 +254,8 @@ impl fmt::Debug for UsageMeter {
     }
 }
 
-fn is_event_stream(headers: &HeaderMap) -> bool {
+/// Whether a response says it is an AWS event stream (the only bodies ever decoded as one).
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.as_bytes().get(..EVENT_STREAM_CONTENT_TYPE.len()))

@@ -50,6 +50,22 @@ impl Payload {
         self.len == 0
     }
 
+    /// The whole body in one buffer, for a front that must parse it: no copy when it arrived
+    /// as one chunk.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.chunks.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => {
+                let mut whole = BytesMut::with_capacity(usize::try_from(self.len).unwrap_or(0));
+                for chunk in many {
+                    whole.extend_from_slice(chunk);
+                }
+                whole.freeze()
+            }
+        }
+    }
+
     /// The payload hash for SigV4's canonical request.
     pub fn sha256_hex(&self) -> &str {
         &self.sha256_hex
@@ -176,6 +192,7 @@ mod tests {
             p.sha256_hex(),
             Payload::from_bytes(whole.clone()).sha256_hex()
         );
+        assert_eq!(p.to_bytes(), whole);
         let body = p.clone().into_body();
         assert_eq!(body.size_hint().exact(), Some(whole.len() as u64));
         assert_eq!(body.collect().await.unwrap().to_bytes(), whole);

@@ -61,16 +61,37 @@ keys = ["{k}"]
     )
 }
 
+/// Claude Code in Bedrock mode against the proxy, as the README sets it up.
+fn bedrock_mode(proxy: &Proxy) -> Vec<(&'static str, String)> {
+    vec![
+        ("CLAUDE_CODE_USE_BEDROCK", "1".into()),
+        ("ANTHROPIC_BEDROCK_BASE_URL", proxy.url()),
+        ("AWS_BEARER_TOKEN_BEDROCK", ALICE_KEY.into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ]
+}
+
+/// Claude Code in plain Anthropic mode against the proxy: no Bedrock variable at all.
+fn anthropic_mode(proxy: &Proxy) -> Vec<(&'static str, String)> {
+    vec![
+        ("ANTHROPIC_BASE_URL", proxy.url()),
+        ("ANTHROPIC_API_KEY", ALICE_KEY.into()),
+    ]
+}
+
 async fn run_claude(proxy: &Proxy, extra_env: &[(&str, &str)]) -> (bool, String, String) {
+    run_claude_in(&bedrock_mode(proxy), extra_env).await
+}
+
+async fn run_claude_in(
+    mode: &[(&'static str, String)],
+    extra_env: &[(&str, &str)],
+) -> (bool, String, String) {
     let home = tempfile::tempdir().unwrap();
     let mut cmd = tokio::process::Command::new(claude_binary());
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", home.path())
-        .env("CLAUDE_CODE_USE_BEDROCK", "1")
-        .env("ANTHROPIC_BEDROCK_BASE_URL", proxy.url())
-        .env("AWS_BEARER_TOKEN_BEDROCK", ALICE_KEY)
-        .env("AWS_REGION", "us-east-1")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("DISABLE_TELEMETRY", "1")
         .env("DISABLE_ERROR_REPORTING", "1")
@@ -83,6 +104,9 @@ async fn run_claude(proxy: &Proxy, extra_env: &[(&str, &str)]) -> (bool, String,
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    for (k, v) in mode {
+        cmd.env(k, v);
+    }
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -211,5 +235,32 @@ async fn claude_code_with_anthropic_model_set_to_the_users_profile_arn() {
         got.iter()
             .any(|r| r.op == "invoke-with-response-stream" && r.model == arn),
         "{got:#?}"
+    );
+}
+
+#[tokio::test]
+async fn claude_code_in_plain_anthropic_mode_calls_on_the_users_own_profiles() {
+    // ANTHROPIC_BASE_URL + ANTHROPIC_API_KEY and nothing else: Claude Code speaks the Messages
+    // API, and the proxy puts every call on the user's profile for the model it names.
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&config(&fake)).await;
+    let (ok, stdout, stderr) = run_claude_in(&anthropic_mode(&proxy), &[]).await;
+    assert!(
+        ok && stdout.contains(fake::TEXT),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nproxy log:\n{}",
+        proxy.logs()
+    );
+    assert_all_attributed(&fake);
+    let rows = ledger_with(&proxy, 1).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.front.as_deref() == Some("anthropic") && r.user.as_deref() == Some("dev")),
+        "{rows:#?}"
+    );
+    assert!(
+        rows.iter().any(|r| r.operation == "MessagesStream"
+            && r.profile.as_deref() == Some(arn("us-east-1", "devopus").as_str())
+            && r.session.is_some()),
+        "the turn, on the opus profile Claude Code's default names, with its session: {rows:#?}"
     );
 }

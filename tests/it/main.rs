@@ -14,6 +14,8 @@ mod accounting;
 mod claude_code;
 mod cli;
 mod faults;
+mod fronts;
+mod messages;
 mod metering;
 mod parsers_prop;
 mod provision;

@@ -142,7 +142,7 @@ impl EventStreamMeter {
         self.pending = Vec::new();
     }
 
-    fn on_message(&mut self, message: &Message) {
+    pub(super) fn on_message(&mut self, message: &Message) {
         match header_str(message, ":message-type") {
             Some("event") => {}
             Some("exception") => {

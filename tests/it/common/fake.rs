@@ -302,6 +302,8 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
             h.insert("x-amzn-bedrock-cache-read-input-token-count", "4".parse().expect("hv"));
             h.insert("x-amzn-bedrock-cache-write-input-token-count", "3".parse().expect("hv"));
             h.insert("x-amzn-requestid", "fake-request-id".parse().expect("hv"));
+            // What a proxy in front of the Anthropic API might pass on; never a caller's.
+            h.insert("anthropic-ratelimit-unified-status", "upstream".parse().expect("hv"));
             resp
         }
         "invoke-with-response-stream" => event_stream(anthropic_stream_events(&model), gate, cut),
@@ -523,6 +525,7 @@ fn event_stream(
         .status(StatusCode::OK)
         .header("content-type", "application/vnd.amazon.eventstream")
         .header("x-amzn-requestid", "fake-stream-request-id")
+        .header("anthropic-ratelimit-unified-status", "upstream")
         .body(Body::from_stream(stream))
         .expect("response")
 }

@@ -426,3 +426,100 @@ pub async fn converse(proxy: &Proxy, model: &str, key: &str) -> Reply {
 
 pub const INVOKE_BODY: &str = r#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
 pub const CONVERSE_BODY: &str = r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
+
+/// One ledger row, as the tests of both fronts read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerRow {
+    pub user: Option<String>,
+    pub front: Option<String>,
+    pub operation: String,
+    pub model: Option<String>,
+    pub profile: Option<String>,
+    pub status: i64,
+    /// input, output, cache read, cache write
+    pub tokens: (i64, i64, i64, i64),
+    pub complete: bool,
+    pub outcome: String,
+    pub project: Option<String>,
+    pub session: Option<String>,
+}
+
+/// The ledger's rows so far, in order.
+pub fn ledger(proxy: &Proxy) -> Vec<LedgerRow> {
+    let Ok(conn) = rusqlite::Connection::open(proxy.ledger_path()) else {
+        return Vec::new();
+    };
+    let Ok(mut stmt) = conn.prepare(
+        "SELECT user, front, operation, model, profile_arn, status, input_tokens, output_tokens,
+                cache_read_tokens, cache_write_tokens, complete, outcome, project, session
+         FROM requests ORDER BY id",
+    ) else {
+        return Vec::new();
+    };
+    stmt.query_map([], |r| {
+        Ok(LedgerRow {
+            user: r.get(0)?,
+            front: r.get(1)?,
+            operation: r.get(2)?,
+            model: r.get(3)?,
+            profile: r.get(4)?,
+            status: r.get(5)?,
+            tokens: (r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?),
+            complete: r.get(10)?,
+            outcome: r.get(11)?,
+            project: r.get(12)?,
+            session: r.get(13)?,
+        })
+    })
+    .expect("query")
+    .collect::<Result<_, _>>()
+    .expect("rows")
+}
+
+/// Waits until the ledger holds `n` rows (they are committed in the background) and returns them.
+pub async fn ledger_with(proxy: &Proxy, n: usize) -> Vec<LedgerRow> {
+    eventually(&format!("{n} ledger rows"), || async {
+        let rows = ledger(proxy);
+        (rows.len() >= n).then_some(rows)
+    })
+    .await
+}
+
+/// A Messages API call with `x-api-key`, as the Anthropic SDKs send it.
+pub async fn messages(proxy: &Proxy, key: &str, body: &str, extra: &[(&str, &str)]) -> Reply {
+    let mut headers = vec![
+        ("x-api-key", key),
+        ("content-type", "application/json"),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    headers.extend_from_slice(extra);
+    send(request(
+        Method::POST,
+        &format!("{}/v1/messages", proxy.url()),
+        &headers,
+        body.to_string(),
+    ))
+    .await
+}
+
+/// A minimal Messages body for `model`.
+pub fn messages_body(model: &str, stream: bool) -> String {
+    format!(
+        r#"{{"model":"{model}","max_tokens":64,"stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+    )
+}
+
+impl Reply {
+    /// The Anthropic error envelope's `error.type`.
+    pub fn anthropic_error(&self) -> (String, String) {
+        let v = self.json();
+        assert_eq!(v["type"], "error", "not an Anthropic error: {v}");
+        (
+            v["error"]["type"].as_str().unwrap_or_default().to_string(),
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    }
+}

@@ -1,0 +1,326 @@
+//! Bedrock's event stream re-encoded as the Anthropic Messages API's server-sent events.
+//!
+//! InvokeModelWithResponseStream sends one event-stream `chunk` frame per Anthropic event, its
+//! `bytes` the base64 of exactly that event's JSON. [`SseEncoder`] decodes each frame as soon as
+//! its last byte arrives and writes `event: <type>` + `data: <json>` at once: it never waits for
+//! a second event and holds at most one partial frame ([`MAX_FRAME_LEN`]). A mid-stream
+//! exception frame becomes an SSE `error` event in the Anthropic envelope and ends the response;
+//! so does a stream it cannot read (it never passes on bytes it could not decode). During
+//! upstream silence it sends `event: ping`, which Bedrock never does.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
+use aws_smithy_types::event_stream::Message;
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+
+use crate::meter::usage::{MAX_FRAME_LEN, UsageMeter};
+use crate::stream::{Encoded, Encoder};
+
+/// Bedrock pads `bytes` correctly; being lenient costs nothing.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+const PING: &[u8] = b"event: ping\ndata: {\"type\": \"ping\"}\n\n";
+
+/// The payload of a `chunk` frame; Bedrock's `p` padding and anything else is ignored.
+#[derive(Deserialize)]
+struct ChunkPayload<'a> {
+    #[serde(borrow)]
+    bytes: Cow<'a, str>,
+}
+
+/// The one field of an Anthropic event the encoder reads.
+#[derive(Deserialize)]
+struct EventType<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct ExceptionPayload {
+    #[serde(default)]
+    message: String,
+}
+
+/// The Anthropic error type for a Bedrock stream exception (`:exception-type`).
+pub fn error_type_of_exception(exception: &str) -> &'static str {
+    match exception {
+        "throttlingException" | "ThrottlingException" => "rate_limit_error",
+        "serviceUnavailableException" | "ServiceUnavailableException" => "overloaded_error",
+        "validationException" | "ValidationException" => "invalid_request_error",
+        _ => "api_error",
+    }
+}
+
+/// An SSE `error` event in the Anthropic envelope.
+pub fn error_event(error_type: &str, message: &str) -> Bytes {
+    let data = serde_json::json!({
+        "type": "error",
+        "error": {"type": error_type, "message": message},
+    });
+    Bytes::from(format!("event: error\ndata: {data}\n\n"))
+}
+
+/// Re-encodes an InvokeModelWithResponseStream body as Anthropic SSE; see the module doc.
+pub struct SseEncoder {
+    decoder: MessageFrameDecoder,
+    /// Bytes of the frame not yet complete.
+    pending: BytesMut,
+    ping_after: Duration,
+    /// Scrubs account ids and ARNs out of Bedrock's messages before the caller sees them.
+    redact: fn(&str) -> String,
+}
+
+impl SseEncoder {
+    pub fn new(ping_after: Duration, redact: fn(&str) -> String) -> SseEncoder {
+        SseEncoder {
+            decoder: MessageFrameDecoder::new(),
+            pending: BytesMut::new(),
+            ping_after,
+            redact,
+        }
+    }
+
+    /// Writes one decoded frame as SSE; `Err` carries the error event that ends the stream.
+    fn message(&self, message: &Message, out: &mut BytesMut) -> Result<(), Bytes> {
+        match header_str(message, ":message-type") {
+            Some("event") => {}
+            Some("exception") | Some("error") => {
+                let kind = header_str(message, ":exception-type")
+                    .or_else(|| header_str(message, ":error-code"))
+                    .unwrap_or("exception");
+                let said = serde_json::from_slice::<ExceptionPayload>(message.payload())
+                    .map(|p| p.message)
+                    .unwrap_or_default();
+                tracing::warn!(exception = kind, message = %said, "Bedrock ended the stream with an exception");
+                let text = if said.is_empty() {
+                    format!("Bedrock ended the stream with {kind}.")
+                } else {
+                    (self.redact)(&said)
+                };
+                return Err(error_event(error_type_of_exception(kind), &text));
+            }
+            _ => return Ok(()),
+        }
+        if header_str(message, ":event-type") != Some("chunk") {
+            return Ok(());
+        }
+        let unreadable = || {
+            error_event(
+                "api_error",
+                "bedrock-gate could not read Bedrock's stream; the answer is incomplete.",
+            )
+        };
+        let chunk =
+            serde_json::from_slice::<ChunkPayload>(message.payload()).map_err(|_| unreadable())?;
+        let event = BASE64
+            .decode(chunk.bytes.as_bytes())
+            .map_err(|_| unreadable())?;
+        let kind = serde_json::from_slice::<EventType>(&event).map_err(|_| unreadable())?;
+        if kind.kind.is_empty()
+            || !kind
+                .kind
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(unreadable());
+        }
+        out.put_slice(b"event: ");
+        out.put_slice(kind.kind.as_bytes());
+        out.put_slice(b"\n");
+        // JSON has newlines only between tokens; each line gets its own `data:` field, which
+        // the client joins back with newlines.
+        for line in event.split(|b| *b == b'\n') {
+            out.put_slice(b"data: ");
+            out.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
+            out.put_slice(b"\n");
+        }
+        out.put_slice(b"\n");
+        Ok(())
+    }
+}
+
+impl Encoder for SseEncoder {
+    fn encode(&mut self, data: Bytes, mut usage: Option<&mut UsageMeter>) -> Encoded {
+        self.pending.extend_from_slice(&data);
+        let mut out = BytesMut::new();
+        loop {
+            if self.pending.len() > MAX_FRAME_LEN {
+                out.put(error_event(
+                    "api_error",
+                    "Bedrock sent a stream frame larger than bedrock-gate reads; the answer is incomplete.",
+                ));
+                return Encoded {
+                    out: Some(out.freeze()),
+                    ended: true,
+                };
+            }
+            let message = match self.decoder.decode_frame(&mut self.pending) {
+                Ok(DecodedFrame::Complete(message)) => message,
+                Ok(DecodedFrame::Incomplete) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Bedrock's event stream could not be decoded");
+                    out.put(error_event(
+                        "api_error",
+                        "bedrock-gate could not read Bedrock's stream; the answer is incomplete.",
+                    ));
+                    return Encoded {
+                        out: Some(out.freeze()),
+                        ended: true,
+                    };
+                }
+            };
+            if let Some(usage) = usage.as_deref_mut() {
+                usage.observe(&message);
+            }
+            if let Err(end) = self.message(&message, &mut out) {
+                out.put(end);
+                return Encoded {
+                    out: Some(out.freeze()),
+                    ended: true,
+                };
+            }
+        }
+        Encoded {
+            out: (!out.is_empty()).then(|| out.freeze()),
+            ended: false,
+        }
+    }
+
+    fn keepalive_after(&self) -> Option<Duration> {
+        Some(self.ping_after)
+    }
+
+    fn keepalive(&mut self) -> Option<Bytes> {
+        Some(Bytes::from_static(PING))
+    }
+}
+
+fn header_str<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
+    message
+        .headers()
+        .iter()
+        .find(|h| h.name().as_str() == name)
+        .and_then(|h| h.value().as_string().ok())
+        .map(|s| s.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_smithy_types::event_stream::{Header, HeaderValue};
+
+    fn frame(headers: &[(&'static str, &str)], payload: &[u8]) -> Vec<u8> {
+        let mut msg = Message::new(payload.to_vec());
+        for (k, v) in headers {
+            msg = msg.add_header(Header::new(*k, HeaderValue::String(v.to_string().into())));
+        }
+        let mut buf = Vec::new();
+        aws_smithy_eventstream::frame::write_message_to(&msg, &mut buf).unwrap();
+        buf
+    }
+
+    fn chunk(event: &str) -> Vec<u8> {
+        let payload = serde_json::json!({"bytes": BASE64.encode(event), "p": "abc"}).to_string();
+        frame(
+            &[(":event-type", "chunk"), (":message-type", "event")],
+            payload.as_bytes(),
+        )
+    }
+
+    fn encoder() -> SseEncoder {
+        SseEncoder::new(Duration::from_secs(10), |s| s.to_string())
+    }
+
+    #[test]
+    fn each_chunk_becomes_one_event_as_soon_as_it_is_whole() {
+        let start = r#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":3}}}"#;
+        let stop = r#"{"type":"message_stop"}"#;
+        let mut bytes = chunk(start);
+        bytes.extend(chunk(stop));
+        let mut e = encoder();
+        let mut got = Vec::new();
+        // Byte by byte: an event comes out exactly when its frame's last byte arrives.
+        for (i, b) in bytes.iter().enumerate() {
+            let r = e.encode(Bytes::copy_from_slice(&[*b]), None);
+            assert!(!r.ended);
+            if let Some(out) = r.out {
+                got.push((i, String::from_utf8(out.to_vec()).unwrap()));
+            }
+        }
+        let first_end = chunk(start).len() - 1;
+        assert_eq!(
+            got,
+            vec![
+                (
+                    first_end,
+                    format!("event: message_start\ndata: {start}\n\n")
+                ),
+                (
+                    bytes.len() - 1,
+                    format!("event: message_stop\ndata: {stop}\n\n")
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_exception_frame_ends_the_stream_with_an_error_event() {
+        let mut bytes = chunk(r#"{"type":"message_start","message":{}}"#);
+        bytes.extend(frame(
+            &[
+                (":exception-type", "throttlingException"),
+                (":message-type", "exception"),
+            ],
+            br#"{"message":"slow down"}"#,
+        ));
+        let r = encoder().encode(Bytes::from(bytes), None);
+        assert!(r.ended);
+        let text = String::from_utf8(r.out.unwrap().to_vec()).unwrap();
+        assert!(text.starts_with("event: message_start\n"), "{text}");
+        assert!(
+            text.ends_with(
+                "event: error\ndata: {\"error\":{\"message\":\"slow down\",\"type\":\"rate_limit_error\"},\"type\":\"error\"}\n\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_event_never_forwarded() {
+        let r = encoder().encode(
+            Bytes::from_static(&[0, 0, 0, 20, 0, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9, 9, 9]),
+            None,
+        );
+        assert!(r.ended);
+        let text = String::from_utf8(r.out.unwrap().to_vec()).unwrap();
+        assert!(text.starts_with("event: error\n"), "{text}");
+        let mut e = encoder();
+        let r = e.encode(Bytes::from(chunk("not json")), None);
+        assert!(r.ended);
+        assert!(
+            String::from_utf8(r.out.unwrap().to_vec())
+                .unwrap()
+                .contains("api_error")
+        );
+        let r = encoder().encode(Bytes::from(chunk(r#"{"type":"x\ny"}"#)), None);
+        assert!(r.ended, "an event name that would break the SSE framing");
+    }
+
+    #[test]
+    fn multi_line_json_keeps_the_sse_framing() {
+        let r = encoder().encode(Bytes::from(chunk("{\"type\":\n\"ping\"}")), None);
+        assert_eq!(
+            String::from_utf8(r.out.unwrap().to_vec()).unwrap(),
+            "event: ping\ndata: {\"type\":\ndata: \"ping\"}\n\n"
+        );
+    }
+}
