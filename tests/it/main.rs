@@ -11,6 +11,7 @@
 mod common;
 
 mod accounting;
+mod anthropic_sdk;
 mod claude_code;
 mod cli;
 mod faults;
