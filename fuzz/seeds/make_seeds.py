@@ -171,8 +171,38 @@ def route_parse_seeds():
     yield "custom_method", bytes([ROUTE_CUSTOM, 4]) + b"BREW/model/anthropic.claude/invoke"
 
 
+MSG_COUNT, MSG_FRAMED = 1, 2
+
+
+def messages_seeds():
+    """fuzz_targets/messages.rs: flags, chunk size, then a Messages body or stream bytes."""
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 256, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+            "thinking": {"type": "enabled", "budget_tokens": 1024}, "tools": [],
+            "tags": {"project": "apollo"}, "metadata": {"user_id": "u"},
+            "anthropic_beta": ["interleaved-thinking-2025-05-14"]}
+    yield "create", bytes([0, 7]) + compact(body)
+    yield "count", bytes([MSG_COUNT, 3]) + compact(body)
+    yield "duplicate_model", bytes([0, 1]) + b'{"model":"a","model":"b"}'
+    yield "arn_message", bytes([0, 5]) + (
+        b"User arn:aws:sts::123456789012:assumed-role/gw/x is not authorized. Input is too long.")
+
+    def records(events):
+        out = b""
+        for e in events:
+            data = compact(e)
+            out += struct.pack(">H", len(data)) + data
+        return out
+
+    yield "framed_stream", bytes([MSG_FRAMED, 11]) + records(ANTHROPIC_EVENTS + [MESSAGE_STOP])
+    yield "framed_bad_type", bytes([MSG_FRAMED, 2]) + records([{"type": "a\nb"}])
+    yield "raw_frames", bytes([0, 9]) + b"".join(chunk(e) for e in ANTHROPIC_EVENTS[:3]) + (
+        exception("throttlingException", "slow down"))
+
+
 def main():
-    for target, seeds in (("usage_meter", usage_meter_seeds()), ("route_parse", route_parse_seeds())):
+    for target, seeds in (("usage_meter", usage_meter_seeds()), ("route_parse", route_parse_seeds()),
+                          ("messages", messages_seeds())):
         directory = os.path.join(HERE, target)
         os.makedirs(directory, exist_ok=True)
         for name, data in seeds:
