@@ -247,13 +247,12 @@ where
                         let mut next = cut_at;
                         if let Some(after) = this.keepalive_after {
                             let due = this.last_out + after;
-                            if now >= due
-                                && let Some(ping) = this.encoder.keepalive()
-                            {
+                            if now < due {
+                                next = next.min(due);
+                            } else if let Some(ping) = this.encoder.keepalive() {
                                 this.timer.as_mut().reset((now + after).min(cut_at));
                                 return Poll::Ready(Some(Ok(this.sent(ping))));
                             }
-                            next = next.min(due);
                         }
                         this.timer.as_mut().reset(next);
                     }

@@ -110,24 +110,31 @@ pub fn answer_locally(
     }
 }
 
-/// The labels every front reads from headers: `x-bedrock-gate-project` and Claude Code's
-/// `x-claude-code-session-id`. A value that is not text is refused, not guessed at.
+/// The labels every front reads from headers. `x-bedrock-gate-project` is the caller's own
+/// request to record a project, so a value that cannot be recorded is refused with a message;
+/// Claude Code's `x-claude-code-session-id` is never a reason to fail (an odd one is ignored).
 fn header_labels(headers: &HeaderMap) -> Result<Labels, Refusal> {
-    let read = |name: &str| -> Result<Option<String>, Refusal> {
-        match headers.get(name) {
-            None => Ok(None),
-            Some(v) => {
-                let text = v.to_str().map_err(|_| {
-                    Refusal::invalid(format!("The `{name}` header must be plain text."))
-                })?;
-                messages::label(text, name)
-            }
+    const PROJECT: &str = "x-bedrock-gate-project";
+    const SESSION: &str = "x-claude-code-session-id";
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| std::str::from_utf8(v.as_bytes()).map_err(|_| ()))
+    };
+    let project = match text(PROJECT) {
+        None => None,
+        Some(Ok(v)) => messages::label(v, PROJECT)?,
+        Some(Err(())) => {
+            return Err(Refusal::invalid(format!(
+                "The `{PROJECT}` header must be UTF-8 text."
+            )));
         }
     };
-    Ok(Labels {
-        project: read("x-bedrock-gate-project")?,
-        session: read("x-claude-code-session-id")?,
-    })
+    let session = match text(SESSION) {
+        Some(Ok(v)) => messages::label(v, SESSION).ok().flatten(),
+        _ => None,
+    };
+    Ok(Labels { project, session })
 }
 
 /// Reads the body of a routed request (under the size and time limits, hashing it as it
@@ -297,4 +304,48 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
         http::HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn labels(pairs: &[(&'static str, &[u8])]) -> Result<Labels, Refusal> {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_bytes(v).unwrap());
+        }
+        header_labels(&h)
+    }
+
+    #[test]
+    fn labels_from_headers() {
+        let l = labels(&[
+            ("x-bedrock-gate-project", "Projekt Ä".as_bytes()),
+            ("x-claude-code-session-id", b" 6a200518-cc2d "),
+        ])
+        .unwrap();
+        assert_eq!(l.project.as_deref(), Some("Projekt Ä"));
+        assert_eq!(l.session.as_deref(), Some("6a200518-cc2d"));
+        let e = labels(&[("x-bedrock-gate-project", &[0xff, 0xfe])]).unwrap_err();
+        assert!(
+            e.message.contains("x-bedrock-gate-project"),
+            "{}",
+            e.message
+        );
+        assert!(labels(&[("x-bedrock-gate-project", "p".repeat(129).as_bytes())]).is_err());
+        // Claude Code's own header never fails a call.
+        let l = labels(&[("x-claude-code-session-id", "s".repeat(500).as_bytes())]).unwrap();
+        assert_eq!(l.session, None);
+        assert_eq!(labels(&[]).unwrap(), Labels::default());
+    }
+
+    #[test]
+    fn the_path_picks_the_front() {
+        assert_eq!(front_of("/v1/messages"), Front::Anthropic);
+        assert_eq!(front_of("/v1/anything"), Front::Anthropic);
+        assert_eq!(front_of("/model/x/invoke"), Front::Bedrock);
+        assert_eq!(front_of("/v1x"), Front::Bedrock);
+    }
 }
