@@ -124,14 +124,26 @@ impl Recorder {
         self.armed = false;
     }
 
-    /// A refusal by the proxy, answered with `status`. A request refused after it was sent
-    /// (Bedrock did not answer in time) may have run: its usage is not complete.
+    /// A refusal by the proxy, answered with `status`.
     pub fn refused(mut self, status: u16, refusal: &Refusal) {
-        self.info.status = status;
         let outcome = match refusal.reason {
             Reason::ShuttingDown => Outcome::Shutdown,
             reason => Outcome::Refused(reason.name()),
         };
+        self.unanswered(status, outcome);
+    }
+
+    /// Bedrock's answer was read whole and answered with `status` (an error, a count): it
+    /// carried no usage, and that is all of it.
+    pub fn answered(mut self, status: http::StatusCode) {
+        self.info.status = status.as_u16();
+        self.record(0, Usage::default(), true, Outcome::Complete);
+    }
+
+    /// Ends a request that got no answer from Bedrock. One that was sent may have run anyway
+    /// (Bedrock did not answer in time, the client left), so no usage seen is not complete.
+    fn unanswered(&mut self, status: u16, outcome: Outcome) {
+        self.info.status = status;
         let complete = !self.info.sent;
         self.record(0, Usage::default(), complete, outcome);
     }
@@ -246,9 +258,6 @@ impl Drop for Recorder {
         } else {
             Outcome::ClientGone
         };
-        self.info.status = 499;
-        // Once sent, Bedrock may have run the call: no usage seen is not "complete".
-        let complete = !self.info.sent;
-        self.record(0, Usage::default(), complete, outcome);
+        self.unanswered(499, outcome);
     }
 }

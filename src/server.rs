@@ -115,6 +115,8 @@ async fn handle(
     let request = front::route(&parts.method, &parts.uri)?;
     info.front = Some(request.front());
     info.operation = Some(request.op());
+    // Known before the body is read, so even a body refused as too large records its model.
+    info.model = request.model().map(str::to_string);
     if request.op() == Op::Health {
         return Ok(Handled::Local(health(live)));
     }

@@ -30,6 +30,12 @@ pub trait Encoder: Send + Unpin + 'static {
     /// response is metered.
     fn encode(&mut self, data: Bytes, usage: Option<&mut UsageMeter>) -> Encoded;
 
+    /// The upstream body ended cleanly: what, if anything, the client must still be told (an
+    /// encoder that knows the answer is cut says so here).
+    fn end(&mut self) -> Option<Bytes> {
+        None
+    }
+
     /// How long the client may go without hearing anything before [`Encoder::keepalive`] is
     /// sent; `None` sends nothing extra.
     fn keepalive_after(&self) -> Option<Duration> {
@@ -206,11 +212,17 @@ where
                     };
                     let usage = this.end.as_mut().and_then(|(_, u)| u.as_mut());
                     let encoded = this.encoder.encode(data, usage);
-                    let out = encoded.out.filter(|o| !o.is_empty()).map(|o| this.sent(o));
-                    if encoded.ended {
-                        this.done = true;
+                    let mut out = encoded.out.filter(|o| !o.is_empty());
+                    let upstream_ended = !encoded.ended && this.inner.is_end_stream();
+                    if upstream_ended && let Some(tail) = this.encoder.end() {
+                        out = Some(match out {
+                            Some(o) => [o, tail].concat().into(),
+                            None => tail,
+                        });
                     }
-                    if encoded.ended || this.inner.is_end_stream() {
+                    let out = out.map(|o| this.sent(o));
+                    if encoded.ended || upstream_ended {
+                        this.done = true;
                         this.finish(Outcome::Complete);
                     }
                     match out {
@@ -224,8 +236,10 @@ where
                     return Poll::Ready(Some(Err(axum::BoxError::from(e))));
                 }
                 Poll::Ready(None) => {
+                    let tail = this.encoder.end().map(|t| this.sent(t));
+                    this.done = true;
                     this.finish(Outcome::Complete);
-                    return Poll::Ready(None);
+                    return Poll::Ready(tail.map(Ok));
                 }
                 Poll::Pending => {
                     if this.end.is_none() {

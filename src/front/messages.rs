@@ -21,7 +21,6 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::response::Response;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -40,9 +39,9 @@ use crate::front::Answered;
 use crate::front::sse::SseEncoder;
 use crate::meter::Meter;
 use crate::meter::usage::{UsageMeter, is_event_stream};
-use crate::observe::{Ending, Recorder};
+use crate::observe::Recorder;
 use crate::refusal::{Reason, Refusal, shown};
-use crate::stream::{self, PassThrough, Relay};
+use crate::stream::PassThrough;
 use crate::upstream::payload::Payload;
 
 /// How a client of this front sends its key; ends every refusal of a missing or unknown one.
@@ -212,17 +211,17 @@ pub fn translate(
                 stream = serde_json::from_str(value.get())
                     .map_err(|_| Refusal::invalid("`stream` must be true or false."))?;
             }
+            // A label to record and drop, never a reason to fail the call (Claude Code puts
+            // the developer's own setting here): one that cannot be recorded is left out.
             "tags" => {
-                let tags: serde_json::Map<String, serde_json::Value> =
-                    serde_json::from_str(value.get()).map_err(|_| {
-                        Refusal::invalid("`tags` must be an object of string values.")
-                    })?;
-                if let Some(v) = tags.get(project_tag) {
-                    let p = v.as_str().ok_or_else(|| {
-                        Refusal::invalid(format!("`tags.{project_tag}` must be a string."))
-                    })?;
-                    project = label(p, &format!("tags.{project_tag}"))?;
-                }
+                project =
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(value.get())
+                        .ok()
+                        .and_then(|tags| {
+                            tags.get(project_tag)
+                                .and_then(|v| v.as_str())
+                                .and_then(|p| label(p, project_tag).ok().flatten())
+                        });
             }
             // Ours replaces the caller's.
             "anthropic_version" => {}
@@ -427,11 +426,6 @@ fn error_kind(reason: Reason) -> (StatusCode, &'static str) {
     }
 }
 
-/// The status a refusal of this kind is answered with on this front.
-pub fn status(reason: Reason) -> StatusCode {
-    error_kind(reason).0
-}
-
 #[derive(Serialize)]
 struct Envelope<'a> {
     #[serde(rename = "type")]
@@ -453,17 +447,7 @@ fn envelope(status: StatusCode, kind: &str, message: &str, request_id: &str) -> 
         error: ErrorBody { kind, message },
     })
     .unwrap_or_default();
-    let mut resp = Response::new(Body::from(body));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("request-id", v);
-    }
-    resp
+    super::json_response(status, body, request_id)
 }
 
 /// A refusal in the Anthropic envelope, with the headers the client acts on.
@@ -618,10 +602,16 @@ struct UpstreamError {
     status: StatusCode,
     kind: String,
     message: String,
+    /// Bedrock's own `retry-after`, if it sent one.
+    retry_after: Option<HeaderValue>,
 }
 
-/// Reads a small answer (an error, a count) whole, up to [`MAX_ERROR_BODY`] and within
-/// `timeout`; what does not arrive in time is left out.
+/// How long a small answer (an error, a count) may take to arrive whole; Bedrock sends them at
+/// once.
+const SMALL_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads a small answer whole, up to [`MAX_ERROR_BODY`] and within `timeout`; what does not
+/// arrive in time is left out.
 async fn read_small(mut body: Incoming, timeout: Duration) -> Vec<u8> {
     let mut bytes = Vec::new();
     let read = async {
@@ -635,8 +625,16 @@ async fn read_small(mut body: Incoming, timeout: Duration) -> Vec<u8> {
             }
         }
     };
-    let _ = tokio::time::timeout(timeout, read).await;
+    let _ = tokio::time::timeout(timeout.min(SMALL_ANSWER_TIMEOUT), read).await;
     bytes
+}
+
+/// An AWS error type without its decorations: `ThrottlingException:http://internal…` and
+/// `com.amazon.coral.service#UnknownOperationException` are `ThrottlingException` and
+/// `UnknownOperationException`.
+fn bare_error_type(kind: &str) -> &str {
+    let kind = kind.split(':').next().unwrap_or_default();
+    kind.rsplit('#').next().unwrap_or_default()
 }
 
 /// What Bedrock said in an error response.
@@ -655,69 +653,78 @@ fn upstream_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Upstr
         .map(str::to_string)
         .or(said.kind)
         .unwrap_or_default();
-    // `ThrottlingException:http://internal.amazon.com/...`, `com.amazon.coral...#Unknown...`
-    let kind = kind.split(':').next().unwrap_or_default();
-    let kind = kind.rsplit('#').next().unwrap_or_default().to_string();
     UpstreamError {
         status,
-        kind,
+        kind: bare_error_type(&kind).to_string(),
         message: said.message.unwrap_or_default(),
+        retry_after: headers.get(header::RETRY_AFTER).cloned(),
     }
 }
 
-/// Bedrock's error in the Anthropic envelope. Only a bad request's own message is relayed
-/// (redacted): the client's recovery keys on it. The others get a message of ours.
-fn upstream_error_response(e: &UpstreamError, request_id: &str) -> Response {
-    let kind = e.kind.as_str();
-    let code = e.status.as_u16();
-    let (status, error_type, message): (StatusCode, &str, String) = if kind == "ThrottlingException"
-        || code == 429
-    {
-        (
+/// An error Bedrock reported, as the Messages API words it: its status, error type and message.
+/// `kind` is the AWS error type (`ThrottlingException`, or a stream's `throttlingException`),
+/// `status` Bedrock's HTTP status when it answered with one. Only a bad request's own message
+/// is relayed (redacted): the client's recovery keys on it (`Input is too long.`, `prompt is
+/// too long: …`); for anything else Bedrock's message can name accounts and roles, so it goes
+/// to the log and the caller gets one of ours, with the error type.
+pub fn bedrock_error(
+    kind: &str,
+    status: Option<u16>,
+    said: &str,
+) -> (StatusCode, &'static str, String) {
+    let kind = bare_error_type(kind);
+    let is = |name: &str| kind.eq_ignore_ascii_case(name);
+    let code = status.unwrap_or(0);
+    let ours = |s: StatusCode, t: &'static str, m: &str| (s, t, m.to_string());
+    if is("ThrottlingException") || code == 429 {
+        ours(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
-            "Bedrock is throttling calls to this model; retry in a moment.".into(),
+            "Bedrock is throttling calls to this model; retry in a moment.",
         )
-    } else if kind == "ServiceUnavailableException" || code == 503 {
-        (
+    } else if is("ServiceUnavailableException") || code == 503 {
+        ours(
             StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             "overloaded_error",
-            "Bedrock is overloaded; retry in a moment.".into(),
+            "Bedrock is overloaded; retry in a moment.",
         )
-    } else if kind == "AccessDeniedException" || code == 403 {
-        (
+    } else if is("AccessDeniedException") || code == 403 {
+        ours(
             StatusCode::FORBIDDEN,
             "permission_error",
             "Bedrock refused bedrock-gate's own AWS credentials for this call (AccessDeniedException); \
-             the operator must fix the gateway's IAM policy. The proxy log has Bedrock's message."
-                .into(),
+             the operator must fix the gateway's IAM policy. The proxy log has Bedrock's message.",
         )
-    } else if kind == "ResourceNotFoundException" || code == 404 {
-        (
+    } else if is("ResourceNotFoundException") || code == 404 {
+        ours(
             StatusCode::NOT_FOUND,
             "not_found_error",
             "Bedrock does not know the inference profile bedrock-gate maps this model to for you; \
-             ask your admin to run `bedrock-gate profiles verify`."
-                .into(),
+             ask your admin to run `bedrock-gate profiles verify`.",
+        )
+    } else if is("ModelTimeoutException") || code == 408 {
+        ours(
+            StatusCode::GATEWAY_TIMEOUT,
+            "api_error",
+            "The model did not finish in time (ModelTimeoutException); retry.",
         )
     } else if code == 413 {
         (
             StatusCode::PAYLOAD_TOO_LARGE,
             "request_too_large",
-            redact(&e.message),
+            redact(said),
         )
-    } else if (400..500).contains(&code) && kind != "ModelErrorException" {
-        let message = if e.message.is_empty() {
+    } else if is("ValidationException") || code == 400 {
+        let message = if said.is_empty() {
             format!("Bedrock refused the request ({kind}).")
         } else {
-            redact(&e.message)
+            redact(said)
         };
         (StatusCode::BAD_REQUEST, "invalid_request_error", message)
     } else {
-        let status = if code >= 500 {
-            e.status
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
+        let status = match StatusCode::from_u16(code) {
+            Ok(s) if s.is_server_error() => s,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let what = if kind.is_empty() { "an error" } else { kind };
         (
@@ -725,15 +732,35 @@ fn upstream_error_response(e: &UpstreamError, request_id: &str) -> Response {
             "api_error",
             format!("Bedrock failed to answer ({what}); retry."),
         )
-    };
-    envelope(status, error_type, &message, request_id)
+    }
+}
+
+/// A mid-stream exception as an SSE error event's type and message.
+fn stream_exception(kind: &str, said: &str) -> (&'static str, String) {
+    let (_, error_type, message) = bedrock_error(kind, None, said);
+    (error_type, message)
+}
+
+/// Bedrock's error response in the Anthropic envelope.
+fn upstream_error_response(e: &UpstreamError, request_id: &str) -> Response {
+    let (status, error_type, message) = bedrock_error(&e.kind, Some(e.status.as_u16()), &e.message);
+    let mut resp = envelope(status, error_type, &message, request_id);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        // Bedrock sends none; a short pause beats the SDK's guess.
+        let after = e
+            .retry_after
+            .clone()
+            .unwrap_or(HeaderValue::from_static("1"));
+        resp.headers_mut().insert(header::RETRY_AFTER, after);
+    }
+    resp
 }
 
 /// Encodes Bedrock's answer in this front's protocol and hands the record to the body (or
 /// writes it, for answers read whole: errors and counts).
 pub async fn respond(
     answered: Answered,
-    mut recorder: Recorder,
+    recorder: Recorder,
     meter: &Arc<Meter>,
     shutdown: tokio_util::sync::CancellationToken,
     config: &Config,
@@ -755,7 +782,9 @@ pub async fn respond(
 
     if op == RuntimeOp::CountTokens {
         let body = read_small(incoming, idle).await;
-        return count_tokens_response(head.status, &head.headers, &body, recorder, &request_id);
+        let resp = count_tokens_response(head.status, &head.headers, &body, &request_id);
+        recorder.answered(resp.status());
+        return resp;
     }
     if !readable {
         let body = read_small(incoming, idle).await;
@@ -768,62 +797,47 @@ pub async fn respond(
             "Bedrock refused a Messages call"
         );
         let resp = upstream_error_response(&e, &request_id);
-        recorder.info.status = resp.status().as_u16();
-        recorder.finish(Ending {
-            bytes_out: 0,
-            usage: Default::default(),
-            complete: true,
-            outcome: crate::domain::Outcome::Complete,
-        });
+        recorder.answered(resp.status());
         return resp;
     }
 
-    let usage = UsageMeter::new(op, head.status.as_u16(), &head.headers);
-    let limits = stream::Limits { idle };
-    let mut headers = HeaderMap::new();
-    let body = if streaming {
-        headers.insert(
-            header::CONTENT_TYPE,
+    let usage = Some(UsageMeter::new(op, head.status.as_u16(), &head.headers));
+    let (content_type, body) = if streaming {
+        let sse = SseEncoder::new(config.timeouts.stream_ping, stream_exception);
+        let body = super::relay(incoming, sse, recorder, usage, meter, shutdown, config);
+        (
             HeaderValue::from_static("text/event-stream; charset=utf-8"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        let sse = SseEncoder::new(config.timeouts.stream_ping, redact);
-        Body::new(Relay::new(
-            incoming,
-            sse,
-            recorder,
-            Some(usage),
-            meter.clone(),
-            shutdown,
-            limits,
-        ))
+            body,
+        )
     } else {
-        headers.insert(
-            header::CONTENT_TYPE,
-            head.headers
-                .get(header::CONTENT_TYPE)
-                .cloned()
-                .unwrap_or(HeaderValue::from_static("application/json")),
-        );
-        Body::new(Relay::new(
+        let content_type = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("application/json"));
+        let body = super::relay(
             incoming,
             PassThrough,
             recorder,
-            Some(usage),
-            meter.clone(),
+            usage,
+            meter,
             shutdown,
-            limits,
-        ))
+            config,
+        );
+        (content_type, body)
     };
+    let mut resp = Response::new(body);
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    if streaming {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert("request-id", v);
     }
     if let Some(standing) = &admission.standing {
-        usage_headers(&mut headers, standing);
+        usage_headers(headers, standing);
     }
-    let mut resp = Response::new(body);
-    *resp.status_mut() = StatusCode::OK;
-    *resp.headers_mut() = headers;
     resp
 }
 
@@ -833,7 +847,6 @@ fn count_tokens_response(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
-    mut recorder: Recorder,
     request_id: &str,
 ) -> Response {
     #[derive(Deserialize)]
@@ -841,22 +854,12 @@ fn count_tokens_response(
         #[serde(rename = "inputTokens")]
         input_tokens: u64,
     }
-    let counted = serde_json::from_slice::<Counted>(body).ok();
-    let resp = match (status, counted) {
-        (StatusCode::OK, Some(Counted { input_tokens })) => {
-            let mut resp = Response::new(Body::from(
-                serde_json::json!({ "input_tokens": input_tokens }).to_string(),
-            ));
-            let h = resp.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            if let Ok(v) = HeaderValue::from_str(request_id) {
-                h.insert("request-id", v);
-            }
-            resp
-        }
+    match (status, serde_json::from_slice::<Counted>(body).ok()) {
+        (StatusCode::OK, Some(Counted { input_tokens })) => super::json_response(
+            StatusCode::OK,
+            serde_json::json!({ "input_tokens": input_tokens }).to_string(),
+            request_id,
+        ),
         _ => {
             let e = upstream_error(status, headers, body);
             tracing::warn!(
@@ -876,15 +879,7 @@ fn count_tokens_response(
                 .insert("x-should-retry", HeaderValue::from_static("false"));
             resp
         }
-    };
-    recorder.info.status = resp.status().as_u16();
-    recorder.finish(Ending {
-        bytes_out: 0,
-        usage: Default::default(),
-        complete: true,
-        outcome: crate::domain::Outcome::Complete,
-    });
-    resp
+    }
 }
 
 /// One model of the caller's, in the shape of Anthropic's models API.
@@ -943,16 +938,7 @@ pub fn models_response(user: &User, users: &Users, id: Option<&str>, request_id:
 }
 
 fn json(value: &serde_json::Value, request_id: &str) -> Response {
-    let mut resp = Response::new(Body::from(value.to_string()));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("request-id", v);
-    }
-    resp
+    super::json_response(StatusCode::OK, value.to_string(), request_id)
 }
 
 #[cfg(test)]
@@ -1089,14 +1075,27 @@ mod tests {
             (r#"{"model":7}"#, "`model` must be a string"),
             (r#"{"model":""}"#, "1 to 256"),
             (r#"{"model":"m","stream":"yes"}"#, "`stream`"),
-            (r#"{"model":"m","tags":[1]}"#, "`tags`"),
-            (r#"{"model":"m","tags":{"project":5}}"#, "tags.project"),
             (r#"{"model":"m","model":"n"}"#, "twice"),
             (r#"{"model":"m","anthropic_beta":"x"}"#, "anthropic_beta"),
         ] {
             let e = translated(body, &[], false).unwrap_err();
             assert_eq!(e.reason, Reason::Invalid, "{body}");
             assert!(e.message.contains(says), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn tags_that_cannot_be_recorded_are_dropped_not_fatal() {
+        let long = "p".repeat(MAX_LABEL_LEN + 1);
+        for tags in [
+            "[1]".to_string(),
+            r#"{"project":5}"#.to_string(),
+            format!(r#"{{"project":"{long}"}}"#),
+            r#"{"project":"a\u0000b"}"#.to_string(),
+        ] {
+            let t = translated(&format!(r#"{{"model":"m","tags":{tags}}}"#), &[], false).unwrap();
+            assert_eq!(t.project, None, "{tags}");
+            assert!(json(&t.body).get("tags").is_none());
         }
     }
 

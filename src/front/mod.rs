@@ -56,6 +56,15 @@ impl Request {
             Request::Messages(route) => route.op(),
         }
     }
+
+    /// The model or profile the path names (a Messages call names its model in the body).
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Request::Bedrock(bedrock::Route::Runtime { model, .. }) => Some(model),
+            Request::Bedrock(bedrock::Route::GetProfile { id }) => Some(id),
+            _ => None,
+        }
+    }
 }
 
 /// The front whose protocol a request to this path speaks, so that even a request no front
@@ -257,19 +266,41 @@ fn pass_through(
         Wanted::Runtime(op) => Some(UsageMeter::new(op, head.status.as_u16(), &head.headers)),
         _ => None,
     };
+    let body = relay(
+        incoming,
+        PassThrough,
+        recorder,
+        usage,
+        meter,
+        shutdown,
+        config,
+    );
+    Response::from_parts(head, body)
+}
+
+/// The response body that carries Bedrock's answer to the client through `encoder`, metered by
+/// `usage`, and writes the request's record when it ends (see `stream`).
+fn relay<E: stream::Encoder>(
+    incoming: Incoming,
+    encoder: E,
+    recorder: Recorder,
+    usage: Option<UsageMeter>,
+    meter: &Arc<Meter>,
+    shutdown: tokio_util::sync::CancellationToken,
+    config: &Config,
+) -> Body {
     let limits = stream::Limits {
         idle: config.timeouts.stream_idle,
     };
-    let relay = Relay::new(
+    Body::new(Relay::new(
         incoming,
-        PassThrough,
+        encoder,
         recorder,
         usage,
         meter.clone(),
         shutdown,
         limits,
-    );
-    Response::from_parts(head, Body::new(relay))
+    ))
 }
 
 /// `GET /usage`: the caller's own usage this month.
@@ -293,16 +324,24 @@ pub fn usage_response(meter: &Meter, user: &crate::config::User) -> Response {
         },
         "budget_remaining_usd": budget.map(|b| (b - t.cost_usd).max(0.0)),
     });
-    json_response(StatusCode::OK, &body)
+    json_response(StatusCode::OK, body.to_string(), "")
 }
 
-fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
-    let mut resp = Response::new(Body::from(body.to_string()));
+/// A JSON answer of the proxy's own, with the request id the caller can quote (when there is
+/// one).
+fn json_response(status: StatusCode, body: String, request_id: &str) -> Response {
+    let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
+    let h = resp.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    if !request_id.is_empty()
+        && let Ok(v) = http::HeaderValue::from_str(request_id)
+    {
+        h.insert("request-id", v);
+    }
     resp
 }
 

@@ -5,8 +5,9 @@
 //! its last byte arrives and writes `event: <type>` + `data: <json>` at once: it never waits for
 //! a second event and holds at most one partial frame ([`MAX_FRAME_LEN`]). A mid-stream
 //! exception frame becomes an SSE `error` event in the Anthropic envelope and ends the response;
-//! so does a stream it cannot read (it never passes on bytes it could not decode). During
-//! upstream silence it sends `event: ping`, which Bedrock never does.
+//! so does a stream it cannot read (it never passes on bytes it could not decode), and one that
+//! Bedrock closes before `message_stop` (a client must never take a cut answer for a whole one).
+//! During upstream silence it sends `event: ping`, which Bedrock never does.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -50,15 +51,9 @@ struct ExceptionPayload {
     message: String,
 }
 
-/// The Anthropic error type for a Bedrock stream exception (`:exception-type`).
-pub fn error_type_of_exception(exception: &str) -> &'static str {
-    match exception {
-        "throttlingException" | "ThrottlingException" => "rate_limit_error",
-        "serviceUnavailableException" | "ServiceUnavailableException" => "overloaded_error",
-        "validationException" | "ValidationException" => "invalid_request_error",
-        _ => "api_error",
-    }
-}
+/// How a front words a Bedrock stream exception: from its `:exception-type` and Bedrock's
+/// message, the Anthropic error type and the message the caller sees.
+pub type Describe = fn(&str, &str) -> (&'static str, String);
 
 /// An SSE `error` event in the Anthropic envelope.
 pub fn error_event(error_type: &str, message: &str) -> Bytes {
@@ -75,22 +70,25 @@ pub struct SseEncoder {
     /// Bytes of the frame not yet complete.
     pending: BytesMut,
     ping_after: Duration,
-    /// Scrubs account ids and ARNs out of Bedrock's messages before the caller sees them.
-    redact: fn(&str) -> String,
+    /// Words exceptions (and keeps account ids and ARNs out of what the caller sees).
+    describe: Describe,
+    /// `message_stop` went out: the answer is whole.
+    stopped: bool,
 }
 
 impl SseEncoder {
-    pub fn new(ping_after: Duration, redact: fn(&str) -> String) -> SseEncoder {
+    pub fn new(ping_after: Duration, describe: Describe) -> SseEncoder {
         SseEncoder {
             decoder: MessageFrameDecoder::new(),
             pending: BytesMut::new(),
             ping_after,
-            redact,
+            describe,
+            stopped: false,
         }
     }
 
     /// Writes one decoded frame as SSE; `Err` carries the error event that ends the stream.
-    fn message(&self, message: &Message, out: &mut BytesMut) -> Result<(), Bytes> {
+    fn message(&mut self, message: &Message, out: &mut BytesMut) -> Result<(), Bytes> {
         match header_str(message, ":message-type") {
             Some("event") => {}
             Some("exception") | Some("error") => {
@@ -101,12 +99,8 @@ impl SseEncoder {
                     .map(|p| p.message)
                     .unwrap_or_default();
                 tracing::warn!(exception = kind, message = %said, "Bedrock ended the stream with an exception");
-                let text = if said.is_empty() {
-                    format!("Bedrock ended the stream with {kind}.")
-                } else {
-                    (self.redact)(&said)
-                };
-                return Err(error_event(error_type_of_exception(kind), &text));
+                let (error_type, text) = (self.describe)(kind, &said);
+                return Err(error_event(error_type, &text));
             }
             _ => return Ok(()),
         }
@@ -133,14 +127,17 @@ impl SseEncoder {
         {
             return Err(unreadable());
         }
+        if kind.kind == "message_stop" {
+            self.stopped = true;
+        }
         out.put_slice(b"event: ");
         out.put_slice(kind.kind.as_bytes());
         out.put_slice(b"\n");
-        // JSON has newlines only between tokens; each line gets its own `data:` field, which
-        // the client joins back with newlines.
-        for line in event.split(|b| *b == b'\n') {
+        // JSON has line breaks only between tokens. SSE ends a line at CR, LF or CRLF, so each
+        // line gets its own `data:` field, which the client joins back with newlines.
+        for line in lines(&event) {
             out.put_slice(b"data: ");
-            out.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
+            out.put_slice(line);
             out.put_slice(b"\n");
         }
         out.put_slice(b"\n");
@@ -195,6 +192,20 @@ impl Encoder for SseEncoder {
         }
     }
 
+    fn end(&mut self) -> Option<Bytes> {
+        if self.stopped && self.pending.is_empty() {
+            return None;
+        }
+        tracing::warn!(
+            partial_frame_bytes = self.pending.len(),
+            "Bedrock's stream ended before message_stop"
+        );
+        Some(error_event(
+            "api_error",
+            "Bedrock ended the stream before the answer was complete; retry.",
+        ))
+    }
+
     fn keepalive_after(&self) -> Option<Duration> {
         Some(self.ping_after)
     }
@@ -202,6 +213,29 @@ impl Encoder for SseEncoder {
     fn keepalive(&mut self) -> Option<Bytes> {
         Some(Bytes::from_static(PING))
     }
+}
+
+/// The lines of `bytes` as SSE sees lines: ended by CRLF, CR or LF.
+fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(bytes);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        match s.iter().position(|b| *b == b'\r' || *b == b'\n') {
+            None => {
+                rest = None;
+                Some(s)
+            }
+            Some(i) => {
+                let skip = if s[i] == b'\r' && s.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                rest = Some(&s[i + skip..]);
+                Some(&s[..i])
+            }
+        }
+    })
 }
 
 fn header_str<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
@@ -237,7 +271,16 @@ mod tests {
     }
 
     fn encoder() -> SseEncoder {
-        SseEncoder::new(Duration::from_secs(10), |s| s.to_string())
+        SseEncoder::new(Duration::from_secs(10), |kind, said| {
+            (
+                if kind == "throttlingException" {
+                    "rate_limit_error"
+                } else {
+                    "api_error"
+                },
+                said.to_string(),
+            )
+        })
     }
 
     #[test]
@@ -317,10 +360,34 @@ mod tests {
 
     #[test]
     fn multi_line_json_keeps_the_sse_framing() {
-        let r = encoder().encode(Bytes::from(chunk("{\"type\":\n\"ping\"}")), None);
+        let r = encoder().encode(
+            Bytes::from(chunk("{\"type\":\n\"ping\",\r\"a\":\r\n1}")),
+            None,
+        );
         assert_eq!(
             String::from_utf8(r.out.unwrap().to_vec()).unwrap(),
-            "event: ping\ndata: {\"type\":\ndata: \"ping\"}\n\n"
+            "event: ping\ndata: {\"type\":\ndata: \"ping\",\ndata: \"a\":\ndata: 1}\n\n"
         );
+    }
+
+    #[test]
+    fn a_stream_closed_before_message_stop_ends_with_an_error_event() {
+        let mut e = encoder();
+        let start = chunk(r#"{"type":"message_start","message":{}}"#);
+        assert!(e.encode(Bytes::from(start), None).out.is_some());
+        let end = String::from_utf8(e.end().unwrap().to_vec()).unwrap();
+        assert!(
+            end.starts_with("event: error\n") && end.contains("api_error"),
+            "{end}"
+        );
+        // Half a frame left over is a cut too, even after message_stop.
+        let mut e = encoder();
+        let mut bytes = chunk(r#"{"type":"message_stop"}"#);
+        bytes.extend(&chunk(r#"{"type":"ping"}"#)[..5]);
+        e.encode(Bytes::from(bytes), None);
+        assert!(e.end().is_some());
+        let mut e = encoder();
+        e.encode(Bytes::from(chunk(r#"{"type":"message_stop"}"#)), None);
+        assert_eq!(e.end(), None, "a whole answer ends quietly");
     }
 }

@@ -101,6 +101,6 @@ def broken_stream():
             pass
 
 e = expect_error(anthropic.APIError, broken_stream, "a mid-stream exception")
-check("fake: model stream error" in str(e), f"mid-stream exception: Bedrock's message in {e}")
+check("modelStreamErrorException" in str(e), f"mid-stream exception: named in {e}")
 
 print("ok")

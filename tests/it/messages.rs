@@ -283,9 +283,20 @@ async fn a_silent_stream_gets_pings_and_a_mid_stream_exception_becomes_an_error_
     assert_eq!(last, "error");
     assert_eq!(
         data,
-        &serde_json::json!({"type": "error", "error": {"type": "api_error", "message": "fake: model stream error"}})
+        &serde_json::json!({"type": "error", "error": {"type": "api_error",
+            "message": "Bedrock failed to answer (modelStreamErrorException); retry."}}),
+        "the error type, and a message of the proxy's (Bedrock's can name accounts)"
     );
-    let rows = ledger_with(&proxy, 2).await;
+
+    // Closed cleanly after the first event: on the wire that looks whole, so the proxy says it
+    // is not.
+    fake.script(&alice_haiku(), fake::Script::EndAfterFirst);
+    let resp = stream_request(&proxy, messages_body("claude-haiku-4-5", true)).await;
+    let events = read_sse_gated(resp, None).await;
+    let kinds: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(kinds, ["message_start", "error"]);
+    assert_eq!(events[1].1["error"]["type"], "api_error");
+    let rows = ledger_with(&proxy, 3).await;
     assert!(
         rows.iter().any(|r| r.outcome == "client_gone"),
         "the stalled stream, dropped by its client: {rows:?}"
@@ -613,4 +624,111 @@ async fn the_model_list_is_the_callers_own_in_anthropic_names() {
     let not_mine = get("/v1/models/claude-haiku-4-5", BOB_KEY).await;
     assert_eq!(not_mine.status, 404);
     assert_eq!(get("/v1/models", "bgk_nobody").await.status, 401);
+}
+
+/// What one Messages client saw; anything else (above all a short answer that looks whole)
+/// fails the test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Seen {
+    Full,
+    ErrorResponse,
+    StreamError,
+    TransferError,
+}
+
+async fn chaos_call(proxy_url: String, stream: bool) -> Seen {
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &format!("{proxy_url}/v1/messages"),
+            &[
+                ("x-api-key", ALICE_KEY),
+                ("content-type", "application/json"),
+            ],
+            messages_body("claude-sonnet-4-5", stream),
+        ))
+        .await
+        .expect("the proxy always answers");
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => bytes.extend_from_slice(f.data_ref().map(|d| &d[..]).unwrap_or(&[])),
+            Err(_) if status == 200 => return Seen::TransferError,
+            Err(e) => panic!("{status} body failed: {e}"),
+        }
+    }
+    if status != 200 {
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON error body");
+        assert_eq!(v["type"], "error");
+        assert!(v["error"]["type"].as_str().is_some_and(|t| !t.is_empty()));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        return Seen::ErrorResponse;
+    }
+    if !stream {
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON answer");
+        assert_eq!(v["content"][0]["text"], fake::TEXT);
+        return Seen::Full;
+    }
+    let text = String::from_utf8(bytes).expect("SSE is text");
+    assert!(
+        text.ends_with("\n\n"),
+        "stream ended inside an event: {text:?}"
+    );
+    let last = text
+        .trim_end()
+        .rsplit("\n\n")
+        .next()
+        .and_then(|b| b.lines().next())
+        .and_then(|l| l.strip_prefix("event: "))
+        .expect("an event")
+        .to_string();
+    match last.as_str() {
+        "error" => Seen::StreamError,
+        "message_stop" => Seen::Full,
+        other => panic!("a 200 stream that stops early, at {other}: {text}"),
+    }
+}
+
+#[tokio::test]
+async fn random_upstream_failures_each_end_cleanly_in_the_callers_protocol_with_one_row() {
+    use futures_util::StreamExt as _;
+    const N: usize = 400;
+    let fake = FakeBedrock::start().await;
+    fake.script(&alice_sonnet(), fake::Script::Chaos);
+    let proxy = Proxy::start(&two_user_config(&fake, "[timeouts]\nfirst_byte_secs = 1\n")).await;
+    let url = proxy.url();
+    let seen: Vec<Seen> = futures_util::stream::iter(0..N)
+        .map(|i| tokio::spawn(chaos_call(url.clone(), i % 2 == 0)))
+        .buffer_unordered(64)
+        .map(|r| r.expect("client task"))
+        .collect()
+        .await;
+    let mut tally = std::collections::BTreeMap::new();
+    for s in &seen {
+        *tally.entry(*s).or_insert(0usize) += 1;
+    }
+    for kind in [
+        Seen::Full,
+        Seen::ErrorResponse,
+        Seen::StreamError,
+        Seen::TransferError,
+    ] {
+        assert!(tally.contains_key(&kind), "{kind:?} never seen: {tally:?}");
+    }
+    assert_eq!(fake.received().len(), N, "one upstream request per call");
+    let rows = ledger_with(&proxy, N).await;
+    assert_eq!(rows.len(), N, "{tally:?}");
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.outcome == "upstream_error")
+            .count(),
+        tally[&Seen::TransferError],
+        "each cut stream is recorded as upstream_error"
+    );
 }

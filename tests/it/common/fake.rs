@@ -51,6 +51,9 @@ pub enum Script {
     Json200(&'static str),
     /// A stream that sends the first event, then goes silent with the connection open.
     StallAfterFirst,
+    /// A stream that sends the first event, then ends the body cleanly: a cut answer that
+    /// looks whole on the wire.
+    EndAfterFirst,
     /// Each request draws one of: the normal answer (half of them), a 500, a 429, a
     /// mid-stream exception, a reset after the first event, or a hang. Deterministic: the
     /// n-th request always draws the same.
@@ -258,6 +261,10 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
                 .header("content-type", "application/vnd.amazon.eventstream")
                 .body(Body::from_stream(stream))
                 .expect("response");
+        }
+        Some(Script::EndAfterFirst) => {
+            let first = anthropic_stream_events(&model).remove(0);
+            return event_stream(vec![first], None, cut);
         }
         Some(Script::Error(status, kind, message)) => return error(status, kind, message),
         Some(Script::Json200(body)) => return json(200, body.to_string()),
