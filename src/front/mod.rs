@@ -154,8 +154,15 @@ pub async fn decode(
     body: Body,
     config: &Config,
 ) -> Result<Call, Refusal> {
+    // A body that goes upstream as read is hashed as it arrives (SigV4 signs its hash); one
+    // the front rewrites is not, its rewrite is.
+    let builder = match request {
+        Request::Bedrock(_) => PayloadBuilder::default(),
+        Request::Messages(_) => PayloadBuilder::unhashed(),
+    };
     let payload = read_body(
         body,
+        builder,
         &parts.headers,
         config.max_body_bytes,
         config.timeouts.request_body,
@@ -172,9 +179,10 @@ pub async fn decode(
     }
 }
 
-/// Reads a request body under the size and time limits, hashing it as it arrives.
+/// Reads a request body into `payload` under the size and time limits.
 pub async fn read_body(
     mut body: Body,
+    mut payload: PayloadBuilder,
     headers: &HeaderMap,
     limit: usize,
     timeout: Duration,
@@ -196,7 +204,6 @@ pub async fn read_body(
         return Err(too_large());
     }
     let read = async {
-        let mut payload = PayloadBuilder::default();
         while let Some(frame) = body.frame().await {
             let frame =
                 frame.map_err(|_| Refusal::invalid("The request body could not be read."))?;

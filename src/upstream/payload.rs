@@ -2,10 +2,13 @@
 //! SHA-256 computed while they arrived, which SigV4 needs as the payload hash.
 //!
 //! For a 500 KB Claude Code context this saves a copy of the whole body (and the page faults
-//! of a fresh 500 KB buffer), and the hash is done by the time the last byte is in.
+//! of a fresh 500 KB buffer), and the hash is done by the time the last byte is in. A body a
+//! front rewrites before it goes anywhere (a Messages body) is read unhashed; its hash is only
+//! made if something asks for it.
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -17,7 +20,8 @@ use sha2::{Digest, Sha256};
 pub struct Payload {
     chunks: Vec<Bytes>,
     len: u64,
-    sha256_hex: String,
+    /// Made while the body arrived, or on first use for one read unhashed.
+    sha256_hex: OnceLock<String>,
 }
 
 /// SHA-256 of nothing.
@@ -29,7 +33,7 @@ impl Default for Payload {
         Payload {
             chunks: Vec::new(),
             len: 0,
-            sha256_hex: EMPTY_SHA256.to_string(),
+            sha256_hex: OnceLock::from(EMPTY_SHA256.to_string()),
         }
     }
 }
@@ -68,7 +72,13 @@ impl Payload {
 
     /// The payload hash for SigV4's canonical request.
     pub fn sha256_hex(&self) -> &str {
-        &self.sha256_hex
+        self.sha256_hex.get_or_init(|| {
+            let mut hasher = Sha256::new();
+            for chunk in &self.chunks {
+                hasher.update(chunk);
+            }
+            hex::encode(hasher.finalize())
+        })
     }
 
     /// The body to send: the same chunks, with an exact size.
@@ -87,21 +97,43 @@ const SMALL_CHUNK: usize = 16 * 1024;
 const GATHERED_CHUNK: usize = 64 * 1024;
 
 /// Collects chunks as they are read, hashing each on arrival.
-#[derive(Default)]
 pub struct PayloadBuilder {
     chunks: Vec<Bytes>,
     /// Small pieces waiting to become one chunk.
     gathered: BytesMut,
     len: u64,
-    hasher: Sha256,
+    /// `None` for a body read unhashed.
+    hasher: Option<Sha256>,
+}
+
+impl Default for PayloadBuilder {
+    /// A builder that hashes each chunk as it arrives.
+    fn default() -> PayloadBuilder {
+        PayloadBuilder {
+            chunks: Vec::new(),
+            gathered: BytesMut::new(),
+            len: 0,
+            hasher: Some(Sha256::new()),
+        }
+    }
 }
 
 impl PayloadBuilder {
+    /// A builder for a body that will be rewritten before it is sent: nothing is hashed.
+    pub fn unhashed() -> PayloadBuilder {
+        PayloadBuilder {
+            hasher: None,
+            ..PayloadBuilder::default()
+        }
+    }
+
     pub fn push(&mut self, chunk: Bytes) {
         if chunk.is_empty() {
             return;
         }
-        self.hasher.update(&chunk);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&chunk);
+        }
         self.len += chunk.len() as u64;
         if chunk.len() < SMALL_CHUNK {
             self.gathered.extend_from_slice(&chunk);
@@ -129,10 +161,14 @@ impl PayloadBuilder {
         if !self.gathered.is_empty() {
             self.chunks.push(self.gathered.split().freeze());
         }
+        let sha256_hex = OnceLock::new();
+        if let Some(hasher) = self.hasher {
+            let _ = sha256_hex.set(hex::encode(hasher.finalize()));
+        }
         Payload {
             chunks: self.chunks,
             len: self.len,
-            sha256_hex: hex::encode(self.hasher.finalize()),
+            sha256_hex,
         }
     }
 }
@@ -202,6 +238,12 @@ mod tests {
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
         assert_eq!(Payload::default().sha256_hex(), EMPTY_SHA256);
+        // Read unhashed, hashed on first use: the same hash.
+        let mut u = PayloadBuilder::unhashed();
+        for piece in whole.chunks(7) {
+            u.push(Bytes::copy_from_slice(piece));
+        }
+        assert_eq!(u.finish().sha256_hex(), hex::encode(Sha256::digest(&whole)));
         assert!(
             Payload::from_bytes(Bytes::new())
                 .into_body()
