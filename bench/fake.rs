@@ -7,6 +7,11 @@
 //! What it answers is chosen by the profile ARN in the path (the proxy rewrites the model id to
 //! the caller's profile and forwards no custom header): a profile whose name ends in `slow`
 //! streams one event per second; anything else answers at once.
+//!
+//! It also answers `POST /v1/messages` as the Anthropic API would (an `x-api-key` instead of a
+//! signature): the same message as InvokeModel's, or with `"stream":true` the same events as
+//! SSE, paced like the event stream. That is the direct baseline of the Messages phases: the
+//! proxy's answer to the same request has exactly these bytes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -48,6 +53,8 @@ struct Bodies {
     slow: Vec<Bytes>,
     unknown: Bytes,
     unsigned: Bytes,
+    /// The fast stream's events as the Anthropic API's SSE, one piece per event.
+    sse: Vec<Bytes>,
 }
 
 /// A running fake; it lives until the benchmark process exits.
@@ -94,6 +101,8 @@ impl Fake {
             ("invoke", _) => b.invoke.len(),
             ("invoke-with-response-stream", false) => b.stream.iter().map(Bytes::len).sum(),
             ("invoke-with-response-stream", true) => b.slow.iter().map(Bytes::len).sum(),
+            ("messages", _) => b.invoke.len(),
+            ("messages-sse", _) => b.sse.iter().map(Bytes::len).sum(),
             _ => b.unknown.len(),
         }
     }
@@ -131,17 +140,24 @@ async fn handle(
     counters: Arc<Counters>,
 ) -> Result<Response<Body>, Infallible> {
     counters.requests.fetch_add(1, Ordering::Relaxed);
-    let signed = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .is_some_and(|v| v.as_bytes().starts_with(b"AWS4-HMAC-SHA256 "));
+    // The Anthropic API's own callers send a key, not a signature.
+    let anthropic = req.uri().path() == "/v1/messages";
+    let signed = if anthropic {
+        req.headers().contains_key("x-api-key")
+    } else {
+        req.headers()
+            .get(http::header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes().starts_with(b"AWS4-HMAC-SHA256 "))
+    };
     let (parts, body) = req.into_parts();
     // Read the whole body as Bedrock does before it answers; the connection is reused after.
-    let len = match body.collect().await {
-        Ok(c) => c.to_bytes().len(),
+    let body = match body.collect().await {
+        Ok(c) => c.to_bytes(),
         Err(_) => return Ok(reply(400, "application/json", bodies.unknown.clone())),
     };
-    counters.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+    counters
+        .bytes_in
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
     if !signed {
         counters.unsigned.fetch_add(1, Ordering::Relaxed);
         let mut r = reply(403, "application/json", bodies.unsigned.clone());
@@ -152,6 +168,14 @@ async fn handle(
         return Ok(r);
     }
     let path = parts.uri.path();
+    if anthropic {
+        let stream = body.windows(13).any(|w| w == b"\"stream\":true");
+        return Ok(if stream {
+            paced(bodies.sse.clone(), Pace::GapAfterFirst, "text/event-stream")
+        } else {
+            reply(200, "application/json", bodies.invoke.clone())
+        });
+    }
     let Some((model, op)) = path
         .strip_prefix("/model/")
         .and_then(|rest| rest.rsplit_once('/'))
@@ -205,6 +229,11 @@ enum Pace {
 }
 
 fn event_stream(frames: Vec<Bytes>, pace: Pace) -> Response<Body> {
+    paced(frames, pace, "application/vnd.amazon.eventstream")
+}
+
+/// A streamed body of `frames`, each sent whole, at `pace`.
+fn paced(frames: Vec<Bytes>, pace: Pace, content_type: &'static str) -> Response<Body> {
     let start = tokio::time::Instant::now();
     let stream = futures_util::stream::unfold(0usize, move |i| {
         let frame = frames.get(i).cloned();
@@ -224,7 +253,7 @@ fn event_stream(frames: Vec<Bytes>, pace: Pace) -> Response<Body> {
     let h = r.headers_mut();
     h.insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/vnd.amazon.eventstream"),
+        http::HeaderValue::from_static(content_type),
     );
     h.insert(
         "x-amzn-requestid",
@@ -263,6 +292,7 @@ impl Bodies {
             converse: Bytes::from(converse.to_string()),
             invoke: Bytes::from(invoke.to_string()),
             stream: fast.iter().map(chunk_frame).collect(),
+            sse: fast.iter().map(sse_event).collect(),
             slow: anthropic_events(slow_events)
                 .iter()
                 .map(chunk_frame)
@@ -309,6 +339,12 @@ fn anthropic_events(deltas: usize) -> Vec<serde_json::Value> {
         "inputTokenCount": 1834, "outputTokenCount": 96, "invocationLatency": 2412, "firstByteLatency": 388
     }}));
     events
+}
+
+/// One event as the Anthropic API streams it: `event: <type>` and the JSON on one `data:` line.
+fn sse_event(event: &serde_json::Value) -> Bytes {
+    let kind = event["type"].as_str().unwrap_or("unknown");
+    Bytes::from(format!("event: {kind}\ndata: {event}\n\n"))
 }
 
 /// One `chunk` event: headers as Bedrock sends them, payload `{"bytes": base64(event), "p": pad}`.

@@ -56,6 +56,8 @@ struct Plan {
     big: Schedule,
     big_body: usize,
     stream: Schedule,
+    /// Messages API, JSON and SSE alike: at the rate a few developers make, and under load.
+    messages: [Schedule; 2],
     closed_warmup: Duration,
     closed_measure: Duration,
     connections: usize,
@@ -93,6 +95,12 @@ impl Plan {
                 measure,
                 timeout,
             },
+            messages: [20, 1000].map(|rate| Schedule {
+                rate,
+                warmup,
+                measure,
+                timeout,
+            }),
             closed_warmup: warmup,
             closed_measure: if quick { measure } else { secs(10) },
             connections: 64,
@@ -169,6 +177,9 @@ fn main() {
     }
     if run("stream") {
         bench.streaming();
+    }
+    if run("messages") {
+        bench.messages();
     }
     if run("max") {
         bench.max_throughput();
@@ -313,6 +324,32 @@ fn converse_body(size: usize) -> Bytes {
     })
 }
 
+/// An Anthropic Messages API request of `size` bytes, as the Anthropic SDK sends it.
+fn messages_api_body(size: usize, stream: bool) -> Bytes {
+    sized_body(size, 1, |texts| {
+        serde_json::json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 4096,
+            "system": "You are a coding assistant working in the user's repository.",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": texts[0]}]}],
+            "stream": stream
+        })
+    })
+}
+
+/// Headers of an Anthropic SDK caller (`x-api-key`), to the fake or to the proxy.
+fn anthropic_headers(key: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+    h.insert("x-api-key", HeaderValue::from_str(key).expect("header"));
+    h
+}
+
 /// An Anthropic Messages request (InvokeModelWithResponseStream) of `size` bytes.
 fn anthropic_body(size: usize) -> Bytes {
     sized_body(size, 1, |texts| {
@@ -351,6 +388,24 @@ impl Bench {
             headers: keyed_headers(accept),
             body,
             expect_len: self.fake.body_len(op, model == HAIKU),
+        })
+    }
+
+    /// `POST /v1/messages` to the fake (as to the Anthropic API) or to the proxy, JSON or SSE.
+    fn messages_target(&self, through: bool, stream: bool, body: Bytes) -> Arc<Target> {
+        let (addr, key) = if through {
+            (self.proxy.addr, proxy::KEY)
+        } else {
+            (self.fake.addr, "sk-ant-bench-direct")
+        };
+        Arc::new(Target {
+            addr,
+            path: "/v1/messages".into(),
+            headers: anthropic_headers(key),
+            body,
+            expect_len: self
+                .fake
+                .body_len(if stream { "messages-sse" } else { "messages" }, false),
         })
     }
 
@@ -530,6 +585,35 @@ impl Bench {
             false,
         ));
         self.error_and_cpu_rows(&phase, &dr, &tr);
+    }
+
+    /// The Messages API: JSON answers (latency to the last byte) and SSE streams (time to the
+    /// first event), each at a developer's rate and under load.
+    fn messages(&mut self) {
+        for schedule in self.plan.messages {
+            let rate = schedule.rate;
+            for stream in [false, true] {
+                let body = messages_api_body(2048, stream);
+                let (kind, what, target_ms) = if stream {
+                    ("SSE", "time to first event", (rate <= 20).then_some(500))
+                } else {
+                    ("JSON", "latency", (rate >= 1000).then_some(500))
+                };
+                let phase = format!("Messages {kind} {} B @ {rate} req/s", body.len());
+                let d = self.messages_target(false, stream, body.clone());
+                let t = self.messages_target(true, stream, body);
+                let dr = self.open(&format!("messages {kind} @ {rate} direct"), &d, schedule);
+                let tr = self.open(&format!("messages {kind} @ {rate} through"), &t, schedule);
+                let (dh, th) = if stream {
+                    (&dr.recorded.ttfb, &tr.recorded.ttfb)
+                } else {
+                    (&dr.recorded.ttlb, &tr.recorded.ttlb)
+                };
+                self.rows
+                    .extend(report::latency_rows(&phase, what, dh, th, target_ms, true));
+                self.error_and_cpu_rows(&phase, &dr, &tr);
+            }
+        }
     }
 
     fn error_and_cpu_rows(&mut self, phase: &str, d: &load::OpenRun, t: &load::OpenRun) {
