@@ -85,14 +85,12 @@ async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response
             response
         }
         Ok(Handled::Upstream(answered)) => {
-            front::respond(
-                *answered,
-                recorder,
-                &state.meter,
-                state.shutdown.clone(),
-                &live.config,
-            )
-            .await
+            let enc = front::Encoding {
+                meter: &state.meter,
+                shutdown: &state.shutdown,
+                config: &live.config,
+            };
+            front::respond(*answered, recorder, enc).await
         }
         Err(refusal) => {
             let response = front::error_response(front, &refusal, &recorder.info.request_id);

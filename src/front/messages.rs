@@ -18,7 +18,6 @@
 
 use std::collections::HashSet;
 use std::marker::PhantomData;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::response::Response;
@@ -35,9 +34,8 @@ use crate::arn::{anthropic_display_name, anthropic_family, anthropic_name};
 use crate::call::{Call, Wanted};
 use crate::config::{Config, User, Users};
 use crate::domain::{Front, Labels, Op, RuntimeOp, Standing};
-use crate::front::Answered;
 use crate::front::sse::SseEncoder;
-use crate::meter::Meter;
+use crate::front::{Answered, Encoding};
 use crate::meter::usage::{UsageMeter, is_event_stream};
 use crate::observe::Recorder;
 use crate::refusal::{Reason, Refusal, shown};
@@ -758,13 +756,8 @@ fn upstream_error_response(e: &UpstreamError, request_id: &str) -> Response {
 
 /// Encodes Bedrock's answer in this front's protocol and hands the record to the body (or
 /// writes it, for answers read whole: errors and counts).
-pub async fn respond(
-    answered: Answered,
-    recorder: Recorder,
-    meter: &Arc<Meter>,
-    shutdown: tokio_util::sync::CancellationToken,
-    config: &Config,
-) -> Response {
+pub async fn respond(answered: Answered, recorder: Recorder, enc: Encoding<'_>) -> Response {
+    let config = enc.config;
     let Answered {
         call,
         admission,
@@ -804,7 +797,7 @@ pub async fn respond(
     let usage = Some(UsageMeter::new(op, head.status.as_u16(), &head.headers));
     let (content_type, body) = if streaming {
         let sse = SseEncoder::new(config.timeouts.stream_ping, stream_exception);
-        let body = super::relay(incoming, sse, recorder, usage, meter, shutdown, config);
+        let body = enc.relay(incoming, sse, recorder, usage);
         (
             HeaderValue::from_static("text/event-stream; charset=utf-8"),
             body,
@@ -815,15 +808,7 @@ pub async fn respond(
             .get(header::CONTENT_TYPE)
             .cloned()
             .unwrap_or(HeaderValue::from_static("application/json"));
-        let body = super::relay(
-            incoming,
-            PassThrough,
-            recorder,
-            usage,
-            meter,
-            shutdown,
-            config,
-        );
+        let body = enc.relay(incoming, PassThrough, recorder, usage);
         (content_type, body)
     };
     let mut resp = Response::new(body);

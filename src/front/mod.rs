@@ -243,29 +243,51 @@ pub struct Answered {
     pub upstream: http::Response<Incoming>,
 }
 
+/// What encoding an answer needs besides the answer: the meter its record goes to, the signal
+/// that cuts streams at shutdown, and the config the request started with.
+#[derive(Clone, Copy)]
+pub struct Encoding<'a> {
+    pub meter: &'a Arc<Meter>,
+    pub shutdown: &'a tokio_util::sync::CancellationToken,
+    pub config: &'a Config,
+}
+
+impl Encoding<'_> {
+    /// The response body that carries Bedrock's answer to the client through `encoder`,
+    /// metered by `usage`, and writes the request's record when it ends (see `stream`).
+    fn relay<E: stream::Encoder>(
+        self,
+        incoming: Incoming,
+        encoder: E,
+        recorder: Recorder,
+        usage: Option<UsageMeter>,
+    ) -> Body {
+        let limits = stream::Limits {
+            idle: self.config.timeouts.stream_idle,
+        };
+        Body::new(Relay::new(
+            incoming,
+            encoder,
+            recorder,
+            usage,
+            self.meter.clone(),
+            self.shutdown.clone(),
+            limits,
+        ))
+    }
+}
+
 /// Encodes Bedrock's answer in the caller's protocol and hands the record of the request to
 /// the body, which writes it when the response ends.
-pub async fn respond(
-    answered: Answered,
-    recorder: Recorder,
-    meter: &Arc<Meter>,
-    shutdown: tokio_util::sync::CancellationToken,
-    config: &Config,
-) -> Response {
+pub async fn respond(answered: Answered, recorder: Recorder, enc: Encoding<'_>) -> Response {
     match answered.call.front {
-        Front::Bedrock => pass_through(answered, recorder, meter, shutdown, config),
-        Front::Anthropic => messages::respond(answered, recorder, meter, shutdown, config).await,
+        Front::Bedrock => pass_through(answered, recorder, enc),
+        Front::Anthropic => messages::respond(answered, recorder, enc).await,
     }
 }
 
 /// The Bedrock-native answer: Bedrock's status, headers (but hop-by-hop ones) and body.
-fn pass_through(
-    answered: Answered,
-    recorder: Recorder,
-    meter: &Arc<Meter>,
-    shutdown: tokio_util::sync::CancellationToken,
-    config: &Config,
-) -> Response {
+fn pass_through(answered: Answered, recorder: Recorder, enc: Encoding<'_>) -> Response {
     let Answered { call, upstream, .. } = answered;
     let (mut head, incoming) = upstream.into_parts();
     headers::strip_hop_by_hop(&mut head.headers);
@@ -273,41 +295,8 @@ fn pass_through(
         Wanted::Runtime(op) => Some(UsageMeter::new(op, head.status.as_u16(), &head.headers)),
         _ => None,
     };
-    let body = relay(
-        incoming,
-        PassThrough,
-        recorder,
-        usage,
-        meter,
-        shutdown,
-        config,
-    );
+    let body = enc.relay(incoming, PassThrough, recorder, usage);
     Response::from_parts(head, body)
-}
-
-/// The response body that carries Bedrock's answer to the client through `encoder`, metered by
-/// `usage`, and writes the request's record when it ends (see `stream`).
-fn relay<E: stream::Encoder>(
-    incoming: Incoming,
-    encoder: E,
-    recorder: Recorder,
-    usage: Option<UsageMeter>,
-    meter: &Arc<Meter>,
-    shutdown: tokio_util::sync::CancellationToken,
-    config: &Config,
-) -> Body {
-    let limits = stream::Limits {
-        idle: config.timeouts.stream_idle,
-    };
-    Body::new(Relay::new(
-        incoming,
-        encoder,
-        recorder,
-        usage,
-        meter.clone(),
-        shutdown,
-        limits,
-    ))
 }
 
 /// `GET /usage`: the caller's own usage this month.

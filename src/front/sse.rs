@@ -14,29 +14,13 @@ use std::time::Duration;
 
 use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
 use aws_smithy_types::event_stream::Message;
-use base64::Engine as _;
-use base64::alphabet;
-use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
-use crate::meter::usage::{MAX_FRAME_LEN, UsageMeter};
+use crate::meter::usage::{MAX_FRAME_LEN, UsageMeter, chunk_bytes, header_str};
 use crate::stream::{Encoded, Encoder};
 
-/// Bedrock pads `bytes` correctly; being lenient costs nothing.
-const BASE64: GeneralPurpose = GeneralPurpose::new(
-    &alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
-
 const PING: &[u8] = b"event: ping\ndata: {\"type\": \"ping\"}\n\n";
-
-/// The payload of a `chunk` frame; Bedrock's `p` padding and anything else is ignored.
-#[derive(Deserialize)]
-struct ChunkPayload<'a> {
-    #[serde(borrow)]
-    bytes: Cow<'a, str>,
-}
 
 /// The one field of an Anthropic event the encoder reads.
 #[derive(Deserialize)]
@@ -113,11 +97,7 @@ impl SseEncoder {
                 "bedrock-gate could not read Bedrock's stream; the answer is incomplete.",
             )
         };
-        let chunk =
-            serde_json::from_slice::<ChunkPayload>(message.payload()).map_err(|_| unreadable())?;
-        let event = BASE64
-            .decode(chunk.bytes.as_bytes())
-            .map_err(|_| unreadable())?;
+        let event = chunk_bytes(message.payload()).ok_or_else(unreadable)?;
         let kind = serde_json::from_slice::<EventType>(&event).map_err(|_| unreadable())?;
         if kind.kind.is_empty()
             || !kind
@@ -238,15 +218,6 @@ fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-fn header_str<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
-    message
-        .headers()
-        .iter()
-        .find(|h| h.name().as_str() == name)
-        .and_then(|h| h.value().as_string().ok())
-        .map(|s| s.as_str())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,7 +234,9 @@ mod tests {
     }
 
     fn chunk(event: &str) -> Vec<u8> {
-        let payload = serde_json::json!({"bytes": BASE64.encode(event), "p": "abc"}).to_string();
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(event);
+        let payload = serde_json::json!({"bytes": b64, "p": "abc"}).to_string();
         frame(
             &[(":event-type", "chunk"), (":message-type", "event")],
             payload.as_bytes(),

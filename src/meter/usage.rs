@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 
 use self::scan::TopLevelValue;
 use self::stream::{Dialect, EventStreamMeter};
+pub use self::stream::{chunk_bytes, header_str};
 use crate::domain::RuntimeOp;
 use crate::domain::Usage;
 

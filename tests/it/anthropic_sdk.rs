@@ -15,18 +15,11 @@ use std::time::Duration;
 use common::*;
 
 fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("BEDROCK_GATE_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let p = PathBuf::from(home).join(".cache/bedrock-gate/venv/bin/python");
-    assert!(
-        p.exists(),
-        "No Python with the anthropic SDK at {}. Run `.ci/run` once (it makes the venv with pip) \
-         or set BEDROCK_GATE_PYTHON.",
-        p.display()
-    );
-    p
+    installed_client(
+        "BEDROCK_GATE_PYTHON",
+        "venv/bin/python",
+        "A Python with the anthropic SDK",
+    )
 }
 
 const OLD_HAIKU: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";

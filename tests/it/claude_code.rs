@@ -16,18 +16,11 @@ use common::*;
 const CLAUDE_OPUS_DEFAULT: &str = "anthropic.claude-opus-5-5";
 
 fn claude_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("BEDROCK_GATE_CLAUDE") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let p = PathBuf::from(home).join(".cache/bedrock-gate/claude-code/node_modules/.bin/claude");
-    assert!(
-        p.exists(),
-        "Claude Code is not installed at {}. Run `.ci/run` once (it installs the pinned version with npm) \
-         or set BEDROCK_GATE_CLAUDE to a claude binary.",
-        p.display()
-    );
-    p
+    installed_client(
+        "BEDROCK_GATE_CLAUDE",
+        "claude-code/node_modules/.bin/claude",
+        "Claude Code",
+    )
 }
 
 fn config(fake: &FakeBedrock) -> String {

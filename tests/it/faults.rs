@@ -5,14 +5,12 @@
 
 use crate::common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use common::*;
-use futures_util::StreamExt as _;
 use http::Method;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -126,25 +124,17 @@ async fn a_thousand_requests_with_random_upstream_failures_each_end_cleanly_with
     // is still a clean error.
     let proxy = Proxy::start(&two_user_config(&fake, "[timeouts]\nfirst_byte_secs = 1\n")).await;
     let url = proxy.url();
-    let seen: Vec<Seen> = futures_util::stream::iter(0..N)
-        .map(|i| tokio::spawn(call(url.clone(), i % 2 == 0)))
-        .buffer_unordered(64)
-        .map(|r| r.expect("client task"))
-        .collect()
-        .await;
-    let mut tally = BTreeMap::new();
-    for s in &seen {
-        *tally.entry(*s).or_insert(0usize) += 1;
-    }
+    let seen = concurrently(N, 64, |i| call(url.clone(), i % 2 == 0)).await;
     // The draw is deterministic, so every kind of failure happened.
-    for kind in [
-        Seen::Full,
-        Seen::ErrorResponse,
-        Seen::StreamException,
-        Seen::TransferError,
-    ] {
-        assert!(tally.contains_key(&kind), "{kind:?} never seen: {tally:?}");
-    }
+    let tally = tally_all(
+        &seen,
+        &[
+            Seen::Full,
+            Seen::ErrorResponse,
+            Seen::StreamException,
+            Seen::TransferError,
+        ],
+    );
     assert_eq!(fake.received().len(), N, "one upstream request per call");
 
     let rows = eventually("one ledger row per request", || async {

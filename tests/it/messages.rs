@@ -697,30 +697,21 @@ async fn chaos_call(proxy_url: String, stream: bool) -> Seen {
 
 #[tokio::test]
 async fn random_upstream_failures_each_end_cleanly_in_the_callers_protocol_with_one_row() {
-    use futures_util::StreamExt as _;
     const N: usize = 400;
     let fake = FakeBedrock::start().await;
     fake.script(&alice_sonnet(), fake::Script::Chaos);
     let proxy = Proxy::start(&two_user_config(&fake, "[timeouts]\nfirst_byte_secs = 1\n")).await;
     let url = proxy.url();
-    let seen: Vec<Seen> = futures_util::stream::iter(0..N)
-        .map(|i| tokio::spawn(chaos_call(url.clone(), i % 2 == 0)))
-        .buffer_unordered(64)
-        .map(|r| r.expect("client task"))
-        .collect()
-        .await;
-    let mut tally = std::collections::BTreeMap::new();
-    for s in &seen {
-        *tally.entry(*s).or_insert(0usize) += 1;
-    }
-    for kind in [
-        Seen::Full,
-        Seen::ErrorResponse,
-        Seen::StreamError,
-        Seen::TransferError,
-    ] {
-        assert!(tally.contains_key(&kind), "{kind:?} never seen: {tally:?}");
-    }
+    let seen = concurrently(N, 64, |i| chaos_call(url.clone(), i % 2 == 0)).await;
+    let tally = tally_all(
+        &seen,
+        &[
+            Seen::Full,
+            Seen::ErrorResponse,
+            Seen::StreamError,
+            Seen::TransferError,
+        ],
+    );
     assert_eq!(fake.received().len(), N, "one upstream request per call");
     let rows = ledger_with(&proxy, N).await;
     assert_eq!(rows.len(), N, "{tally:?}");

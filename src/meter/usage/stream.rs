@@ -167,10 +167,7 @@ impl EventStreamMeter {
     }
 
     fn on_invoke_chunk(&mut self, payload: &[u8]) {
-        let Ok(chunk) = serde_json::from_slice::<ChunkPayload>(payload) else {
-            return;
-        };
-        let Ok(decoded) = BASE64.decode(chunk.bytes.as_bytes()) else {
+        let Some(decoded) = chunk_bytes(payload) else {
             return;
         };
         let Ok(Value::Object(event)) = serde_json::from_slice::<Value>(&decoded) else {
@@ -244,7 +241,14 @@ fn declared_len(held: &[u8], rest: &[u8]) -> Option<usize> {
     Some(usize::try_from(u32::from_be_bytes(word)).unwrap_or(usize::MAX))
 }
 
-fn header_str<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
+/// The provider event a `chunk` frame's payload (`{"bytes": base64, "p": padding}`) carries.
+pub fn chunk_bytes(payload: &[u8]) -> Option<Vec<u8>> {
+    let chunk = serde_json::from_slice::<ChunkPayload>(payload).ok()?;
+    BASE64.decode(chunk.bytes.as_bytes()).ok()
+}
+
+/// The string value of an event-stream header (`:message-type`, `:event-type`, …).
+pub fn header_str<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
     message
         .headers()
         .iter()

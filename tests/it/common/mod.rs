@@ -523,3 +523,52 @@ impl Reply {
         )
     }
 }
+
+/// A client `.ci/run` installs under `~/.cache/bedrock-gate` (`cached`), or the one `env`
+/// names. A missing one fails the test and says how to get it (`what`): a skipped test proves
+/// nothing.
+pub fn installed_client(env: &str, cached: &str, what: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = PathBuf::from(home).join(".cache/bedrock-gate").join(cached);
+    assert!(
+        p.exists(),
+        "{what} is not installed at {}. Run `.ci/run` once (it installs the pinned version) or set {env}.",
+        p.display()
+    );
+    p
+}
+
+/// Runs `call(i)` for `i` in `0..n`, `width` at a time, each on its own task; returns what
+/// each saw.
+pub async fn concurrently<T, F, Fut>(n: usize, width: usize, call: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    use futures_util::StreamExt as _;
+    futures_util::stream::iter(0..n)
+        .map(|i| tokio::spawn(call(i)))
+        .buffer_unordered(width)
+        .map(|r| r.expect("client task"))
+        .collect()
+        .await
+}
+
+/// How often each kind was seen; fails unless every one of `kinds` was.
+pub fn tally_all<T: Ord + Copy + std::fmt::Debug>(
+    seen: &[T],
+    kinds: &[T],
+) -> std::collections::BTreeMap<T, usize> {
+    let mut tally = std::collections::BTreeMap::new();
+    for s in seen {
+        *tally.entry(*s).or_insert(0usize) += 1;
+    }
+    for kind in kinds {
+        assert!(tally.contains_key(kind), "{kind:?} never seen: {tally:?}");
+    }
+    tally
+}
