@@ -103,6 +103,8 @@ struct Inner {
     /// Streaming responses whose body was dropped before its last event (the connection to
     /// the fake went away).
     streams_cut: Arc<std::sync::atomic::AtomicUsize>,
+    /// When set, signatures are checked with it instead of [`sigv4::verify`].
+    keyring: Option<sigv4::Keyring>,
 }
 
 #[derive(Clone)]
@@ -120,7 +122,21 @@ impl FakeBedrock {
 
     /// Starts on a given address (to come up on a port a proxy is already retrying).
     pub async fn start_on(addr: &str) -> FakeBedrock {
-        let inner = Arc::new(Mutex::new(Inner::default()));
+        Self::launch(addr, None).await
+    }
+
+    /// Like [`FakeBedrock::start`], but verifies signatures with `keyring` (see
+    /// [`sigv4::Keyring::verify`]): requests signed with credentials the fake STS issued verify,
+    /// and [`Received::signature`] names the access key that signed each one.
+    pub async fn start_with_keyring(keyring: sigv4::Keyring) -> FakeBedrock {
+        Self::launch("127.0.0.1:0", Some(keyring)).await
+    }
+
+    async fn launch(addr: &str, keyring: Option<sigv4::Keyring>) -> FakeBedrock {
+        let inner = Arc::new(Mutex::new(Inner {
+            keyring,
+            ..Inner::default()
+        }));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind fake");
@@ -209,13 +225,23 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
         .unwrap_or_default();
     let raw_path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_string);
-    let signature = sigv4::verify(
-        parts.method.as_str(),
-        &raw_path,
-        query.as_deref(),
-        &parts.headers,
-        &body,
-    );
+    let keyring = inner.lock().expect("lock").keyring.clone();
+    let signature = match keyring {
+        Some(k) => k.verify(
+            parts.method.as_str(),
+            &raw_path,
+            query.as_deref(),
+            &parts.headers,
+            &body,
+        ),
+        None => sigv4::verify(
+            parts.method.as_str(),
+            &raw_path,
+            query.as_deref(),
+            &parts.headers,
+            &body,
+        ),
+    };
     let (model, op) = split_path(&raw_path);
     let (script, gate, cut) = {
         let mut inner = inner.lock().expect("lock");

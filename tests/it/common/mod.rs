@@ -2,6 +2,7 @@
 //! Bedrock on 127.0.0.1:0, and a plain HTTP client for raw requests.
 #![allow(dead_code)]
 
+pub mod billing;
 pub mod control;
 pub mod fake;
 pub mod sigv4;

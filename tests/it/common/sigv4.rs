@@ -2,6 +2,9 @@
 //! with aws-sigv4, so a proxy that signs a different path, query or header set than it sends
 //! (or encodes the canonical URI wrongly) fails here the way it would fail at AWS.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use hmac::{Hmac, KeyInit, Mac};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
@@ -175,4 +178,92 @@ pub fn verify_with(
         service: service.to_string(),
         signed_headers,
     })
+}
+
+/// How [`Keyring::verify`]'s error starts when the access key is neither in the keyring nor
+/// [`ACCESS_KEY`] (AWS answers UnrecognizedClientException / InvalidClientTokenId).
+pub const UNKNOWN_KEY: &str = "unknown access key";
+
+/// The access key in the `Credential=` of a request's `Authorization` header.
+pub fn access_key_of(headers: &HeaderMap) -> Option<String> {
+    let auth = headers.get("authorization")?.to_str().ok()?;
+    let cred = auth.split("Credential=").nth(1)?;
+    Some(cred.split('/').next()?.to_string())
+}
+
+/// Credentials a fake accepts besides [`ACCESS_KEY`]/[`SECRET_KEY`]: access key -> (secret,
+/// session token). Shared (clones see the same entries): the fake STS adds what it issues, so a
+/// fake Bedrock holding a clone verifies requests signed with those credentials.
+#[derive(Debug, Clone, Default)]
+pub struct Keyring(pub Arc<Mutex<Keys>>);
+
+/// access key -> (secret, session token)
+pub type Keys = HashMap<String, (String, Option<String>)>;
+
+impl Keyring {
+    pub fn new() -> Keyring {
+        Keyring::default()
+    }
+
+    pub fn insert(&self, access_key: &str, secret: &str, session_token: Option<&str>) {
+        self.0.lock().expect("lock").insert(
+            access_key.to_string(),
+            (secret.to_string(), session_token.map(str::to_string)),
+        );
+    }
+
+    /// Forgets an access key (revoked or expired credentials); returns whether it was there.
+    pub fn remove(&self, access_key: &str) -> bool {
+        self.0.lock().expect("lock").remove(access_key).is_some()
+    }
+
+    pub fn get(&self, access_key: &str) -> Option<(String, Option<String>)> {
+        self.0.lock().expect("lock").get(access_key).cloned()
+    }
+
+    /// Verifies with the secret of the request's access key. Credentials with a session token
+    /// also need a signed `x-amz-security-token` header carrying exactly that token. An access
+    /// key not in the keyring must be [`ACCESS_KEY`] (signed with [`SECRET_KEY`], no token).
+    pub fn verify(
+        &self,
+        method: &str,
+        raw_path: &str,
+        raw_query: Option<&str>,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Verified, String> {
+        let Some(key) = access_key_of(headers) else {
+            // No usable Credential: let the verifier say what is wrong.
+            return verify(method, raw_path, raw_query, headers, body);
+        };
+        let sent = headers
+            .get("x-amz-security-token")
+            .map(|v| v.to_str().unwrap_or("").to_string());
+        let (secret, token) = match self.get(&key) {
+            Some(entry) => entry,
+            None if key == ACCESS_KEY => (SECRET_KEY.to_string(), None),
+            None => return Err(format!("{UNKNOWN_KEY} {key}")),
+        };
+        let v = verify_with(&secret, method, raw_path, raw_query, headers, body)?;
+        match (token, sent) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                return Err(format!("{key} has no session token, but one was sent"));
+            }
+            (Some(_), None) => {
+                return Err(format!("{key} needs its x-amz-security-token header"));
+            }
+            (Some(t), Some(s)) if t != s => {
+                return Err(format!(
+                    "x-amz-security-token is not the one issued with {key}"
+                ));
+            }
+            (Some(_), Some(_)) => {
+                if !v.signed_headers.iter().any(|h| h == "x-amz-security-token") {
+                    return Err("x-amz-security-token is not signed".into());
+                }
+            }
+        }
+        Ok(v)
+    }
 }
