@@ -98,6 +98,44 @@ pub enum Command {
         #[command(subcommand)]
         command: ProfilesCommand,
     },
+    /// Compare the ledger's estimate with what Cost Explorer billed, per day and user; exits 1
+    /// when a final day differs by more than the tolerance.
+    Reconcile {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// First day (YYYY-MM-DD, UTC). Default: the first of this month.
+        #[arg(long)]
+        since: Option<String>,
+        /// Last day, included (YYYY-MM-DD, UTC). Default: yesterday.
+        #[arg(long)]
+        until: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Largest difference (percent of the bill) on a final day that still passes; a
+        /// difference must also exceed $0.01 to fail.
+        #[arg(long, default_value_t = 5.0)]
+        tolerance: f64,
+        /// Ledger database; overrides `ledger.path`.
+        #[arg(long, env = "BEDROCK_GATE_LEDGER")]
+        ledger: Option<PathBuf>,
+    },
+    /// Model prices from the AWS Price List.
+    Prices {
+        #[command(subcommand)]
+        command: PricesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PricesCommand {
+    /// Read every mapped model's rates (regional and Global) in the regions used from the AWS
+    /// Price List and write them to the prices file (`prices_file`, default prices.toml,
+    /// added to the config if missing).
+    Sync {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 /// The config file a command reads or edits.

@@ -1,6 +1,7 @@
-//! Phase `forward`: the call goes to Bedrock, signed with the proxy's own credentials (see
-//! `upstream`), and the phase returns when Bedrock's response headers arrive; the body is left
-//! streaming for the front to encode.
+//! Phase `forward`: the call goes to Bedrock, signed (see `upstream`) with the proxy's own
+//! credentials, or with the user's own session when `aws.user_role_arn` is set, and the phase
+//! returns when Bedrock's response headers arrive; the body is left streaming for the front to
+//! encode.
 //!
 //! Shutdown is checked first, so a request whose body arrived after the grace period is never
 //! sent. From the send on, Bedrock may have run (and billed) the call; the record says so. This
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 
 use crate::call::Call;
+use crate::config::User;
 use crate::observe::RequestInfo;
 use crate::refusal::{Reason, Refusal};
 use crate::resolve::Target;
@@ -30,18 +32,25 @@ pub fn shutting_down() -> Refusal {
 /// The call's headers and body move into the request; the rest of it stays for the front.
 pub async fn forward(
     state: &AppState,
+    user: &User,
     call: &mut Call,
     target: Target,
     first_byte: Duration,
     info: &mut RequestInfo,
     started: Instant,
 ) -> Result<http::Response<Incoming>, Refusal> {
+    // With per-user principals, the user's own session signs; never the proxy's identity.
+    let credentials = match &state.sessions {
+        Some(sessions) => Some(sessions.credentials(user).await?),
+        None => None,
+    };
     let out = Outbound {
         method: target.method,
         url: target.url,
         region: target.region,
         headers: std::mem::take(&mut call.headers),
         body: std::mem::take(&mut call.body),
+        credentials,
     };
     info.sent = true;
     let upstream = tokio::select! {

@@ -75,16 +75,23 @@ fn main() -> ExitCode {
         )),
         Command::Users { command } => report(bedrock_gate::admin::users(command)),
         Command::Keys { command } => report(bedrock_gate::admin::keys(command)),
-        Command::Profiles { command } => match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => report(rt.block_on(bedrock_gate::admin::profiles(command))),
-            Err(e) => {
-                eprintln!("bedrock-gate: cannot start the async runtime: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Profiles { command } => run_async(bedrock_gate::admin::profiles(command)),
+        Command::Reconcile {
+            config,
+            since,
+            until,
+            format,
+            tolerance,
+            ledger,
+        } => run_async(bedrock_gate::admin::reconcile(
+            config.config,
+            ledger,
+            since,
+            until,
+            format,
+            tolerance,
+        )),
+        Command::Prices { command } => run_async(bedrock_gate::admin::prices(command)),
         Command::Healthcheck { url, timeout_secs } => {
             match bedrock_gate::server::healthcheck(&url, Duration::from_secs(timeout_secs)) {
                 Ok(status) => {
@@ -111,6 +118,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Runs an admin command that talks to AWS on a runtime of its own.
+fn run_async(command: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => report(rt.block_on(command)),
+        Err(e) => {
+            eprintln!("bedrock-gate: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

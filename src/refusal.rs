@@ -36,6 +36,8 @@ pub enum Reason {
     Timeout,
     /// The proxy is shutting down and stopped this request.
     ShuttingDown,
+    /// The user's own AWS session (`aws.user_role_arn`) could not be had from STS.
+    SessionUnavailable,
     /// A fault inside the proxy (for example, no AWS credentials to sign with).
     Internal,
 }
@@ -51,7 +53,9 @@ impl Reason {
             Reason::Invalid | Reason::TooLarge | Reason::BodyTimeout => "ValidationException",
             Reason::UnknownOperation => "UnknownOperationException",
             Reason::OverBudget | Reason::RateLimited => "ThrottlingException",
-            Reason::Unreachable | Reason::ShuttingDown => "ServiceUnavailableException",
+            Reason::Unreachable | Reason::ShuttingDown | Reason::SessionUnavailable => {
+                "ServiceUnavailableException"
+            }
             Reason::Timeout => "ModelTimeoutException",
             Reason::Internal => "InternalServerException",
         }

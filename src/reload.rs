@@ -37,8 +37,14 @@ pub fn reload(state: &AppState, path: &Path) -> Result<Outcome, ConfigError> {
     let current = state.live.load();
     let (config, sha256) = read_config(path)?;
     let tls_sha = |c: &Config| c.tls.as_ref().map(|t| t.sha256.clone());
-    if sha256 == current.sha256 && tls_sha(&config) == tls_sha(&current.config) {
+    if sha256 == current.sha256
+        && tls_sha(&config) == tls_sha(&current.config)
+        && config.prices_file == current.config.prices_file
+    {
         return Ok(Outcome::Unchanged);
+    }
+    if config.aws.user_role_arn != current.config.aws.user_role_arn {
+        tracing::warn!("`aws.user_role_arn` changed; it takes effect after a restart");
     }
     if config.tls.is_some() != current.config.tls.is_some() {
         tracing::warn!("TLS turned on or off; that takes effect after a restart");
@@ -82,11 +88,19 @@ impl Drop for Reloader {
     }
 }
 
-/// Starts reloading on SIGHUP and, with `watch`, on changes to the file.
+/// Starts reloading on SIGHUP and, with `watch`, on changes to the file (or to the prices file
+/// it names, when that lives in the same directory).
 pub fn spawn(state: Arc<AppState>, path: PathBuf, watch: bool) -> anyhow::Result<Reloader> {
     let (tx, mut rx) = mpsc::channel::<&'static str>(1);
+    let prices = state
+        .live
+        .load()
+        .config
+        .prices_file
+        .as_ref()
+        .map(|(name, _)| crate::config::dir_of(&path).join(name));
     let watcher = if watch {
-        Some(watch_file(&path, tx.clone())?)
+        Some(watch_file(&path, prices.as_deref(), tx.clone())?)
     } else {
         None
     };
@@ -121,11 +135,15 @@ pub fn spawn(state: Arc<AppState>, path: PathBuf, watch: bool) -> anyhow::Result
 /// commands, Kubernetes ConfigMap symlink swaps) is still seen.
 fn watch_file(
     path: &Path,
+    prices: Option<&Path>,
     tx: mpsc::Sender<&'static str>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let dir = crate::config::dir_of(path);
     let name = path.file_name().map(|n| n.to_os_string());
+    let prices_name = prices
+        .filter(|p| crate::config::dir_of(p) == dir)
+        .and_then(|p| p.file_name().map(|n| n.to_os_string()));
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
@@ -133,7 +151,9 @@ fn watch_file(
         }
         let relevant = event.paths.iter().any(|p| {
             let n = p.file_name();
-            n == name.as_deref() || n.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+            n == name.as_deref()
+                || (prices_name.is_some() && n == prices_name.as_deref())
+                || n.is_some_and(|n| n.to_string_lossy().starts_with(".."))
         });
         if relevant {
             // A full channel already means "reload soon"; dropping this event loses nothing.

@@ -34,6 +34,7 @@ use crate::refusal::Refusal;
 use crate::resolve;
 use crate::state::{AppState, Live};
 use crate::upstream::Upstream;
+use crate::upstream::sessions::Sessions;
 
 /// Builds the router around the state.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -146,7 +147,9 @@ async fn handle(
     if let Some(profile) = &target.profile {
         info.profile = Some(profile.arn.clone());
         info.base_model = Some(profile.model.clone());
-        info.price = config.prices.get(&profile.model).copied();
+        info.price = config
+            .prices
+            .get(&profile.model, &profile.parsed.region, profile.tier);
     }
 
     let admission = state
@@ -157,6 +160,7 @@ async fn handle(
 
     let upstream = crate::forward::forward(
         state,
+        &user,
         &mut call,
         target,
         config.timeouts.first_byte,
@@ -202,7 +206,12 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
     let (config, sha256) = crate::reload::read_config(&opts.config_path)
         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
     let listen = opts.listen.unwrap_or(config.listen);
-    let upstream = Upstream::new(&config.aws, config.timeouts.connect).await?;
+    let sdk = crate::upstream::sdk_config(&config.aws).await;
+    let upstream = Upstream::from_sdk(&sdk, config.timeouts.connect)?;
+    let sessions = config.aws.user_role_arn.clone().map(|role| {
+        tracing::info!(role = %role, "signing each user's calls with a session of their own");
+        Sessions::new(&sdk, &config.aws, role, config.provisioning.tag_key.clone())
+    });
     let users = config.users.len();
     let tls = config.tls.is_some();
     let admin_listen = match opts.admin_listen {
@@ -214,7 +223,7 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         .clone()
         .unwrap_or_else(|| config.ledger.resolve(&opts.config_path));
     let meter = Meter::open(&ledger_path, config.ledger.flush_interval)?;
-    let state = AppState::new(config, sha256, upstream, meter);
+    let state = AppState::new(config, sha256, upstream, sessions, meter);
     let _reloader = crate::reload::spawn(state.clone(), opts.config_path.clone(), opts.watch)?;
     let listener = TcpListener::bind(listen)
         .await

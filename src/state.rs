@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::meter::Meter;
 use crate::upstream::Upstream;
+use crate::upstream::sessions::Sessions;
 
 /// The config in force, with what identifies it to an operator.
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub struct AppState {
     /// stream in flight finishes on the config it started with.
     pub live: ArcSwap<Live>,
     pub upstream: Upstream,
+    /// Each user's own AWS session, when `aws.user_role_arn` is set (read at start).
+    pub sessions: Option<Sessions>,
     pub meter: Arc<Meter>,
     /// Cancelled when the shutdown grace period is over: requests still running stop and are
     /// recorded as `shutdown`.
@@ -39,7 +42,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, sha256: String, upstream: Upstream, meter: Meter) -> Arc<AppState> {
+    pub fn new(
+        config: Config,
+        sha256: String,
+        upstream: Upstream,
+        sessions: Option<Sessions>,
+        meter: Meter,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             live: ArcSwap::from_pointee(Live {
                 config,
@@ -47,6 +56,7 @@ impl AppState {
                 sha256,
             }),
             upstream,
+            sessions,
             meter: Arc::new(meter),
             shutdown: CancellationToken::new(),
             requests: TaskTracker::new(),

@@ -42,13 +42,20 @@ impl ConfigDoc {
         self.doc.to_string()
     }
 
-    /// Validates the edited document and replaces the file atomically.
+    /// Validates the edited document (with the prices file it names) and replaces the file
+    /// atomically.
     pub fn save(&self) -> anyhow::Result<Config> {
         let text = self.text();
-        let config = Config::parse(&text)
+        let config = Config::parse_at(&text, &self.path)
             .map_err(|e| anyhow::anyhow!("the edit would make the config invalid: {e}"))?;
         write_atomic(&self.path, text.as_bytes())?;
         Ok(config)
+    }
+
+    /// Sets the top-level `prices_file`.
+    pub fn set_prices_file(&mut self, name: &str) -> anyhow::Result<()> {
+        self.doc.as_table_mut().insert("prices_file", value(name));
+        Ok(())
     }
 
     fn users_mut(&mut self) -> anyhow::Result<&mut Table> {

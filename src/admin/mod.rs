@@ -1,16 +1,19 @@
 //! Admin commands: users, keys and profile provisioning, all editing the config in place.
 //!
-//! [`doc`] edits the TOML keeping comments; [`provision`] talks to the Bedrock control plane.
+//! [`doc`] edits the TOML keeping comments; [`provision`] talks to the Bedrock control plane
+//! (and Service Quotas); [`billing`] to Cost Explorer; [`prices`] to the AWS Price List.
 //! These run from the CLI; a running `serve` picks their edits up through live reload.
 
+pub mod billing;
 pub mod doc;
+pub mod prices;
 pub mod provision;
 
 use std::io::Write as _;
 use std::process::ExitCode;
 
 use crate::auth::{KeyHash, generate_key};
-use crate::cli::{KeysCommand, ProfilesCommand, UsersCommand};
+use crate::cli::{KeysCommand, PricesCommand, ProfilesCommand, UsersCommand};
 use crate::config::Config;
 use doc::ConfigDoc;
 
@@ -95,6 +98,7 @@ pub async fn profiles(cmd: ProfilesCommand) -> anyhow::Result<ExitCode> {
     };
     let config = Config::load(&path).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
     let cp = provision::ControlPlane::new(&config).await;
+    let keys = config.provisioning.activated_keys();
     match cmd {
         ProfilesCommand::Plan { .. } => {
             let actions = provision::plan(&cp, &config).await?;
@@ -103,19 +107,41 @@ pub async fn profiles(cmd: ProfilesCommand) -> anyhow::Result<ExitCode> {
         }
         ProfilesCommand::Apply { .. } => {
             let actions = provision::plan(&cp, &config).await?;
+            if let Some(over) = actions.iter().find(|a| a.is_over_quota()) {
+                println!("{over}");
+                println!("apply: nothing done; the plan does not fit the quota");
+                return Ok(ExitCode::FAILURE);
+            }
             let done = provision::apply(&cp, &path, &actions, &mut std::io::stdout()).await?;
             println!("apply: {done} change(s) made");
+            // Without activation Cost Explorer shows every profile's cost as untagged.
+            let ce = billing::client(&config).await;
+            for (key, state) in billing::activate(&ce, &keys).await? {
+                println!("{}", state.describe(&key));
+            }
             Ok(exit_for(&actions))
         }
         ProfilesCommand::Verify { .. } => {
             let rows = provision::verify(&cp, &config).await?;
             print!("{}", provision::verify_table(&rows));
             let drift = rows.iter().filter(|r| !r.ok()).count();
+            let ce = billing::client(&config).await;
+            let states = billing::tag_states(&ce, &keys).await?;
+            for (key, state) in &states {
+                println!("{}", state.describe(key));
+            }
+            let inactive = states
+                .values()
+                .filter(|s| **s == billing::TagState::Inactive)
+                .count();
             if drift == 0 {
                 println!("verify: {} profile(s), all ok", rows.len());
-                Ok(ExitCode::SUCCESS)
             } else {
                 println!("verify: {drift} of {} profile(s) drifted", rows.len());
+            }
+            if drift == 0 && inactive == 0 {
+                Ok(ExitCode::SUCCESS)
+            } else {
                 Ok(ExitCode::FAILURE)
             }
         }
@@ -169,4 +195,63 @@ pub fn usage(
         println!();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `reconcile`: the ledger's estimate against Cost Explorer, per day and user.
+pub async fn reconcile(
+    path: std::path::PathBuf,
+    ledger: Option<std::path::PathBuf>,
+    since: Option<String>,
+    until: Option<String>,
+    format: crate::meter::report::Format,
+    tolerance: f64,
+) -> anyhow::Result<ExitCode> {
+    use crate::meter::report;
+    if !tolerance.is_finite() || tolerance < 0.0 {
+        anyhow::bail!("--tolerance is a percent, zero or more");
+    }
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let today = chrono::Utc::now().date_naive();
+    let since = since.unwrap_or_else(|| today.format("%Y-%m-01").to_string());
+    let until = until.unwrap_or_else(|| {
+        today
+            .pred_opt()
+            .unwrap_or(today)
+            .format("%Y-%m-%d")
+            .to_string()
+    });
+    let since_ms = report::day_start_ms(&since).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    let until_ms =
+        report::until_exclusive_ms(&until).map_err(|e| anyhow::anyhow!("--until: {e}"))?;
+    if until_ms <= since_ms {
+        anyhow::bail!("--until {until} is before --since {since}");
+    }
+    let end = chrono::DateTime::from_timestamp_millis(until_ms)
+        .map(|d| d.format("%Y-%m-%d").to_string())
+        .ok_or_else(|| anyhow::anyhow!("--until: out of range"))?;
+    let db = ledger.unwrap_or_else(|| config.ledger.resolve(&path));
+    let conn = crate::meter::ledger::open_read_only(&db)?;
+    let estimate = report::daily_costs(&conn, since_ms, until_ms)?;
+    let ce = billing::client(&config).await;
+    let billed = billing::billed(&ce, &config, &since, &end).await?;
+    let rows = billing::reconcile(&estimate, &billed, tolerance);
+    print!("{}", billing::render(&rows, format, &since, &until));
+    if format == report::Format::Json {
+        println!();
+    }
+    let over = rows.iter().filter(|r| r.over).count();
+    if over > 0 {
+        eprintln!(
+            "reconcile: {over} final day(s) differ from the bill by more than {tolerance}% (and $0.01)"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `prices sync`.
+pub async fn prices(cmd: PricesCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PricesCommand::Sync { config } => prices::sync(&config.config).await,
+    }
 }

@@ -13,7 +13,6 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{Context as _, bail};
-use aws_config::BehaviorVersion;
 use aws_sdk_bedrock::Client;
 use aws_sdk_bedrock::types::{
     InferenceProfileModelSource, InferenceProfileStatus, InferenceProfileType, Tag,
@@ -47,13 +46,8 @@ struct Listed {
 impl ControlPlane {
     pub async fn new(config: &Config) -> ControlPlane {
         let region = config.aws.region.clone();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(aws_config::Region::new(region.clone()));
-        if let Some(profile) = &config.aws.profile {
-            loader = loader.profile_name(profile);
-        }
         ControlPlane {
-            sdk: loader.load().await,
+            sdk: crate::upstream::sdk_config(&config.aws).await,
             endpoint: config.aws.control_endpoint.clone(),
             clients: Mutex::new(HashMap::new()),
             region,
@@ -224,6 +218,14 @@ fn geo_for_region(region: &str) -> &'static str {
     }
 }
 
+/// The prefix of the system profile new profiles copy from: `global.`, or the region's geo.
+fn system_prefix(config: &Config, region: &str) -> &'static str {
+    match config.provisioning.source {
+        ProfileSource::Global => "global",
+        _ => geo_for_region(region),
+    }
+}
+
 fn partition_for_region(region: &str) -> &'static str {
     if region.starts_with("cn-") {
         "aws-cn"
@@ -272,6 +274,15 @@ pub enum Action {
         model: String,
         reason: String,
     },
+    /// Where the plan leaves the region's quota of application inference profiles.
+    Quota {
+        region: String,
+        limit: u64,
+        in_use: u64,
+        creating: u64,
+    },
+    /// The quota could not be read (the plan may still fit; nothing is blocked).
+    QuotaUnknown { region: String, reason: String },
 }
 
 fn show_tags(tags: &BTreeMap<String, String>) -> String {
@@ -318,6 +329,33 @@ impl fmt::Display for Action {
                 model,
                 reason,
             } => write!(f, "ERROR    {user}  {model}  {reason}"),
+            Action::Quota {
+                region,
+                limit,
+                in_use,
+                creating,
+            } => {
+                let after = in_use + creating;
+                if after > *limit {
+                    write!(
+                        f,
+                        "OVER QUOTA  {region}  {QUOTA_NAME} ({QUOTA_CODE}): {limit}, {in_use} in use, {creating} to create: \
+                         {} over. Raise it in Service Quotas (service bedrock, quota {QUOTA_CODE}) first; apply creates nothing until then",
+                        after - limit
+                    )
+                } else {
+                    write!(
+                        f,
+                        "quota    {region}  {QUOTA_NAME} ({QUOTA_CODE}): {limit}, {in_use} in use, {creating} to create, {} left after",
+                        limit - after
+                    )
+                }
+            }
+            Action::QuotaUnknown { region, reason } => write!(
+                f,
+                "quota    {region}  could not read {QUOTA_NAME} ({QUOTA_CODE}): {reason}; \
+                 the plan was not checked against it (needs servicequotas:GetServiceQuota)"
+            ),
         }
     }
 }
@@ -325,8 +363,64 @@ impl fmt::Display for Action {
 impl Action {
     /// Whether the action is a problem apply cannot fix.
     pub fn is_problem(&self) -> bool {
-        matches!(self, Action::Missing { .. } | Action::Unavailable { .. })
+        matches!(self, Action::Missing { .. } | Action::Unavailable { .. }) || self.is_over_quota()
     }
+
+    /// Whether the plan would create more profiles than the region's quota allows.
+    pub fn is_over_quota(&self) -> bool {
+        matches!(self, Action::Quota { limit, in_use, creating, .. } if in_use + creating > *limit)
+    }
+}
+
+/// Service Quotas' code and name of the application inference profile quota.
+pub const QUOTA_CODE: &str = "L-40EC9882";
+const QUOTA_NAME: &str = "Inference profiles per account";
+
+/// The region's quota of application inference profiles: the applied value, or AWS's default
+/// where none was ever applied.
+async fn profile_quota(config: &Config, region: &str) -> Result<u64, String> {
+    let sdk = crate::upstream::sdk_config(&config.aws).await;
+    let mut conf = aws_sdk_servicequotas::config::Builder::from(&sdk)
+        .region(aws_config::Region::new(region.to_string()));
+    if let Some(endpoint) = &config.aws.service_quotas_endpoint {
+        conf = conf.endpoint_url(endpoint.for_region(region));
+    }
+    let sq = aws_sdk_servicequotas::Client::from_conf(conf.build());
+    let said = |e: &dyn aws_sdk_servicequotas::error::ProvideErrorMetadata| {
+        format!(
+            "{}: {}",
+            e.code().unwrap_or("error"),
+            e.message().unwrap_or("no message")
+        )
+    };
+    let quota = match sq
+        .get_service_quota()
+        .service_code("bedrock")
+        .quota_code(QUOTA_CODE)
+        .send()
+        .await
+    {
+        Ok(out) => out.quota().cloned(),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_no_such_resource_exception()) =>
+        {
+            sq.get_aws_default_service_quota()
+                .service_code("bedrock")
+                .quota_code(QUOTA_CODE)
+                .send()
+                .await
+                .map_err(|e| said(&e))?
+                .quota()
+                .cloned()
+        }
+        Err(e) => return Err(said(&e)),
+    };
+    quota
+        .and_then(|q| q.value())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(|v| v as u64)
+        .ok_or_else(|| "Service Quotas gave no value".to_string())
 }
 
 /// Compares the config with AWS. Changes nothing.
@@ -354,7 +448,7 @@ pub async fn plan(cp: &ControlPlane, config: &Config) -> anyhow::Result<Vec<Acti
         .chain(elsewhere.iter())
         .map(|p| (p.arn.as_str(), p))
         .collect();
-    let needs_systems = config.provisioning.source == ProfileSource::CrossRegion
+    let needs_systems = config.provisioning.source != ProfileSource::FoundationModel
         && config.users.iter().any(|u| !u.pending.is_empty());
     let systems = if needs_systems {
         cp.list(InferenceProfileType::SystemDefined, &cp.region)
@@ -392,8 +486,8 @@ pub async fn plan(cp: &ControlPlane, config: &Config) -> anyhow::Result<Vec<Acti
                     partition_for_region(&cp.region),
                     cp.region
                 )),
-                ProfileSource::CrossRegion => {
-                    let want = format!("{}.{base}", geo_for_region(&cp.region));
+                ProfileSource::CrossRegion | ProfileSource::Global => {
+                    let want = format!("{}.{base}", system_prefix(config, &cp.region));
                     systems.iter().find(|s| s.id == want).map(|s| s.arn.clone())
                 }
             };
@@ -410,7 +504,7 @@ pub async fn plan(cp: &ControlPlane, config: &Config) -> anyhow::Result<Vec<Acti
                     model: model.clone(),
                     reason: format!(
                         "no system cross-region profile `{}.{base}` in {}; check the model id or set provisioning.source = \"foundation-model\"",
-                        geo_for_region(&cp.region),
+                        system_prefix(config, &cp.region),
                         cp.region
                     ),
                 }),
@@ -428,6 +522,23 @@ pub async fn plan(cp: &ControlPlane, config: &Config) -> anyhow::Result<Vec<Acti
             }
         }
     }
+    // New profiles are made in aws.region; the quota there must hold them all.
+    let creating = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Create { .. }))
+        .count() as u64;
+    actions.push(match profile_quota(config, &cp.region).await {
+        Ok(limit) => Action::Quota {
+            region: cp.region.clone(),
+            limit,
+            in_use: apps.len() as u64,
+            creating,
+        },
+        Err(reason) => Action::QuotaUnknown {
+            region: cp.region.clone(),
+            reason,
+        },
+    });
     Ok(actions)
 }
 
@@ -537,7 +648,10 @@ pub async fn apply(
                     .map_err(|e| anyhow::anyhow!("TagResource {arn}: {}", sdk_error(&e)))?;
                 writeln!(out, "tagged   {user}  {model}  {arn}  {}", show_tags(tags))?;
             }
-            Action::Missing { .. } | Action::Unavailable { .. } => {
+            Action::Missing { .. }
+            | Action::Unavailable { .. }
+            | Action::Quota { .. }
+            | Action::QuotaUnknown { .. } => {
                 writeln!(out, "{action}")?;
                 continue;
             }
@@ -682,22 +796,8 @@ pub fn verify_table(rows: &[VerifyRow]) -> String {
             if r.ok() { "ok".into() } else { "DRIFT".into() },
         ]);
     }
-    let mut widths = [0usize; 9];
-    for row in &cells {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
     let mut out = String::new();
-    for row in &cells {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    crate::meter::report::aligned(&mut out, &cells, cells[0].len());
     out
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::arn::{BedrockArn, ModelRef, ResourceKind};
 use crate::auth::KeyHash;
-use crate::meter::prices::{Price, Prices};
+use crate::meter::prices::{Price, PriceEntry, Prices, Rates, Tier};
 use raw::RawConfig;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
@@ -58,6 +58,9 @@ pub struct Config {
     pub provisioning: Provisioning,
     pub attribution: Attribution,
     pub users: Users,
+    /// `prices_file` as written (relative to the config file), and the SHA-256 of what it held
+    /// when read, so a reload notices new prices.
+    pub prices_file: Option<(String, String)>,
 }
 
 /// Labels a call carries besides its user.
@@ -115,6 +118,8 @@ pub const AUTO: &str = "auto";
 pub enum ProfileSource {
     /// The system-defined cross-region profile (`us.`/`eu.`/`apac.` + model id) of `aws.region`.
     CrossRegion,
+    /// The system-defined `global.` profile (Bedrock's Global rate).
+    Global,
     /// The foundation model in `aws.region`.
     FoundationModel,
 }
@@ -128,6 +133,20 @@ pub struct Provisioning {
     pub source: ProfileSource,
     /// Extra tags on every profile.
     pub tags: BTreeMap<String, String>,
+    /// `profiles apply` activates the keys of `tags` as cost allocation tags too.
+    pub activate_extra_tags: bool,
+}
+
+impl Provisioning {
+    /// The tag keys `profiles apply` activates in Billing: the per-user key, and with
+    /// `activate_extra_tags` the extra ones.
+    pub fn activated_keys(&self) -> Vec<String> {
+        let mut keys = vec![self.tag_key.clone()];
+        if self.activate_extra_tags {
+            keys.extend(self.tags.keys().cloned());
+        }
+        keys
+    }
 }
 
 fn check_tags(path: &str, tags: &BTreeMap<String, String>) -> Result<(), ConfigError> {
@@ -154,8 +173,15 @@ pub struct AwsSettings {
     pub region: String,
     pub runtime_endpoint: EndpointTemplate,
     pub control_endpoint: EndpointTemplate,
+    /// Overrides of the SDKs' own endpoints (tests, VPC endpoints); `None`: the SDK's.
+    pub cost_explorer_endpoint: Option<EndpointTemplate>,
+    pub pricing_endpoint: Option<EndpointTemplate>,
+    pub sts_endpoint: Option<EndpointTemplate>,
+    pub service_quotas_endpoint: Option<EndpointTemplate>,
     /// Named AWS profile; `None` means the default credential chain.
     pub profile: Option<String>,
+    /// With it, each user's calls are signed with a session of this role of their own.
+    pub user_role_arn: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -224,6 +250,9 @@ pub struct Profile {
     pub parsed: BedrockArn,
     /// The config key it is mapped from (a base model id such as `anthropic.claude-...`).
     pub model: String,
+    /// Which of Bedrock's rates its calls pay: Global when the key says `global.` or
+    /// profiles are made from `global.` ones (`provisioning.source = "global"`).
+    pub tier: Tier,
 }
 
 /// A user of the proxy: their name and the profiles they may call.
@@ -283,6 +312,101 @@ impl Users {
     }
 }
 
+/// An optional endpoint override.
+fn optional_endpoint(path: &str, s: Option<&str>) -> Result<Option<EndpointTemplate>, ConfigError> {
+    s.map(|s| EndpointTemplate::parse(path, s)).transpose()
+}
+
+/// `arn:{partition}:iam::{12 digits}:role/{path/}name`.
+fn is_role_arn(s: &str) -> bool {
+    let mut parts = s.splitn(6, ':');
+    matches!(
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next()),
+        (Some("arn"), Some(partition), Some("iam"), Some(""), Some(account), Some(resource))
+            if partition.starts_with("aws")
+                && account.len() == 12
+                && account.bytes().all(|b| b.is_ascii_digit())
+                && resource
+                    .strip_prefix("role/")
+                    .is_some_and(|n| !n.is_empty() && n.len() <= 512
+                        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b)))
+    )
+}
+
+/// Four rates, each zero or more.
+fn rate(path: &str, r: [f64; 4]) -> Result<Price, ConfigError> {
+    if r.iter().any(|v| !v.is_finite() || *v < 0.0) {
+        return Err(ConfigError::new(
+            path,
+            "prices are USD per million tokens, zero or more",
+        ));
+    }
+    Ok(Price {
+        input_per_mtok: r[0],
+        output_per_mtok: r[1],
+        cache_read_per_mtok: Some(r[2]),
+        cache_write_per_mtok: Some(r[3]),
+    })
+}
+
+fn raw_rate(path: &str, r: &raw::RawRate) -> Result<Price, ConfigError> {
+    rate(
+        path,
+        [
+            r.input_per_mtok,
+            r.output_per_mtok,
+            r.cache_read_per_mtok,
+            r.cache_write_per_mtok,
+        ],
+    )
+}
+
+/// A `[prices."MODEL"]` table, validated.
+fn price_entry(path: &str, p: &raw::RawPrice) -> Result<PriceEntry, ConfigError> {
+    let regional = rate(
+        path,
+        [
+            p.input_per_mtok,
+            p.output_per_mtok,
+            p.cache_read_per_mtok,
+            p.cache_write_per_mtok,
+        ],
+    )?;
+    let global = p
+        .global
+        .as_ref()
+        .map(|g| raw_rate(&format!("{path}.global"), g))
+        .transpose()?;
+    let mut entry = PriceEntry::new(regional, global);
+    for (region, r) in &p.regions {
+        let rpath = format!("{path}.regions.\"{region}\"");
+        if BedrockArn::parse(&format!("arn:aws:bedrock:{region}::foundation-model/x")).is_err() {
+            return Err(ConfigError::new(
+                &rpath,
+                format!("`{region}` is not a region"),
+            ));
+        }
+        let regional = rate(
+            &rpath,
+            [
+                r.input_per_mtok,
+                r.output_per_mtok,
+                r.cache_read_per_mtok,
+                r.cache_write_per_mtok,
+            ],
+        )?;
+        let global = r
+            .global
+            .as_ref()
+            .map(|g| raw_rate(&format!("{rpath}.global"), g))
+            .transpose()?;
+        entry
+            .regions
+            .insert(region.clone(), Rates { regional, global });
+    }
+    Ok(entry)
+}
+
 fn line_of(src: &str, offset: usize) -> usize {
     src.get(..offset).map_or(0, |s| s.matches('\n').count()) + 1
 }
@@ -309,7 +433,7 @@ impl Config {
         let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         let text = String::from_utf8(bytes)
             .map_err(|_| ConfigError::new(path.display().to_string(), "not UTF-8"))?;
-        let mut config = Self::parse(&text)?;
+        let mut config = Self::parse_at(&text, path)?;
         if let Some(tls) = config.tls.as_mut() {
             tls.load(&dir_of(path))
                 .map_err(|e| ConfigError::new(e.setting, e.message))?;
@@ -317,15 +441,62 @@ impl Config {
         Ok((config, sha256))
     }
 
-    /// Parses and validates config text.
-    pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let de =
-            toml::Deserializer::parse(text).map_err(|e| Self::toml_error("(file)", text, &e))?;
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            Self::toml_error(&path, text, e.inner())
+    /// Reads the prices file `name` (relative to `dir`): its `[prices."MODEL"]` tables, and the
+    /// SHA-256 of its bytes.
+    fn read_prices_file(
+        dir: &Path,
+        name: &str,
+    ) -> Result<(BTreeMap<String, raw::RawPrice>, String), ConfigError> {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            ConfigError::new(
+                "prices_file",
+                format!(
+                    "cannot read {}: {e} (write it with `bedrock-gate prices sync`)",
+                    path.display()
+                ),
+            )
         })?;
-        Self::from_raw(raw)
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let text = String::from_utf8(bytes)
+            .map_err(|_| ConfigError::new("prices_file", format!("{name} is not UTF-8")))?;
+        let file: raw::RawPricesFile = Self::parse_toml(&text, &format!("prices_file {name}: "))?;
+        Ok((file.prices, sha))
+    }
+
+    /// Parses and validates config text as the file at `path` would be, reading the prices file
+    /// it names (but not the TLS files).
+    pub fn parse_at(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = Self::parse_toml(text, "")?;
+        let (file_prices, prices_file) = match &raw.prices_file {
+            None => (BTreeMap::new(), None),
+            Some(name) => {
+                let (prices, sha) = Self::read_prices_file(&dir_of(path), name)?;
+                (prices, Some((name.clone(), sha)))
+            }
+        };
+        let mut config = Self::from_raw_with(raw, file_prices)?;
+        config.prices_file = prices_file;
+        Ok(config)
+    }
+
+    /// Parses and validates config text (a `prices_file` it names is not read).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Self::from_raw(Self::parse_toml(text, "")?)
+    }
+
+    /// TOML text into a serde type, every error naming the key path (after `prefix`).
+    fn parse_toml<T: serde::de::DeserializeOwned>(
+        text: &str,
+        prefix: &str,
+    ) -> Result<T, ConfigError> {
+        let with = |e: ConfigError| ConfigError::new(format!("{prefix}{}", e.path), e.message);
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| with(Self::toml_error("(file)", text, &e)))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            with(Self::toml_error(&path, text, e.inner()))
+        })
     }
 
     fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> ConfigError {
@@ -347,6 +518,15 @@ impl Config {
 
     /// Validates raw config into a typed one.
     pub fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        Self::from_raw_with(raw, BTreeMap::new())
+    }
+
+    /// [`Config::from_raw`] with the prices of a prices file, which the config's own `[prices]`
+    /// override.
+    fn from_raw_with(
+        raw: RawConfig,
+        file_prices: BTreeMap<String, raw::RawPrice>,
+    ) -> Result<Config, ConfigError> {
         let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen: SocketAddr = listen_text.parse().map_err(|_| {
             ConfigError::new(
@@ -378,7 +558,32 @@ impl Config {
                     .as_deref()
                     .unwrap_or(DEFAULT_CONTROL_ENDPOINT),
             )?,
+            cost_explorer_endpoint: optional_endpoint(
+                "aws.cost_explorer_endpoint",
+                raw.aws.cost_explorer_endpoint.as_deref(),
+            )?,
+            pricing_endpoint: optional_endpoint(
+                "aws.pricing_endpoint",
+                raw.aws.pricing_endpoint.as_deref(),
+            )?,
+            sts_endpoint: optional_endpoint("aws.sts_endpoint", raw.aws.sts_endpoint.as_deref())?,
+            service_quotas_endpoint: optional_endpoint(
+                "aws.service_quotas_endpoint",
+                raw.aws.service_quotas_endpoint.as_deref(),
+            )?,
             profile: raw.aws.profile,
+            user_role_arn: match raw.aws.user_role_arn {
+                None => None,
+                Some(arn) if is_role_arn(&arn) => Some(arn),
+                Some(arn) => {
+                    return Err(ConfigError::new(
+                        "aws.user_role_arn",
+                        format!(
+                            "`{arn}` is not an IAM role ARN like arn:aws:iam::123456789012:role/bedrock-gate-users"
+                        ),
+                    ));
+                }
+            },
         };
 
         let max_body = raw.limits.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
@@ -474,32 +679,19 @@ impl Config {
             flush_interval: Duration::from_millis(flush_ms),
         };
         let mut overrides = Vec::new();
-        for (model, price) in raw.prices {
-            let path = format!("prices.\"{model}\"");
-            let all = [
-                price.input_per_mtok,
-                price.output_per_mtok,
-                price.cache_read_per_mtok,
-                price.cache_write_per_mtok,
-            ];
-            if all.iter().any(|v| !v.is_finite() || *v < 0.0) {
-                return Err(ConfigError::new(
-                    path,
-                    "prices are USD per million tokens, zero or more",
-                ));
+        for (model, price) in file_prices {
+            if !raw.prices.contains_key(&model) {
+                let path = format!("prices_file: prices.\"{model}\"");
+                overrides.push((model, price_entry(&path, &price)?));
             }
-            overrides.push((
-                model,
-                Price {
-                    input_per_mtok: price.input_per_mtok,
-                    output_per_mtok: price.output_per_mtok,
-                    cache_read_per_mtok: Some(price.cache_read_per_mtok),
-                    cache_write_per_mtok: Some(price.cache_write_per_mtok),
-                },
-            ));
+        }
+        for (model, price) in &raw.prices {
+            let path = format!("prices.\"{model}\"");
+            overrides.push((model.clone(), price_entry(&path, price)?));
         }
         let prices = Prices::with_overrides(overrides);
         let provisioning = Self::provisioning(raw.provisioning)?;
+        let users = Self::users(raw.users, provisioning.source)?;
         let project_tag = raw
             .attribution
             .project_tag
@@ -514,7 +706,6 @@ impl Config {
             ));
         }
         let attribution = Attribution { project_tag };
-        let users = Self::users(raw.users)?;
         // A budget can only stop what it can price: every model such a user may call needs one.
         for user in users.iter() {
             if user.limits.monthly_budget_usd.is_none() {
@@ -524,7 +715,7 @@ impl Config {
                 .models
                 .keys()
                 .chain(user.pending.iter())
-                .find(|m| prices.get(m).is_none())
+                .find(|m| !prices.has(m))
             {
                 return Err(ConfigError::new(
                     format!("users.{}.limits.monthly_budget_usd", user.name),
@@ -549,6 +740,7 @@ impl Config {
             provisioning,
             attribution,
             users,
+            prices_file: raw.prices_file.map(|name| (name, String::new())),
         })
     }
 
@@ -574,11 +766,14 @@ impl Config {
         }
         let source = match raw.source.as_deref().unwrap_or("cross-region") {
             "cross-region" => ProfileSource::CrossRegion,
+            "global" => ProfileSource::Global,
             "foundation-model" => ProfileSource::FoundationModel,
             other => {
                 return Err(ConfigError::new(
                     "provisioning.source",
-                    format!("`{other}`: expected \"cross-region\" or \"foundation-model\""),
+                    format!(
+                        "`{other}`: expected \"cross-region\", \"global\" or \"foundation-model\""
+                    ),
                 ));
             }
         };
@@ -594,10 +789,14 @@ impl Config {
             name_prefix,
             source,
             tags: raw.tags,
+            activate_extra_tags: raw.activate_extra_tags.unwrap_or(false),
         })
     }
 
-    fn users(raw: BTreeMap<String, raw::RawUser>) -> Result<Users, ConfigError> {
+    fn users(
+        raw: BTreeMap<String, raw::RawUser>,
+        source: ProfileSource,
+    ) -> Result<Users, ConfigError> {
         let mut users = Users::default();
         let mut key_owner: HashMap<KeyHash, String> = HashMap::new();
         for (name, user) in raw {
@@ -662,12 +861,18 @@ impl Config {
                     ));
                 }
                 users.owners.insert(value.clone(), name.clone());
+                let tier = if model.starts_with("global.") || source == ProfileSource::Global {
+                    Tier::Global
+                } else {
+                    Tier::Regional
+                };
                 models.insert(
                     model.clone(),
                     Arc::new(Profile {
                         arn: value,
                         parsed,
                         model,
+                        tier,
                     }),
                 );
             }
@@ -782,13 +987,13 @@ mod tests {
     #[test]
     fn a_budget_needs_every_mapped_model_priced() {
         let unpriced = format!(
-            "[users.a.limits]\nmonthly_budget_usd = 5\n[users.a.models]\n\"anthropic.claude-opus-5-5\" = \"{ARN}\""
+            "[users.a.limits]\nmonthly_budget_usd = 5\n[users.a.models]\n\"anthropic.claude-fable-5\" = \"{ARN}\""
         );
         let e = err(&unpriced);
         assert_eq!(e.path, "users.a.limits.monthly_budget_usd");
-        assert!(e.message.contains("anthropic.claude-opus-5-5"), "{e}");
+        assert!(e.message.contains("anthropic.claude-fable-5"), "{e}");
         let priced = format!(
-            "{unpriced}\n[prices.\"anthropic.claude-opus-5-5\"]\ninput_per_mtok = 1\noutput_per_mtok = 2\ncache_read_per_mtok = 0.1\ncache_write_per_mtok = 1.25\n"
+            "{unpriced}\n[prices.\"anthropic.claude-fable-5\"]\ninput_per_mtok = 1\noutput_per_mtok = 2\ncache_read_per_mtok = 0.1\ncache_write_per_mtok = 1.25\n"
         );
         Config::parse(&priced).unwrap();
         let partial = "[prices.\"x.y\"]\ninput_per_mtok = 1\noutput_per_mtok = 2\n";
@@ -796,6 +1001,95 @@ mod tests {
             err(partial).message.contains("cache_read_per_mtok"),
             "{}",
             err(partial)
+        );
+    }
+
+    #[test]
+    fn a_prices_file_is_below_the_configs_own_prices_and_names_its_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("prices.toml"),
+            "[prices.\"acme.a\"]\ninput_per_mtok = 1\noutput_per_mtok = 2\ncache_read_per_mtok = 0\ncache_write_per_mtok = 0\n\
+             [prices.\"acme.a\".global]\ninput_per_mtok = 0.5\noutput_per_mtok = 1\ncache_read_per_mtok = 0\ncache_write_per_mtok = 0\n\
+             [prices.\"acme.b\"]\ninput_per_mtok = 1\noutput_per_mtok = 2\ncache_read_per_mtok = 0\ncache_write_per_mtok = 0\n",
+        )
+        .unwrap();
+        let path = dir.path().join("c.toml");
+        let text = "prices_file = \"prices.toml\"\n[prices.\"acme.b\"]\ninput_per_mtok = 7\noutput_per_mtok = 7\ncache_read_per_mtok = 7\ncache_write_per_mtok = 7\n";
+        let c = Config::parse_at(text, &path).unwrap();
+        let rate = |m: &str, t| c.prices.get(m, "us-east-1", t).unwrap().input_per_mtok;
+        assert_eq!(rate("acme.a", Tier::Regional), 1.0);
+        assert_eq!(rate("acme.a", Tier::Global), 0.5);
+        assert_eq!(rate("acme.b", Tier::Regional), 7.0, "the config's own wins");
+        assert!(
+            c.prices_file
+                .as_ref()
+                .is_some_and(|(n, sha)| n == "prices.toml" && sha.len() == 64)
+        );
+        std::fs::write(
+            dir.path().join("prices.toml"),
+            "[prices.\"x\"]\ninput_per_mtok = -1\n",
+        )
+        .unwrap();
+        let e = Config::parse_at(text, &path).unwrap_err();
+        assert!(e.path.starts_with("prices_file"), "{e}");
+        std::fs::remove_file(dir.path().join("prices.toml")).unwrap();
+        let e = Config::parse_at(text, &path).unwrap_err();
+        assert!(e.message.contains("prices sync"), "{e}");
+    }
+
+    #[test]
+    fn how_a_profile_was_made_picks_its_rate() {
+        let text = |source: &str| {
+            format!(
+                "[provisioning]\nsource = \"{source}\"\n[users.a.models]\n\"global.anthropic.x\" = \"{ARN}\"\n\"anthropic.y\" = \"{}\"\n",
+                ARN.replace("abc123", "def456")
+            )
+        };
+        let tiers = |c: &Config| -> Vec<Tier> {
+            c.users
+                .iter()
+                .next()
+                .unwrap()
+                .models
+                .values()
+                .map(|p| p.tier)
+                .collect()
+        };
+        let c = Config::parse(&text("cross-region")).unwrap();
+        // In key order: anthropic.y, global.anthropic.x.
+        assert_eq!(
+            tiers(&c),
+            [Tier::Regional, Tier::Global],
+            "global. keys pay Global"
+        );
+        let c = Config::parse(&text("global")).unwrap();
+        assert_eq!(tiers(&c), [Tier::Global, Tier::Global]);
+    }
+
+    #[test]
+    fn the_user_role_must_be_an_iam_role_arn() {
+        Config::parse(
+            "[aws]\nuser_role_arn = \"arn:aws:iam::123456789012:role/bedrock-gate-users\"",
+        )
+        .unwrap();
+        Config::parse("[aws]\nuser_role_arn = \"arn:aws:iam::123456789012:role/path/to/r\"")
+            .unwrap();
+        for bad in [
+            "arn:aws:iam::123456789012:user/bob",
+            "arn:aws:iam::12345:role/r",
+            "arn:aws:sts::123456789012:role/r",
+            "role/r",
+        ] {
+            assert_eq!(
+                err(&format!("[aws]\nuser_role_arn = \"{bad}\"")).path,
+                "aws.user_role_arn",
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            err("[aws]\nsts_endpoint = \"ftp://x\"").path,
+            "aws.sts_endpoint"
         );
     }
 

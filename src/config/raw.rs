@@ -29,8 +29,18 @@ pub struct RawConfig {
     pub attribution: RawAttribution,
     #[serde(default)]
     pub prices: BTreeMap<String, RawPrice>,
+    /// A file of `[prices."MODEL"]` tables (what `prices sync` writes), below `[prices]`.
+    pub prices_file: Option<String>,
     #[serde(default)]
     pub users: BTreeMap<String, RawUser>,
+}
+
+/// The prices file: only `[prices."MODEL"]` tables.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPricesFile {
+    #[serde(default)]
+    pub prices: BTreeMap<String, RawPrice>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +51,8 @@ pub struct RawProvisioning {
     pub source: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// Also activate the keys of `tags` as cost allocation tags.
+    pub activate_extra_tags: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,7 +61,13 @@ pub struct RawAws {
     pub region: Option<String>,
     pub runtime_endpoint: Option<String>,
     pub control_endpoint: Option<String>,
+    pub cost_explorer_endpoint: Option<String>,
+    pub pricing_endpoint: Option<String>,
+    pub sts_endpoint: Option<String>,
+    pub service_quotas_endpoint: Option<String>,
     pub profile: Option<String>,
+    /// The role each user's calls are signed with (a session per user).
+    pub user_role_arn: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,11 +123,37 @@ pub struct RawLedger {
     pub flush_interval_ms: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One model's price: the regional rate, optionally the Global rate (`.global`) and rates of
+/// regions that differ (`.regions."eu-central-1"`, each with its own `.global`).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPrice {
     pub input_per_mtok: f64,
     pub output_per_mtok: f64,
     pub cache_read_per_mtok: f64,
     pub cache_write_per_mtok: f64,
+    pub global: Option<RawRate>,
+    #[serde(default)]
+    pub regions: BTreeMap<String, RawRegionalPrice>,
+}
+
+/// Four rates, USD per million tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    pub cache_read_per_mtok: f64,
+    pub cache_write_per_mtok: f64,
+}
+
+/// A region's own rates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegionalPrice {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    pub cache_read_per_mtok: f64,
+    pub cache_write_per_mtok: f64,
+    pub global: Option<RawRate>,
 }

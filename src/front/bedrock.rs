@@ -214,7 +214,7 @@ pub fn status(reason: Reason) -> StatusCode {
         Reason::UnknownOperation => StatusCode::NOT_FOUND,
         Reason::OverBudget | Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         Reason::Unreachable => StatusCode::BAD_GATEWAY,
-        Reason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Reason::ShuttingDown | Reason::SessionUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
         Reason::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }

@@ -419,7 +419,9 @@ fn error_kind(reason: Reason) -> (StatusCode, &'static str) {
         Reason::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
         Reason::Unreachable => (StatusCode::BAD_GATEWAY, "api_error"),
         Reason::Timeout => (StatusCode::GATEWAY_TIMEOUT, "api_error"),
-        Reason::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "api_error"),
+        Reason::ShuttingDown | Reason::SessionUnavailable => {
+            (StatusCode::SERVICE_UNAVAILABLE, "api_error")
+        }
         Reason::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "api_error"),
     }
 }

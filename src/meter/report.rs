@@ -125,6 +125,58 @@ pub fn query(
     rows.collect()
 }
 
+/// Estimated cost per (UTC day, user) of identified callers' requests with
+/// `since_ms <= ts < until_ms`: the ledger's side of `reconcile`.
+pub fn daily_costs(
+    conn: &Connection,
+    since_ms: i64,
+    until_ms: i64,
+) -> rusqlite::Result<std::collections::BTreeMap<(String, String), f64>> {
+    let mut stmt = conn.prepare(
+        "SELECT strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch') AS d, user, total(cost_usd)
+         FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2 AND user IS NOT NULL GROUP BY d, user",
+    )?;
+    let rows = stmt.query_map([since_ms, until_ms], |r| {
+        Ok((
+            (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+            r.get::<_, f64>(2)?,
+        ))
+    })?;
+    rows.collect()
+}
+
+/// Writes `rows` as columns two spaces apart, each as wide as its widest cell: the first
+/// `left` columns left-aligned (names), the rest right-aligned (numbers).
+pub fn aligned<R: AsRef<[String]>>(out: &mut String, rows: &[R], left: usize) {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (i, c) in row.as_ref().iter().enumerate() {
+            if widths.len() <= i {
+                widths.push(0);
+            }
+            // `format!` pads by characters.
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    for row in rows {
+        let line: Vec<String> = row
+            .as_ref()
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, &w))| {
+                if i < left {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+}
+
 fn total(rows: &[Row]) -> Row {
     rows.iter().fold(
         Row {
@@ -211,29 +263,8 @@ pub fn render(rows: &[Row], by: GroupBy, format: Format, since: &str, until: &st
             let mut all: Vec<[String; 10]> = vec![header.map(|h| h.to_uppercase())];
             all.extend(rows.iter().map(cells));
             all.push(cells(&total(rows)));
-            let mut widths = [0usize; 10];
-            for row in &all {
-                for (w, c) in widths.iter_mut().zip(row) {
-                    *w = (*w).max(c.len());
-                }
-            }
             let mut out = format!("usage from {since} until {until} (UTC, cost estimated)\n");
-            for row in &all {
-                let line: Vec<String> = row
-                    .iter()
-                    .zip(widths)
-                    .enumerate()
-                    .map(|(i, (c, w))| {
-                        if i == 0 {
-                            format!("{c:<w$}")
-                        } else {
-                            format!("{c:>w$}")
-                        }
-                    })
-                    .collect();
-                out.push_str(line.join("  ").trim_end());
-                out.push('\n');
-            }
+            aligned(&mut out, &all, 1);
             if rows.iter().any(|r| r.unpriced_requests > 0) {
                 out.push_str("note: unpriced requests have tokens but no [prices] entry; their cost is not included\n");
             }
@@ -365,6 +396,15 @@ mod tests {
             serde_json::from_str(&render(&rows, GroupBy::User, Format::Json, "a", "b")).unwrap();
         assert_eq!(json["total"]["requests"], 4);
         assert_eq!(json["rows"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn daily_costs_per_user() {
+        let (_d, c) = db();
+        let costs = daily_costs(&c, 0, i64::MAX).unwrap();
+        assert_eq!(costs[&("2026-11-02".to_string(), "alice".to_string())], 2.0);
+        assert_eq!(costs[&("2026-11-02".to_string(), "bob".to_string())], 0.0);
+        assert_eq!(costs.len(), 4);
     }
 
     #[test]

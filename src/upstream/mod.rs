@@ -6,6 +6,7 @@
 
 pub mod headers;
 pub mod payload;
+pub mod sessions;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -48,6 +49,8 @@ pub struct Outbound {
     /// Headers to forward (already filtered by [`headers::forwardable_request_headers`]).
     pub headers: HeaderMap,
     pub body: Payload,
+    /// Sign with these (a user's own session) instead of the proxy's credentials.
+    pub credentials: Option<aws_credential_types::Credentials>,
 }
 
 /// A request that got no response, and whether Bedrock may have received it anyway.
@@ -112,15 +115,28 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// The AWS SDK configuration every AWS client of bedrock-gate starts from: `aws.region` and the
+/// standard credential chain (or `aws.profile`). Loading it calls no AWS service.
+pub async fn sdk_config(aws: &AwsSettings) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(aws_config::Region::new(aws.region.clone()));
+    if let Some(profile) = &aws.profile {
+        loader = loader.profile_name(profile);
+    }
+    loader.load().await
+}
+
 impl Upstream {
     /// Builds the client and resolves (without calling) the credential provider.
     pub async fn new(aws: &AwsSettings, connect_timeout: Duration) -> anyhow::Result<Upstream> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(aws_config::Region::new(aws.region.clone()));
-        if let Some(profile) = &aws.profile {
-            loader = loader.profile_name(profile);
-        }
-        let sdk = loader.load().await;
+        Self::from_sdk(&sdk_config(aws).await, connect_timeout)
+    }
+
+    /// The client, with the proxy's own credentials from an SDK configuration.
+    pub fn from_sdk(
+        sdk: &aws_config::SdkConfig,
+        connect_timeout: Duration,
+    ) -> anyhow::Result<Upstream> {
         let credentials = sdk
             .credentials_provider()
             .ok_or_else(|| anyhow::anyhow!("no AWS credential provider could be configured"))?;
@@ -229,12 +245,15 @@ impl Upstream {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(out.body.len()));
         }
 
-        let creds = self.credentials.provide_credentials().await.map_err(|e| {
-            tracing::error!(error = %error_chain(&e), "no AWS credentials to sign with");
-            Refusal::internal(
-                "bedrock-gate has no AWS credentials to sign with; the operator must fix its AWS credential chain.",
-            )
-        })?;
+        let creds = match out.credentials {
+            Some(c) => c,
+            None => self.credentials.provide_credentials().await.map_err(|e| {
+                tracing::error!(error = %error_chain(&e), "no AWS credentials to sign with");
+                Refusal::internal(
+                    "bedrock-gate has no AWS credentials to sign with; the operator must fix its AWS credential chain.",
+                )
+            })?,
+        };
         let identity: Identity = creds.into();
         let params = v4::SigningParams::builder()
             .identity(&identity)

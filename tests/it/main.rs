@@ -12,6 +12,7 @@ mod common;
 
 mod accounting;
 mod anthropic_sdk;
+mod billing;
 mod billing_fakes;
 mod claude_code;
 mod cli;

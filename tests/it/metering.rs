@@ -130,8 +130,9 @@ async fn exact_token_totals_for_every_operation_including_cache_and_a_cut_stream
         got.iter()
             .all(|r| r.user.as_deref() == Some("alice") && r.profile == Some(alice_sonnet()))
     );
-    // Sonnet 4.5 at $3 / $15 / $0.30 / $3.75 per million.
-    let want = (11.0 * 3.0 + 7.0 * 15.0 + 4.0 * 0.30 + 3.0 * 3.75) / 1e6;
+    // Sonnet 4.5 on a geographic (us.) profile, the regional rate: $3.30 / $16.50 / $0.33 /
+    // $4.125 per million.
+    let want = (11.0 * 3.3 + 7.0 * 16.5 + 4.0 * 0.33 + 3.0 * 4.125) / 1e6;
     assert!(
         (got[0].cost.unwrap() - want).abs() < 1e-12,
         "{:?}",

@@ -8,8 +8,9 @@ use crate::common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use common::billing::BillingFake;
 use common::control::{FakeControl, Fault, Op, foundation_model_arn, system_profile_arn};
-use common::{ALICE_KEY, HAIKU, OPUS, SONNET, hash};
+use common::{ALICE_KEY, HAIKU, OPUS, Run, SONNET, hash};
 
 const CAROL: &str = "carol@example.com";
 const NONEXISTENT: &str = "anthropic.claude-nonexistent-v1:0";
@@ -81,6 +82,7 @@ fn us_models(model: &str) -> Vec<String> {
 /// added to alice's models. Comments and odd spacing are there to be kept byte for byte.
 fn config(
     url: &str,
+    billing: &str,
     source: &str,
     extra_alice: &str,
     value: &dyn Fn(&str, &str) -> String,
@@ -94,6 +96,8 @@ listen = "127.0.0.1:8787"
 region = "us-east-1"
 runtime_endpoint = "http://127.0.0.1:9"   # not used by `profiles`
 control_endpoint = "{url}"   # the fake control plane
+cost_explorer_endpoint = "{billing}"   # fake Cost Explorer and Service Quotas
+service_quotas_endpoint = "{billing}"
 
 # How apply names and tags the profiles it creates.
 [provisioning]
@@ -130,23 +134,6 @@ keys = []   # none yet
     )
 }
 
-/// Output of one run of the binary.
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit ok={}\n--- stdout\n{}--- stderr\n{}",
-            self.ok, self.stdout, self.stderr
-        )
-    }
-}
-
 impl Run {
     /// Lines whose first word is `word`.
     fn lines(&self, word: &str) -> Vec<&str> {
@@ -175,7 +162,7 @@ impl Run {
             prev = c;
         }
         lines
-            .take_while(|l| !l.starts_with("verify:"))
+            .take_while(|l| !l.starts_with("verify:") && !l.starts_with("cost tag "))
             .map(|l| {
                 cols.iter()
                     .enumerate()
@@ -212,6 +199,7 @@ fn assert_row_ok(r: &BTreeMap<String, String>) {
 /// A temp directory with a config pointing at a fresh fake.
 struct Env {
     fake: FakeControl,
+    billing: BillingFake,
     dir: tempfile::TempDir,
     path: PathBuf,
     source: &'static str,
@@ -225,10 +213,12 @@ impl Env {
 
     async fn with_extra(source: &'static str, extra_alice: &str) -> Env {
         let fake = FakeControl::start().await;
+        let billing = BillingFake::start().await;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bedrock-gate.toml");
         let env = Env {
             fake,
+            billing,
             dir,
             path,
             source,
@@ -236,9 +226,13 @@ impl Env {
         };
         std::fs::write(
             &env.path,
-            config(&env.fake.url(), source, extra_alice, &|_, _| {
-                "auto".to_string()
-            }),
+            config(
+                &env.fake.url(),
+                &env.billing.url(),
+                source,
+                extra_alice,
+                &|_, _| "auto".to_string(),
+            ),
         )
         .unwrap();
         env
@@ -262,6 +256,7 @@ impl Env {
     fn expected_text(&self) -> String {
         config(
             &self.fake.url(),
+            &self.billing.url(),
             self.source,
             &self.extra_alice,
             &|user, model| match self.fake.named(want(user, model).name).as_slice() {
@@ -282,13 +277,7 @@ impl Env {
     }
 
     async fn run(&self, args: &[&str]) -> Run {
-        let mut cmd = tokio::process::Command::from(common::command(self.dir.path()));
-        let out = cmd.args(args).output().await.unwrap();
-        Run {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        common::run(self.dir.path(), args).await
     }
 
     async fn profiles(&self, sub: &str) -> Run {
@@ -752,4 +741,175 @@ async fn verify_flags_profiles_mapped_to_the_wrong_model() {
     assert_row_ok(row(&rows, "bob", SONNET));
     assert_row_ok(row(&rows, CAROL, OPUS));
     env.fake.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_activates_the_cost_tag_and_verify_reports_each_state() {
+    use common::billing::{Op as BillingOp, TagStatus};
+    let env = Env::new("cross-region").await;
+    // Billing has seen both keys (earlier billed use) but neither is active.
+    env.billing.see_tag("BedrockUser");
+    env.billing.see_tag("CostCenter");
+
+    let run = env.profiles("apply").await;
+    assert!(run.ok, "{run}");
+    assert!(run.stdout.contains("cost tag BedrockUser: Active"), "{run}");
+    assert_eq!(env.billing.tag_status("BedrockUser"), TagStatus::Active);
+    assert_eq!(
+        env.billing.tag_status("CostCenter"),
+        TagStatus::Inactive,
+        "extra tags are activated only with activate_extra_tags"
+    );
+
+    let run = env.profiles("verify").await;
+    assert!(run.ok, "{run}");
+    assert!(run.stdout.contains("cost tag BedrockUser: Active"), "{run}");
+
+    // Someone deactivates it in Billing: verify fails and says what to run.
+    env.billing
+        .set_tag_status("BedrockUser", TagStatus::Inactive);
+    let run = env.profiles("verify").await;
+    assert!(!run.ok, "an Inactive cost tag fails verify: {run}");
+    assert!(
+        run.stdout.contains("cost tag BedrockUser: Inactive")
+            && run.stdout.contains("profiles apply"),
+        "{run}"
+    );
+    assert!(run.stdout.contains("verify: 4 profile(s), all ok"), "{run}");
+
+    // apply repairs it and nothing else; a second apply activates nothing.
+    let run = env.profiles("apply").await;
+    assert!(
+        run.ok && run.stdout.contains("apply: 0 change(s) made"),
+        "{run}"
+    );
+    assert_eq!(env.billing.tag_status("BedrockUser"), TagStatus::Active);
+    let updates = env.billing.count(BillingOp::UpdateCostAllocationTagsStatus);
+    let run = env.profiles("apply").await;
+    assert!(run.ok, "{run}");
+    assert_eq!(
+        env.billing.count(BillingOp::UpdateCostAllocationTagsStatus),
+        updates,
+        "an Active key is left alone"
+    );
+    let run = env.profiles("verify").await;
+    assert!(run.ok, "{run}");
+
+    // With activate_extra_tags the global extra keys are activated too.
+    std::fs::write(
+        &env.path,
+        env.text().replace(
+            "name_prefix = \"bg\"",
+            "name_prefix = \"bg\"\nactivate_extra_tags = true",
+        ),
+    )
+    .unwrap();
+    let run = env.profiles("apply").await;
+    assert!(run.ok, "{run}");
+    assert!(run.stdout.contains("cost tag CostCenter: Active"), "{run}");
+    assert_eq!(env.billing.tag_status("CostCenter"), TagStatus::Active);
+    env.billing.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cost_tag_billing_has_not_seen_is_a_hint_not_an_error() {
+    use common::billing::{Op as BillingOp, TagStatus};
+    let env = Env::new("cross-region").await;
+
+    let run = env.profiles("apply").await;
+    assert!(run.ok, "a key without billed use yet is no error: {run}");
+    assert_eq!(env.fake.applications().len(), WANTS.len());
+    let hint = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("cost tag BedrockUser"))
+        .unwrap_or_else(|| panic!("no tag line:\n{run}"));
+    assert!(hint.contains("not yet visible"), "{hint}");
+    assert!(hint.contains("about a day"), "{hint}");
+    assert!(hint.contains("profiles apply"), "{hint}");
+    assert_eq!(
+        env.billing.count(BillingOp::UpdateCostAllocationTagsStatus),
+        1,
+        "apply asked to activate it"
+    );
+    assert_eq!(env.billing.tag_status("BedrockUser"), TagStatus::Unknown);
+
+    let run = env.profiles("verify").await;
+    assert!(run.ok, "not yet visible passes verify: {run}");
+    assert!(run.stdout.contains("not yet visible"), "{run}");
+
+    // A day later Billing lists it (Inactive); the next apply activates it.
+    env.billing.see_tag("BedrockUser");
+    let run = env.profiles("apply").await;
+    assert!(
+        run.ok && run.stdout.contains("cost tag BedrockUser: Active"),
+        "{run}"
+    );
+
+    // Without ce permissions apply says which one is missing.
+    env.billing
+        .set_tag_status("BedrockUser", TagStatus::Inactive);
+    env.billing.deny(BillingOp::UpdateCostAllocationTagsStatus);
+    let run = env.profiles("apply").await;
+    assert!(!run.ok, "{run}");
+    assert!(
+        run.stderr.contains("ce:UpdateCostAllocationTagsStatus"),
+        "{run}"
+    );
+    env.billing.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_over_the_quota_fails_and_apply_creates_nothing() {
+    let env = Env::new("cross-region").await;
+    // Room for three of the four profiles.
+    env.billing.set_quota("us-east-1", 3.0);
+    let text = env.text();
+
+    let plan = env.profiles("plan").await;
+    assert!(!plan.ok, "{plan}");
+    let over = plan
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("OVER QUOTA"))
+        .unwrap_or_else(|| panic!("no quota line:\n{plan}"));
+    assert!(over.contains("L-40EC9882") && over.contains("Inference profiles per account"));
+    assert!(over.contains("3, 0 in use, 4 to create: 1 over"), "{over}");
+
+    let apply = env.profiles("apply").await;
+    assert!(!apply.ok, "{apply}");
+    assert!(apply.stdout.contains("nothing done"), "{apply}");
+    assert_eq!(env.fake.writes(), 0, "never half a plan");
+    assert!(env.fake.applications().is_empty());
+    assert_eq!(env.text(), text, "config untouched");
+
+    // Raised to four: the plan fits exactly, and apply makes them all.
+    env.billing.set_quota("us-east-1", 4.0);
+    let plan = env.profiles("plan").await;
+    assert!(plan.ok, "{plan}");
+    assert!(
+        plan.stdout
+            .contains("4, 0 in use, 4 to create, 0 left after"),
+        "{plan}"
+    );
+    let apply = env.profiles("apply").await;
+    assert!(apply.ok, "{apply}");
+    assert_eq!(env.fake.applications().len(), WANTS.len());
+
+    // Now four in use: one more profile does not fit.
+    std::fs::write(
+        &env.path,
+        env.text().replace(
+            &format!("\"{OPUS}\" = \""),
+            &format!("\"{HAIKU}\" = \"auto\"\n\"{OPUS}\" = \""),
+        ),
+    )
+    .unwrap();
+    let plan = env.profiles("plan").await;
+    assert!(!plan.ok, "{plan}");
+    assert!(
+        plan.stdout.contains("4, 4 in use, 1 to create: 1 over"),
+        "{plan}"
+    );
+    env.billing.assert_clean();
 }

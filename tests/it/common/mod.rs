@@ -140,6 +140,34 @@ pub fn command(dir: &std::path::Path) -> Command {
     cmd
 }
 
+/// What one run of an admin command printed and how it ended.
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit ok={}\n--- stdout\n{}--- stderr\n{}",
+            self.ok, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the binary with `args` in `dir` (see [`command`]) to its end.
+pub async fn run(dir: &std::path::Path, args: &[&str]) -> Run {
+    let mut cmd = tokio::process::Command::from(command(dir));
+    let out = cmd.args(args).output().await.expect("run the binary");
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 impl Proxy {
     pub async fn start(config: &str) -> Proxy {
         Self::start_with_args(config, &[]).await
