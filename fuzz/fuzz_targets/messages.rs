@@ -94,7 +94,7 @@ fn check_translate(body: &[u8], count: bool) {
 /// Runs the encoder over `bytes` in pieces of `size`, as the relay would; returns the output and
 /// whether it ended the stream.
 fn encode(bytes: &[u8], size: usize) -> (Vec<u8>, bool) {
-    let mut e = SseEncoder::new(Duration::from_secs(10), redact);
+    let mut e = SseEncoder::new(Duration::from_secs(10), |_kind, said| ("api_error", redact(said)));
     let mut usage = UsageMeter::new(RuntimeOp::InvokeStream, 200, &event_stream());
     let mut out = Vec::new();
     for piece in bytes.chunks(size) {

@@ -98,6 +98,10 @@ impl SseEncoder {
             )
         };
         let event = chunk_bytes(message.payload()).ok_or_else(unreadable)?;
+        // serde_json does not check the UTF-8 of fields it skips; SSE must be UTF-8 throughout.
+        if std::str::from_utf8(&event).is_err() {
+            return Err(unreadable());
+        }
         let kind = serde_json::from_slice::<EventType>(&event).map_err(|_| unreadable())?;
         if kind.kind.is_empty()
             || !kind
