@@ -11,16 +11,11 @@ use http::Method;
 use http_body_util::BodyExt;
 
 fn ledger(proxy: &Proxy) -> Vec<(String, i64, bool, bool, String)> {
-    let conn = rusqlite::Connection::open(proxy.ledger_path()).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT coalesce(user, '-'), status, complete, admitted, outcome FROM requests ORDER BY id")
-        .unwrap();
-    stmt.query_map([], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+    ledger_query(
+        proxy,
+        "SELECT coalesce(user, '-'), status, complete, admitted, outcome FROM requests ORDER BY id",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+    )
 }
 
 #[tokio::test]

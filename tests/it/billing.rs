@@ -22,29 +22,21 @@ async fn admin(proxy: &Proxy, args: &[&str]) -> Run {
 
 /// The ledger's cost per (UTC day, user), as `reconcile` must read it.
 fn ledger_costs(proxy: &Proxy) -> Vec<(String, String, f64)> {
-    let conn = rusqlite::Connection::open(proxy.ledger_path()).unwrap();
-    let mut stmt = conn
-        .prepare(
-            "SELECT strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch'), user, total(cost_usd)
-             FROM requests WHERE user IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2",
-        )
-        .unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+    ledger_query(
+        proxy,
+        "SELECT strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch'), user, total(cost_usd)
+         FROM requests WHERE user IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
 }
 
 /// Each ledger row's (user, base model, cost).
 fn row_costs(proxy: &Proxy) -> Vec<(String, String, Option<f64>)> {
-    let conn = rusqlite::Connection::open(proxy.ledger_path()).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT user, base_model, cost_usd FROM requests ORDER BY id")
-        .unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+    ledger_query(
+        proxy,
+        "SELECT user, base_model, cost_usd FROM requests ORDER BY id",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
 }
 
 /// The fake's Converse usage (9 in, 4 out, 5 cache read, 6 cache write) at these rates.

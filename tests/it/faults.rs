@@ -16,14 +16,11 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn outcomes(proxy: &Proxy) -> Vec<(String, i64, String)> {
-    let conn = rusqlite::Connection::open(proxy.ledger_path()).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT request_id, status, outcome FROM requests ORDER BY id")
-        .unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+    ledger_query(
+        proxy,
+        "SELECT request_id, status, outcome FROM requests ORDER BY id",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
 }
 
 /// The ledger's rows once there is at least one (rows are committed in the background).

@@ -20,28 +20,23 @@ struct Row {
 }
 
 fn rows(proxy: &Proxy) -> Vec<Row> {
-    let conn = rusqlite::Connection::open(proxy.ledger_path()).unwrap();
-    let mut stmt = conn
-        .prepare(
-            "SELECT user, operation, status, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
-                    cost_usd, complete, outcome, profile_arn FROM requests ORDER BY id",
-        )
-        .unwrap();
-    stmt.query_map([], |r| {
-        Ok(Row {
-            user: r.get(0)?,
-            operation: r.get(1)?,
-            status: r.get(2)?,
-            tokens: (r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?),
-            cost: r.get(7)?,
-            complete: r.get(8)?,
-            outcome: r.get(9)?,
-            profile: r.get(10)?,
-        })
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+    ledger_query(
+        proxy,
+        "SELECT user, operation, status, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                cost_usd, complete, outcome, profile_arn FROM requests ORDER BY id",
+        |r| {
+            Ok(Row {
+                user: r.get(0)?,
+                operation: r.get(1)?,
+                status: r.get(2)?,
+                tokens: (r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?),
+                cost: r.get(7)?,
+                complete: r.get(8)?,
+                outcome: r.get(9)?,
+                profile: r.get(10)?,
+            })
+        },
+    )
 }
 
 #[tokio::test]

@@ -473,6 +473,20 @@ pub struct LedgerRow {
     pub session: Option<String>,
 }
 
+/// Runs `sql` on the proxy's ledger and maps each row (a separate read-only view of the file).
+pub fn ledger_query<T>(
+    proxy: &Proxy,
+    sql: &str,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Vec<T> {
+    let conn = rusqlite::Connection::open(proxy.ledger_path()).expect("open the ledger");
+    let mut stmt = conn.prepare(sql).expect("ledger query");
+    stmt.query_map([], row)
+        .expect("ledger query")
+        .collect::<Result<_, _>>()
+        .expect("ledger rows")
+}
+
 /// The ledger's rows so far, in order.
 pub fn ledger(proxy: &Proxy) -> Vec<LedgerRow> {
     let Ok(conn) = rusqlite::Connection::open(proxy.ledger_path()) else {
