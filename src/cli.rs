@@ -19,6 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy.
+    #[command(args_override_self = true)]
     Serve {
         /// Config file (TOML). See config/bedrock-gate.example.toml.
         #[arg(long, short = 'c', env = "BEDROCK_GATE_CONFIG")]
@@ -82,6 +83,12 @@ pub enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 5)]
         timeout_secs: u64,
+    },
+    /// List or revoke SSO sign-in sessions (bearers Claude Code got through /login). A running
+    /// `serve` refuses a revoked bearer within a second.
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
     },
     /// Add or remove users in the config (edits it in place, keeping comments).
     Users {
@@ -165,6 +172,39 @@ pub enum UsersCommand {
         name: String,
         #[command(flatten)]
         config: ConfigArg,
+    },
+}
+
+/// The ledger file sessions are stored in (beside the usage rows).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LedgerArg {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Ledger database; overrides `ledger.path` (as `serve --ledger` does).
+    #[arg(long, env = "BEDROCK_GATE_LEDGER")]
+    pub ledger: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// The sessions that still work (bearer or refresh token not expired, not revoked).
+    List {
+        #[command(flatten)]
+        ledger: LedgerArg,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// End a user's sessions, or everyone's with --all: their next call gets 401 and Claude
+    /// Code asks them to /login again.
+    Revoke {
+        /// The user whose sessions end.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        user: Option<String>,
+        /// End every session.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        ledger: LedgerArg,
     },
 }
 

@@ -109,6 +109,9 @@ pub enum Op {
     MessagesStream,
     /// `GET /v1/models[/{id}]`: the caller's own models, answered by the proxy.
     ListModels,
+    /// `GET /managed/settings`, `GET /api/oauth/usage`, `POST /v1/{metrics,logs,traces}`: the
+    /// gateway protocol's own endpoints, answered by the proxy.
+    Gateway,
 }
 
 impl Op {
@@ -123,6 +126,7 @@ impl Op {
             Op::Messages => "Messages",
             Op::MessagesStream => "MessagesStream",
             Op::ListModels => "ListModels",
+            Op::Gateway => "Gateway",
         }
     }
 }

@@ -8,7 +8,7 @@
 //! - [`front`]: the protocols callers speak; decodes a request into a [`call::Call`] and encodes
 //!   the answer or a refusal in the caller's protocol ([`front::bedrock`]: Bedrock-native;
 //!   [`front::messages`]: the Anthropic Messages API, streams as SSE by [`front::sse`]).
-//! - [`identify`]: API key → user.
+//! - [`identify`]: API key or signed-in bearer → user.
 //! - [`resolve`]: (user, requested model) → the caller's own profile and the upstream URL. The
 //!   model id swap lives here.
 //! - [`meter::limits`]: `admit`, the budget and rate-limit check.
@@ -27,6 +27,9 @@
 //! - [`cli`]: clap definitions only.
 //! - [`config`]: TOML → raw serde types → validated [`config::Config`] (the routing table).
 //! - [`auth`]: API key extraction, SHA-256 hashing, key generation.
+//! - [`signin`]: SSO sign-in, the OAuth side of the Claude Code gateway protocol (device flow,
+//!   the company's OIDC IdP, bearer sessions stored hashed); the bearer endpoints Claude Code
+//!   calls once signed in (managed settings, usage, telemetry) are [`front::gateway`].
 //! - [`arn`]: Bedrock ARN and model id parsing and normalisation (geo prefixes).
 //! - [`upstream`]: header hygiene, SigV4 signing, the pooled rustls HTTP client. The signature is
 //!   made here.
@@ -57,6 +60,7 @@ pub mod refusal;
 pub mod reload;
 pub mod resolve;
 pub mod server;
+pub mod signin;
 pub mod state;
 pub mod stream;
 pub mod tls;

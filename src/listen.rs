@@ -71,7 +71,9 @@ pub async fn serve(
         let service =
             TowerToHyperService::new(app.clone().map_request(move |r: http::Request<Incoming>| {
                 counter.fetch_add(1, Ordering::Relaxed);
-                r.map(Body::new)
+                let mut r = r.map(Body::new);
+                r.extensions_mut().insert(crate::signin::Peer(peer));
+                r
             }));
         let conn = Conn {
             builder: builder(idle_after),

@@ -74,6 +74,7 @@ fn main() -> ExitCode {
             format,
         )),
         Command::Users { command } => report(bedrock_gate::admin::users(command)),
+        Command::Sessions { command } => report(bedrock_gate::admin::sessions(command)),
         Command::Keys { command } => report(bedrock_gate::admin::keys(command)),
         Command::Profiles { command } => run_async(bedrock_gate::admin::profiles(command)),
         Command::Reconcile {

@@ -39,6 +39,7 @@ use crate::upstream::sessions::Sessions;
 /// Builds the router around the state.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .merge(crate::signin::router())
         .fallback(proxy)
         .with_state(state)
         .layer(SetSensitiveRequestHeadersLayer::new([
@@ -120,12 +121,19 @@ async fn handle(
         return Ok(Handled::Local(health(live)));
     }
 
-    let user = identify(
+    let caller = identify(
         &parts.headers,
         &config.users,
+        &state.signin.store,
         front::key_hint(request.front()),
     )?;
-    info.user = Some(user.name.clone());
+    info.user = Some(caller.user.name.clone());
+    if let front::Request::Gateway(route) = &request {
+        let answer =
+            front::gateway::answer(route, &caller, &parts.headers, body, state, config).await?;
+        return Ok(Handled::Local(answer));
+    }
+    let user = caller.user;
     if let Some(answer) =
         front::answer_locally(&request, &user, &state.meter, config, &info.request_id)
     {
@@ -173,6 +181,27 @@ async fn handle(
         admission,
         upstream,
     })))
+}
+
+/// Picks up sessions revoked by `bedrock-gate sessions revoke` (another process) within a
+/// second.
+fn spawn_session_poll(state: Arc<AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::signin::sessions::POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || s.signin.store.poll()).await {
+                Ok(Ok(true)) => tracing::debug!("sessions reloaded"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "could not read the sessions table")
+                }
+                Err(_) => {}
+            }
+        }
+    });
 }
 
 /// `GET /healthz`: the proxy is up, with the live config's identity. Needs no key.
@@ -223,7 +252,18 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         .clone()
         .unwrap_or_else(|| config.ledger.resolve(&opts.config_path));
     let meter = Meter::open(&ledger_path, config.ledger.flush_interval)?;
-    let state = AppState::new(config, sha256, upstream, sessions, meter);
+    let store = crate::signin::sessions::SessionStore::open(&ledger_path)?;
+    let signin = crate::signin::SignInState::new(store);
+    let state = AppState::new(
+        config,
+        sha256,
+        upstream,
+        sessions,
+        meter,
+        signin,
+        Some(opts.config_path.clone()),
+    );
+    spawn_session_poll(state.clone());
     let _reloader = crate::reload::spawn(state.clone(), opts.config_path.clone(), opts.watch)?;
     let listener = TcpListener::bind(listen)
         .await

@@ -4,6 +4,7 @@
 //! Owned here so the accept loop, the reloader and the handler can all reach it without
 //! importing each other. It holds state only; it must never decide anything about a request.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -12,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::meter::Meter;
+use crate::signin::SignInState;
 use crate::upstream::Upstream;
 use crate::upstream::sessions::Sessions;
 
@@ -34,6 +36,11 @@ pub struct AppState {
     /// Each user's own AWS session, when `aws.user_role_arn` is set (read at start).
     pub sessions: Option<Sessions>,
     pub meter: Arc<Meter>,
+    /// SSO sign-in: device flows in progress, the IdP client, bearer sessions.
+    pub signin: SignInState,
+    /// The config file (where sign-up by first sign-in adds users); `None` in tests that
+    /// build a config in memory.
+    pub config_path: Option<PathBuf>,
     /// Cancelled when the shutdown grace period is over: requests still running stop and are
     /// recorded as `shutdown`.
     pub shutdown: CancellationToken,
@@ -48,6 +55,8 @@ impl AppState {
         upstream: Upstream,
         sessions: Option<Sessions>,
         meter: Meter,
+        signin: SignInState,
+        config_path: Option<PathBuf>,
     ) -> Arc<AppState> {
         Arc::new(AppState {
             live: ArcSwap::from_pointee(Live {
@@ -58,6 +67,8 @@ impl AppState {
             upstream,
             sessions,
             meter: Arc::new(meter),
+            signin,
+            config_path,
             shutdown: CancellationToken::new(),
             requests: TaskTracker::new(),
         })

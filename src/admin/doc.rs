@@ -151,6 +151,39 @@ impl ConfigDoc {
     }
 
     /// Sets `users.USER.models."MODEL"` to an ARN, keeping the entry's position and comments.
+    /// Sets `users.NAME.emails` (the signed-in identities that are this user).
+    pub fn set_emails(&mut self, name: &str, emails: &[&str]) -> anyhow::Result<()> {
+        let mut list = Array::new();
+        for e in emails {
+            list.push(*e);
+        }
+        self.user_mut(name)?.insert("emails", value(list));
+        Ok(())
+    }
+
+    /// Sets `users.NAME.limits` to these (absent ones stay unset).
+    pub fn set_limits(
+        &mut self,
+        name: &str,
+        limits: &crate::config::UserLimits,
+    ) -> anyhow::Result<()> {
+        let mut t = InlineTable::new();
+        if let Some(b) = limits.monthly_budget_usd {
+            t.insert("monthly_budget_usd", b.into());
+        }
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        if let Some(r) = limits.requests_per_minute {
+            t.insert("requests_per_minute", int(r).into());
+        }
+        if let Some(r) = limits.tokens_per_minute {
+            t.insert("tokens_per_minute", int(r).into());
+        }
+        if !t.is_empty() {
+            self.user_mut(name)?.insert("limits", value(t));
+        }
+        Ok(())
+    }
+
     pub fn set_model(&mut self, user: &str, model: &str, arn: &str) -> anyhow::Result<()> {
         let u = self.user_mut(user)?;
         if !u.contains_key("models") {

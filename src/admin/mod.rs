@@ -13,7 +13,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use crate::auth::{KeyHash, generate_key};
-use crate::cli::{KeysCommand, PricesCommand, ProfilesCommand, UsersCommand};
+use crate::cli::{KeysCommand, PricesCommand, ProfilesCommand, SessionsCommand, UsersCommand};
 use crate::config::Config;
 use doc::ConfigDoc;
 
@@ -168,6 +168,97 @@ fn exit_for(actions: &[provision::Action]) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `sessions list|revoke`: the SSO sessions in the ledger file.
+pub fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
+    use crate::signin::sessions;
+    let ledger = match &cmd {
+        SessionsCommand::List { ledger, .. } | SessionsCommand::Revoke { ledger, .. } => {
+            ledger.clone()
+        }
+    };
+    let path = &ledger.config.config;
+    let config = Config::load(path).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let db = ledger
+        .ledger
+        .clone()
+        .unwrap_or_else(|| config.ledger.resolve(path));
+    let conn = sessions::open_db(&db)?;
+    match &cmd {
+        SessionsCommand::List { format, .. } => {
+            let rows = sessions::list(&conn)?;
+            let time = |ms: i64| {
+                chrono::DateTime::from_timestamp_millis(ms)
+                    .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_default()
+            };
+            match *format {
+                crate::meter::report::Format::Json => {
+                    let list: Vec<_> = rows
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({
+                                "id": r.id,
+                                "user": r.user,
+                                "email": r.email,
+                                "surface": r.surface,
+                                "created": time(r.created_ms),
+                                "refreshed": time(r.refreshed_ms),
+                                "expires": time(r.expires_ms),
+                                "refreshable": r.refreshable,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Array(list));
+                }
+                _ => {
+                    let mut table = vec![
+                        [
+                            "id",
+                            "user",
+                            "email",
+                            "surface",
+                            "signed in",
+                            "bearer expires",
+                            "refresh",
+                        ]
+                        .map(String::from)
+                        .to_vec(),
+                    ];
+                    for r in &rows {
+                        table.push(vec![
+                            r.id.to_string(),
+                            r.user.clone(),
+                            r.email.clone().unwrap_or_else(|| "-".into()),
+                            r.surface.clone().unwrap_or_else(|| "-".into()),
+                            time(r.created_ms),
+                            time(r.expires_ms),
+                            if r.refreshable { "yes" } else { "no" }.into(),
+                        ]);
+                    }
+                    let mut out = String::new();
+                    crate::meter::report::aligned(&mut out, &table, 7);
+                    print!("{out}");
+                    println!("{} session(s)", rows.len());
+                }
+            }
+        }
+        SessionsCommand::Revoke { user, all, .. } => {
+            let who = if *all { None } else { user.as_deref() };
+            if let Some(u) = who
+                && config.users.by_name(u).is_none()
+            {
+                eprintln!("note: `{u}` is not a user in {}", path.display());
+            }
+            let n = sessions::revoke_user(&conn, who)?;
+            match who {
+                Some(u) => println!("revoked {n} session(s) of `{u}`"),
+                None => println!("revoked {n} session(s)"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `usage`: the ledger report.

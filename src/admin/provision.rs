@@ -285,6 +285,20 @@ pub enum Action {
     QuotaUnknown { region: String, reason: String },
 }
 
+impl Action {
+    /// The user an action is about (`None` for a region's quota).
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Action::Create { user, .. }
+            | Action::Adopt { user, .. }
+            | Action::Tag { user, .. }
+            | Action::Missing { user, .. }
+            | Action::Unavailable { user, .. } => Some(user),
+            Action::Quota { .. } | Action::QuotaUnknown { .. } => None,
+        }
+    }
+}
+
 fn show_tags(tags: &BTreeMap<String, String>) -> String {
     tags.iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -594,7 +608,7 @@ pub async fn apply(
     cp: &ControlPlane,
     path: &Path,
     actions: &[Action],
-    out: &mut dyn std::io::Write,
+    out: &mut (dyn std::io::Write + Send),
 ) -> anyhow::Result<usize> {
     let mut done = 0;
     for action in actions {
@@ -799,6 +813,54 @@ pub fn verify_table(rows: &[VerifyRow]) -> String {
     let mut out = String::new();
     crate::meter::report::aligned(&mut out, &cells, cells[0].len());
     out
+}
+
+/// `[oidc.auto_users]`: adds the user a first sign-in needs (the same atomic,
+/// comment-preserving edit as `users add`, with their email and the auto-users limits), then
+/// creates and tags their profiles (the same plan and apply as `profiles apply`, for this user
+/// only). On any failure the entry is taken out again, so the next sign-in tries afresh.
+pub async fn add_signed_in_user(
+    path: &Path,
+    name: &str,
+    email: &str,
+    auto: &crate::config::signin::AutoUsers,
+) -> anyhow::Result<()> {
+    let mut doc = ConfigDoc::open(path)?;
+    if doc.has_user(name) {
+        bail!("user `{name}` exists in the config but does not list this email");
+    }
+    let tags: Vec<(String, String)> = auto.tags.clone().into_iter().collect();
+    doc.add_user(name, &tags, &auto.models)?;
+    doc.set_emails(name, &[email])?;
+    doc.set_limits(name, &auto.limits)?;
+    let config = doc.save()?;
+    let provisioned = async {
+        let cp = ControlPlane::new(&config).await;
+        let actions: Vec<Action> = plan(&cp, &config)
+            .await?
+            .into_iter()
+            .filter(|a| a.user() == Some(name) || a.is_over_quota())
+            .collect();
+        if let Some(problem) = actions.iter().find(|a| a.is_problem() || a.is_over_quota()) {
+            bail!("{problem}");
+        }
+        apply(&cp, path, &actions, &mut std::io::sink()).await?;
+        let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        match config.users.by_name(name) {
+            Some(u) if u.pending.is_empty() => Ok(()),
+            _ => bail!("the profiles were not all created"),
+        }
+    }
+    .await;
+    if let Err(e) = provisioned {
+        let mut doc = ConfigDoc::open(path)?;
+        if doc.has_user(name) {
+            doc.remove_user(name)?;
+            doc.save()?;
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! routing table (who may use which profile); it never touches the network.
 
 pub mod raw;
+pub mod signin;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -58,6 +59,13 @@ pub struct Config {
     pub provisioning: Provisioning,
     pub attribution: Attribution,
     pub users: Users,
+    /// `public_url`: what developers type into Claude Code's `/login`.
+    pub public_url: Option<String>,
+    /// `[oidc]`: SSO sign-in; `None` turns the sign-in endpoints off.
+    pub signin: Option<signin::SignIn>,
+    /// What `GET /managed/settings` serves, besides each user's own.
+    pub settings: signin::SettingsPolicy,
+    pub telemetry: signin::Telemetry,
     /// `prices_file` as written (relative to the config file), and the SHA-256 of what it held
     /// when read, so a reload notices new prices.
     pub prices_file: Option<(String, String)>,
@@ -149,7 +157,7 @@ impl Provisioning {
     }
 }
 
-fn check_tags(path: &str, tags: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+pub(crate) fn check_tags(path: &str, tags: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     for (k, v) in tags {
         if k.is_empty() || k.len() > 128 || k.starts_with("aws:") {
             return Err(ConfigError::new(
@@ -266,6 +274,11 @@ pub struct User {
     /// Extra cost-allocation tags for this user's profiles.
     pub tags: BTreeMap<String, String>,
     pub limits: UserLimits,
+    /// Signed-in identities that are this user: emails (lowercase) and IdP subjects.
+    pub emails: Vec<String>,
+    pub subjects: Vec<String>,
+    /// This user's own managed settings (over the group's and everyone's).
+    pub managed_settings: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl User {
@@ -284,6 +297,9 @@ impl User {
 #[derive(Debug, Default)]
 pub struct Users {
     by_key: HashMap<KeyHash, Arc<User>>,
+    by_name: HashMap<String, Arc<User>>,
+    by_email: HashMap<String, Arc<User>>,
+    by_subject: HashMap<String, Arc<User>>,
     owners: HashMap<String, String>,
     all: Vec<Arc<User>>,
 }
@@ -291,6 +307,17 @@ pub struct Users {
 impl Users {
     pub fn by_key(&self, hash: &KeyHash) -> Option<&Arc<User>> {
         self.by_key.get(hash)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<User>> {
+        self.by_name.get(name)
+    }
+
+    /// The user a signed-in identity is: by subject first, then by (lowercase) email.
+    pub fn by_identity(&self, subject: &str, email: Option<&str>) -> Option<&Arc<User>> {
+        self.by_subject
+            .get(subject)
+            .or_else(|| email.and_then(|e| self.by_email.get(&e.trim().to_ascii_lowercase())))
     }
 
     /// Name of the user a profile ARN belongs to.
@@ -411,7 +438,24 @@ fn line_of(src: &str, offset: usize) -> usize {
     src.get(..offset).map_or(0, |s| s.matches('\n').count()) + 1
 }
 
-fn is_user_name(s: &str) -> bool {
+/// A `limits` table (of a user, or of `[oidc.auto_users]`), validated.
+fn user_limits(path: &str, raw: &raw::RawUserLimits) -> Result<UserLimits, ConfigError> {
+    Ok(UserLimits {
+        monthly_budget_usd: match raw.monthly_budget_usd {
+            Some(b) if !b.is_finite() || b < 0.0 => {
+                return Err(ConfigError::new(
+                    format!("{path}.monthly_budget_usd"),
+                    "a budget is zero or more US dollars",
+                ));
+            }
+            other => other,
+        },
+        requests_per_minute: raw.requests_per_minute,
+        tokens_per_minute: raw.tokens_per_minute,
+    })
+}
+
+pub fn is_user_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -437,6 +481,9 @@ impl Config {
         if let Some(tls) = config.tls.as_mut() {
             tls.load(&dir_of(path))
                 .map_err(|e| ConfigError::new(e.setting, e.message))?;
+        }
+        if let Some(signin) = config.signin.as_mut() {
+            signin.load_secret(&dir_of(path))?;
         }
         Ok((config, sha256))
     }
@@ -706,6 +753,23 @@ impl Config {
             ));
         }
         let attribution = Attribution { project_tag };
+        let public_url = signin::public_url(raw.public_url.as_deref())?;
+        let signin = signin::sign_in(raw.oidc, public_url.as_deref(), user_limits)?;
+        let mut settings = signin::SettingsPolicy {
+            everyone: raw
+                .managed_settings
+                .as_ref()
+                .map(|t| signin::settings_json("managed_settings", t))
+                .transpose()?,
+            groups: BTreeMap::new(),
+        };
+        for (group, table) in &raw.group_settings {
+            let path = format!("group_settings.{group}");
+            settings
+                .groups
+                .insert(group.clone(), signin::settings_json(&path, table)?);
+        }
+        let telemetry = signin::telemetry(raw.telemetry)?;
         // A budget can only stop what it can price: every model such a user may call needs one.
         for user in users.iter() {
             if user.limits.monthly_budget_usd.is_none() {
@@ -740,6 +804,10 @@ impl Config {
             provisioning,
             attribution,
             users,
+            public_url,
+            signin,
+            settings,
+            telemetry,
             prices_file: raw.prices_file.map(|name| (name, String::new())),
         })
     }
@@ -799,6 +867,7 @@ impl Config {
     ) -> Result<Users, ConfigError> {
         let mut users = Users::default();
         let mut key_owner: HashMap<KeyHash, String> = HashMap::new();
+        let mut identity_owner: HashMap<String, String> = HashMap::new();
         for (name, user) in raw {
             let base = format!("users.{name}");
             if !is_user_name(&name) {
@@ -809,19 +878,45 @@ impl Config {
             }
             let keys = user.keys;
             check_tags(&format!("{base}.tags"), &user.tags)?;
-            let limits = UserLimits {
-                monthly_budget_usd: match user.limits.monthly_budget_usd {
-                    Some(b) if !b.is_finite() || b < 0.0 => {
-                        return Err(ConfigError::new(
-                            format!("{base}.limits.monthly_budget_usd"),
-                            "a budget is zero or more US dollars",
-                        ));
-                    }
-                    other => other,
-                },
-                requests_per_minute: user.limits.requests_per_minute,
-                tokens_per_minute: user.limits.tokens_per_minute,
-            };
+            let limits = user_limits(&format!("{base}.limits"), &user.limits)?;
+            let mut emails = Vec::new();
+            for (i, e) in user.emails.iter().enumerate() {
+                let path = format!("{base}.emails[{i}]");
+                let e = signin::normalize_email(&path, e)?;
+                if let Some(other) = identity_owner.insert(format!("email:{e}"), name.clone()) {
+                    return Err(ConfigError::new(
+                        &path,
+                        format!(
+                            "`{e}` is also listed for user `{other}`; a signed-in identity must be one user"
+                        ),
+                    ));
+                }
+                emails.push(e);
+            }
+            let mut subjects = Vec::new();
+            for (i, sub) in user.subjects.iter().enumerate() {
+                let path = format!("{base}.subjects[{i}]");
+                if sub.is_empty() || sub.len() > 255 || sub.chars().any(char::is_control) {
+                    return Err(ConfigError::new(
+                        &path,
+                        "an IdP subject has 1 to 255 characters",
+                    ));
+                }
+                if let Some(other) = identity_owner.insert(format!("sub:{sub}"), name.clone()) {
+                    return Err(ConfigError::new(
+                        &path,
+                        format!(
+                            "this subject is also listed for user `{other}`; a signed-in identity must be one user"
+                        ),
+                    ));
+                }
+                subjects.push(sub.clone());
+            }
+            let managed_settings = user
+                .managed_settings
+                .as_ref()
+                .map(|t| signin::settings_json(&format!("{base}.managed_settings"), t))
+                .transpose()?;
             let mut models = BTreeMap::new();
             let mut pending = Vec::new();
             for (model, value) in user.models {
@@ -882,7 +977,17 @@ impl Config {
                 pending,
                 tags: user.tags,
                 limits,
+                emails,
+                subjects,
+                managed_settings,
             });
+            users.by_name.insert(name.clone(), Arc::clone(&user));
+            for e in &user.emails {
+                users.by_email.insert(e.clone(), Arc::clone(&user));
+            }
+            for sub in &user.subjects {
+                users.by_subject.insert(sub.clone(), Arc::clone(&user));
+            }
             for (i, key) in keys.iter().enumerate() {
                 let path = format!("{base}.keys[{i}]");
                 let hash = KeyHash::from_config(key).map_err(|e| ConfigError::new(&path, e))?;

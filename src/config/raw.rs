@@ -15,6 +15,17 @@ pub struct RawConfig {
     /// PEM certificate chain; with `tls_key`, the listener speaks HTTPS.
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
+    /// The URL developers type into Claude Code's `/login` (https; http only on loopback).
+    pub public_url: Option<String>,
+    /// SSO sign-in through the company's OpenID Connect IdP.
+    pub oidc: Option<RawOidc>,
+    /// Claude Code managed settings served to every signed-in user (`GET /managed/settings`).
+    pub managed_settings: Option<toml::Table>,
+    /// Managed settings per IdP group, over `[managed_settings]`.
+    #[serde(default)]
+    pub group_settings: BTreeMap<String, toml::Table>,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
     #[serde(default)]
     pub aws: RawAws,
     #[serde(default)]
@@ -106,9 +117,58 @@ pub struct RawUser {
     pub tags: BTreeMap<String, String>,
     #[serde(default)]
     pub limits: RawUserLimits,
+    /// Signed-in identities (the IdP's email claim) that are this user.
+    #[serde(default)]
+    pub emails: Vec<String>,
+    /// Signed-in identities (the IdP's `sub` claim) that are this user.
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    /// This user's managed settings, over the group's and everyone's.
+    pub managed_settings: Option<toml::Table>,
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOidc {
+    pub issuer: Option<String>,
+    pub client_id: Option<String>,
+    /// File holding the client secret (relative to the config file).
+    pub client_secret_file: Option<String>,
+    pub email_claim: Option<String>,
+    pub groups_claim: Option<String>,
+    #[serde(default)]
+    pub allowed_groups: Vec<String>,
+    pub scopes: Option<Vec<String>>,
+    pub session_ttl_secs: Option<u64>,
+    pub refresh_ttl_days: Option<u64>,
+    pub sign_ins_per_ip_per_minute: Option<u32>,
+    /// Longest wait for any one call to the IdP.
+    pub timeout_secs: Option<u64>,
+    pub auto_users: Option<RawAutoUsers>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAutoUsers {
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: RawUserLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    /// OTLP/HTTP collector base URL; Claude Code's telemetry is forwarded to `{it}/v1/{signal}`.
+    pub otlp_endpoint: Option<String>,
+    /// Headers the proxy sends to the collector (its own, never the developer's).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUserLimits {
     pub monthly_budget_usd: Option<f64>,

@@ -5,11 +5,14 @@
 //! - [`bedrock`]: Bedrock's own REST paths, passed through byte for byte.
 //! - [`messages`]: the Anthropic Messages API, translated to InvokeModel; streams re-encoded as
 //!   SSE by [`sse`].
+//! - [`gateway`]: the Claude Code gateway protocol's other bearer endpoints (managed settings,
+//!   usage, telemetry), answered by the proxy.
 //!
 //! A front never decides who may call what (that is `resolve` and `admit`) and never signs or
 //! sends anything (that is `forward`).
 
 pub mod bedrock;
+pub mod gateway;
 pub mod messages;
 pub mod sse;
 
@@ -40,13 +43,14 @@ use crate::upstream::payload::{Payload, PayloadBuilder};
 pub enum Request {
     Bedrock(bedrock::Route),
     Messages(messages::Route),
+    Gateway(gateway::Route),
 }
 
 impl Request {
     pub fn front(&self) -> Front {
         match self {
             Request::Bedrock(_) => Front::Bedrock,
-            Request::Messages(_) => Front::Anthropic,
+            Request::Messages(_) | Request::Gateway(_) => Front::Anthropic,
         }
     }
 
@@ -54,6 +58,7 @@ impl Request {
         match self {
             Request::Bedrock(route) => route.op(),
             Request::Messages(route) => route.op(),
+            Request::Gateway(_) => Op::Gateway,
         }
     }
 
@@ -70,7 +75,7 @@ impl Request {
 /// The front whose protocol a request to this path speaks, so that even a request no front
 /// recognises is refused in the shape its client reads.
 pub fn front_of(path: &str) -> Front {
-    if messages::owns(path) {
+    if messages::owns(path) || gateway::owns(path) {
         Front::Anthropic
     } else {
         Front::Bedrock
@@ -79,6 +84,9 @@ pub fn front_of(path: &str) -> Front {
 
 /// Which front serves the request, and what it asks for.
 pub fn route(method: &Method, uri: &Uri) -> Result<Request, Refusal> {
+    if let Some(route) = gateway::parse(method, uri.path()) {
+        return Ok(Request::Gateway(route));
+    }
     match front_of(uri.path()) {
         Front::Anthropic => messages::parse(method, uri.path()).map(Request::Messages),
         Front::Bedrock => bedrock::parse(method, uri.path()).map(Request::Bedrock),
@@ -158,7 +166,7 @@ pub async fn decode(
     // the front rewrites is not, its rewrite is.
     let builder = match request {
         Request::Bedrock(_) => PayloadBuilder::default(),
-        Request::Messages(_) => PayloadBuilder::unhashed(),
+        Request::Messages(_) | Request::Gateway(_) => PayloadBuilder::unhashed(),
     };
     let payload = read_body(
         body,
@@ -176,6 +184,9 @@ pub async fn decode(
         Request::Messages(route) => {
             messages::decode(route, &parts.headers, payload, labels, config)
         }
+        Request::Gateway(_) => Err(Refusal::internal(
+            "a gateway-protocol request reached the model pipeline",
+        )),
     }
 }
 

@@ -1,0 +1,577 @@
+//! Bearer sessions of signed-in users: issued, looked up, refreshed, revoked, listed.
+//!
+//! Stored in the ledger's SQLite file (table `sessions`), so they survive a restart, with a
+//! copy of the live ones in memory for the request path. Tokens exist in clear only in the
+//! answer that hands them out: the store keeps SHA-256 hashes. The IdP's own refresh token is
+//! kept (it is what a refresh checks the identity with); the file is the proxy's private state.
+//! A `sessions revoke` from another process bumps `session_changes.generation`; the server
+//! polls it every second and reloads. This module never logs a token and never decides who may
+//! sign in (that is `signin::flow`).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+/// Prefix of a session's bearer token; a secret scanner can recognise a leaked one.
+pub const ACCESS_PREFIX: &str = "bgs_";
+/// Prefix of a session's refresh token.
+pub const REFRESH_PREFIX: &str = "bgr_";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    id                  INTEGER PRIMARY KEY,
+    access_hash         TEXT NOT NULL UNIQUE,
+    refresh_hash        TEXT UNIQUE,
+    user                TEXT NOT NULL,
+    subject             TEXT NOT NULL,
+    email               TEXT,
+    groups              TEXT NOT NULL,
+    idp_refresh         TEXT,
+    surface             TEXT,
+    created_ms          INTEGER NOT NULL,
+    refreshed_ms        INTEGER NOT NULL,
+    expires_ms          INTEGER NOT NULL,
+    refresh_expires_ms  INTEGER,
+    revoked_ms          INTEGER
+);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);
+CREATE TABLE IF NOT EXISTS session_changes (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    generation  INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO session_changes (id, generation) VALUES (1, 0);
+";
+
+/// How often the server looks for revocations made by another process.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// SHA-256 of a token, hex: what the store keeps and compares.
+fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn random_token(prefix: &str) -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    Ok(format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    ))
+}
+
+/// A live session as the request path sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: i64,
+    pub user: String,
+    pub subject: String,
+    pub email: Option<String>,
+    pub groups: Vec<String>,
+    /// When the bearer stops working, Unix milliseconds.
+    pub expires_ms: i64,
+}
+
+/// Who a new session is for (from a verified id_token).
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub user: String,
+    pub subject: String,
+    pub email: Option<String>,
+    pub groups: Vec<String>,
+    /// The IdP's refresh token; without one the session gets no refresh token either (the
+    /// identity could not be checked again).
+    pub idp_refresh: Option<String>,
+    pub surface: Option<String>,
+}
+
+/// The tokens handed out once.
+pub struct Issued {
+    pub access_token: String,
+    pub refresh_token: Option<String>,
+    pub expires_in: u64,
+    pub email: Option<String>,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session found by its refresh token, with what a refresh needs.
+#[derive(Clone)]
+pub struct Refreshable {
+    pub session: Session,
+    pub idp_refresh: String,
+    pub surface: Option<String>,
+}
+
+/// What a bearer token is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Live(Arc<Session>),
+    /// Known, but past its expiry.
+    Expired,
+    /// Never issued, revoked or signed out.
+    Unknown,
+}
+
+/// One row of `sessions list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub id: i64,
+    pub user: String,
+    pub email: Option<String>,
+    pub surface: Option<String>,
+    pub created_ms: i64,
+    pub refreshed_ms: i64,
+    pub expires_ms: i64,
+    pub refreshable: bool,
+}
+
+/// Opens (creating if needed) the sessions tables in the ledger file at `path`.
+pub fn open_db(path: &Path) -> anyhow::Result<Connection> {
+    let conn = crate::meter::ledger::open_db(path)?;
+    conn.execute_batch(SCHEMA)
+        .context("cannot create the sessions tables")?;
+    Ok(conn)
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn bump(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE session_changes SET generation = generation + 1 WHERE id = 1",
+        [],
+    )
+    .map(|_| ())
+}
+
+/// Revokes every live session of `user` (all users when `None`); returns how many.
+pub fn revoke_user(conn: &Connection, user: Option<&str>) -> anyhow::Result<usize> {
+    let now = now_ms();
+    let n = match user {
+        Some(u) => conn.execute(
+            "UPDATE sessions SET revoked_ms = ?1, idp_refresh = NULL WHERE user = ?2 AND revoked_ms IS NULL",
+            params![now, u],
+        )?,
+        None => conn.execute(
+            "UPDATE sessions SET revoked_ms = ?1, idp_refresh = NULL WHERE revoked_ms IS NULL",
+            params![now],
+        )?,
+    };
+    bump(conn)?;
+    Ok(n)
+}
+
+/// Sessions not revoked whose bearer or refresh token still works, oldest first.
+pub fn list(conn: &Connection) -> anyhow::Result<Vec<Listed>> {
+    let now = now_ms();
+    let mut stmt = conn.prepare(
+        "SELECT id, user, email, surface, created_ms, refreshed_ms, expires_ms,
+                refresh_hash IS NOT NULL AND refresh_expires_ms > ?1
+         FROM sessions
+         WHERE revoked_ms IS NULL AND (expires_ms > ?1 OR (refresh_hash IS NOT NULL AND refresh_expires_ms > ?1))
+         ORDER BY created_ms, id",
+    )?;
+    let rows = stmt
+        .query_map([now], |r| {
+            Ok(Listed {
+                id: r.get(0)?,
+                user: r.get(1)?,
+                email: r.get(2)?,
+                surface: r.get(3)?,
+                created_ms: r.get(4)?,
+                refreshed_ms: r.get(5)?,
+                expires_ms: r.get(6)?,
+                refreshable: r.get(7)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+fn groups_of(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+/// The store the server uses: the database and the in-memory copy of live bearers.
+pub struct SessionStore {
+    conn: Mutex<Connection>,
+    live: RwLock<HashMap<String, Arc<Session>>>,
+    generation: Mutex<i64>,
+}
+
+impl std::fmt::Debug for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore").finish_non_exhaustive()
+    }
+}
+
+impl SessionStore {
+    pub fn open(path: &Path) -> anyhow::Result<SessionStore> {
+        let store = SessionStore {
+            conn: Mutex::new(open_db(path)?),
+            live: RwLock::new(HashMap::new()),
+            generation: Mutex::new(-1),
+        };
+        store.poll()?;
+        Ok(store)
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        match self.conn.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Reloads the live bearers when another process (or this one) changed the table.
+    /// Returns whether it reloaded.
+    pub fn poll(&self) -> anyhow::Result<bool> {
+        let conn = self.conn();
+        let generation: i64 = conn.query_row(
+            "SELECT generation FROM session_changes WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )?;
+        let mut seen = match self.generation.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if *seen == generation {
+            return Ok(false);
+        }
+        let mut stmt = conn.prepare(
+            "SELECT access_hash, id, user, subject, email, groups, expires_ms FROM sessions
+             WHERE revoked_ms IS NULL AND expires_ms > ?1 - 86400000",
+        )?;
+        let rows = stmt
+            .query_map([now_ms()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Session {
+                        id: r.get(1)?,
+                        user: r.get(2)?,
+                        subject: r.get(3)?,
+                        email: r.get(4)?,
+                        groups: groups_of(&r.get::<_, String>(5)?),
+                        expires_ms: r.get(6)?,
+                    },
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let map = rows.into_iter().map(|(h, s)| (h, Arc::new(s))).collect();
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = map;
+        *seen = generation;
+        Ok(true)
+    }
+
+    /// What a bearer token is (the request path: memory only).
+    pub fn lookup(&self, token: &str) -> Lookup {
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        match live.get(&hash(token)) {
+            Some(s) if s.expires_ms > now_ms() => Lookup::Live(s.clone()),
+            Some(_) => Lookup::Expired,
+            None => Lookup::Unknown,
+        }
+    }
+
+    fn tokens(
+        grant_has_refresh: bool,
+        ttl: Duration,
+    ) -> anyhow::Result<(String, Option<String>, i64)> {
+        let access = random_token(ACCESS_PREFIX)?;
+        let refresh = if grant_has_refresh {
+            Some(random_token(REFRESH_PREFIX)?)
+        } else {
+            None
+        };
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        Ok((access, refresh, now_ms().saturating_add(ttl_ms)))
+    }
+
+    /// Starts a session for a verified identity.
+    pub fn issue(
+        &self,
+        grant: &Grant,
+        ttl: Duration,
+        refresh_ttl: Duration,
+    ) -> anyhow::Result<Issued> {
+        let (access, refresh, expires_ms) = Self::tokens(grant.idp_refresh.is_some(), ttl)?;
+        let now = now_ms();
+        let refresh_expires = refresh
+            .as_ref()
+            .map(|_| now + i64::try_from(refresh_ttl.as_millis()).unwrap_or(i64::MAX / 2));
+        let groups = serde_json::to_string(&grant.groups)?;
+        let id = {
+            let conn = self.conn();
+            conn.execute(
+                "INSERT INTO sessions (access_hash, refresh_hash, user, subject, email, groups, idp_refresh,
+                    surface, created_ms, refreshed_ms, expires_ms, refresh_expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)",
+                params![
+                    hash(&access),
+                    refresh.as_deref().map(hash),
+                    grant.user,
+                    grant.subject,
+                    grant.email,
+                    groups,
+                    grant.idp_refresh,
+                    grant.surface,
+                    now,
+                    expires_ms,
+                    refresh_expires,
+                ],
+            )?;
+            let id = conn.last_insert_rowid();
+            bump(&conn)?;
+            id
+        };
+        self.remember(
+            &access,
+            Session {
+                id,
+                user: grant.user.clone(),
+                subject: grant.subject.clone(),
+                email: grant.email.clone(),
+                groups: grant.groups.clone(),
+                expires_ms,
+            },
+        );
+        Ok(Issued {
+            access_token: access,
+            refresh_token: refresh,
+            expires_in: ttl.as_secs(),
+            email: grant.email.clone(),
+        })
+    }
+
+    fn remember(&self, access: &str, session: Session) {
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        live.retain(|_, s| s.id != session.id);
+        live.insert(hash(access), Arc::new(session));
+    }
+
+    fn forget(&self, id: i64) {
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        live.retain(|_, s| s.id != id);
+    }
+
+    /// The session a refresh token belongs to, if it is live and may still refresh.
+    pub fn refreshable(&self, refresh: &str) -> anyhow::Result<Option<Refreshable>> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT id, user, subject, email, groups, expires_ms, idp_refresh, surface FROM sessions
+                 WHERE refresh_hash = ?1 AND revoked_ms IS NULL AND refresh_expires_ms > ?2
+                   AND idp_refresh IS NOT NULL",
+                params![hash(refresh), now_ms()],
+                |r| {
+                    Ok(Refreshable {
+                        session: Session {
+                            id: r.get(0)?,
+                            user: r.get(1)?,
+                            subject: r.get(2)?,
+                            email: r.get(3)?,
+                            groups: groups_of(&r.get::<_, String>(4)?),
+                            expires_ms: r.get(5)?,
+                        },
+                        idp_refresh: r.get(6)?,
+                        surface: r.get(7)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row)
+    }
+
+    /// Rotates a session after the IdP accepted the refresh: new bearer, new refresh token,
+    /// the old pair dead. `grant` carries what the IdP said now.
+    pub fn rotate(
+        &self,
+        id: i64,
+        grant: &Grant,
+        ttl: Duration,
+        refresh_ttl: Duration,
+    ) -> anyhow::Result<Issued> {
+        let (access, refresh, expires_ms) = Self::tokens(true, ttl)?;
+        let now = now_ms();
+        let refresh_expires = now + i64::try_from(refresh_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let groups = serde_json::to_string(&grant.groups)?;
+        {
+            let conn = self.conn();
+            let n = conn.execute(
+                "UPDATE sessions SET access_hash = ?1, refresh_hash = ?2, user = ?3, email = ?4, groups = ?5,
+                    idp_refresh = COALESCE(?6, idp_refresh), refreshed_ms = ?7, expires_ms = ?8,
+                    refresh_expires_ms = ?9
+                 WHERE id = ?10 AND revoked_ms IS NULL",
+                params![
+                    hash(&access),
+                    refresh.as_deref().map(hash),
+                    grant.user,
+                    grant.email,
+                    groups,
+                    grant.idp_refresh,
+                    now,
+                    expires_ms,
+                    refresh_expires,
+                    id,
+                ],
+            )?;
+            if n == 0 {
+                anyhow::bail!("the session was revoked during the refresh");
+            }
+            bump(&conn)?;
+        }
+        self.remember(
+            &access,
+            Session {
+                id,
+                user: grant.user.clone(),
+                subject: grant.subject.clone(),
+                email: grant.email.clone(),
+                groups: grant.groups.clone(),
+                expires_ms,
+            },
+        );
+        Ok(Issued {
+            access_token: access,
+            refresh_token: refresh,
+            expires_in: ttl.as_secs(),
+            email: grant.email.clone(),
+        })
+    }
+
+    /// Ends a session by id (the IdP refused it, or the user is gone).
+    pub fn end(&self, id: i64) -> anyhow::Result<()> {
+        {
+            let conn = self.conn();
+            conn.execute(
+                "UPDATE sessions SET revoked_ms = ?1, idp_refresh = NULL WHERE id = ?2 AND revoked_ms IS NULL",
+                params![now_ms(), id],
+            )?;
+            bump(&conn)?;
+        }
+        self.forget(id);
+        Ok(())
+    }
+
+    /// RFC 7009: ends the session this bearer or refresh token belongs to. Returns whether
+    /// one was found.
+    pub fn revoke_token(&self, token: &str) -> anyhow::Result<bool> {
+        let h = hash(token);
+        let id: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT id FROM sessions WHERE (access_hash = ?1 OR refresh_hash = ?1) AND revoked_ms IS NULL",
+                [&h],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match id {
+            Some(id) => {
+                self.end(id)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(user: &str, refresh: bool) -> Grant {
+        Grant {
+            user: user.into(),
+            subject: format!("sub-{user}"),
+            email: Some(format!("{user}@corp.example")),
+            groups: vec!["dev".into()],
+            idp_refresh: refresh.then(|| "idp-rt".to_string()),
+            surface: Some("claude_code".into()),
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn issue_lookup_rotate_revoke_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let store = SessionStore::open(&path).unwrap();
+        let issued = store.issue(&grant("alice", true), HOUR, HOUR).unwrap();
+        assert!(issued.access_token.starts_with(ACCESS_PREFIX));
+        let refresh = issued.refresh_token.clone().unwrap();
+        let Lookup::Live(s) = store.lookup(&issued.access_token) else {
+            panic!("not live")
+        };
+        assert_eq!(s.user, "alice");
+        assert_eq!(store.lookup("bgs_nope"), Lookup::Unknown);
+
+        // A restart sees the same session.
+        drop(store);
+        let store = SessionStore::open(&path).unwrap();
+        assert!(matches!(
+            store.lookup(&issued.access_token),
+            Lookup::Live(_)
+        ));
+
+        let r = store.refreshable(&refresh).unwrap().unwrap();
+        assert_eq!(r.idp_refresh, "idp-rt");
+        let rotated = store
+            .rotate(r.session.id, &grant("alice", false), HOUR, HOUR)
+            .unwrap();
+        assert_eq!(store.lookup(&issued.access_token), Lookup::Unknown);
+        assert!(
+            store.refreshable(&refresh).unwrap().is_none(),
+            "old refresh token is dead"
+        );
+        assert!(matches!(
+            store.lookup(&rotated.access_token),
+            Lookup::Live(_)
+        ));
+
+        assert!(store.revoke_token(&rotated.access_token).unwrap());
+        assert_eq!(store.lookup(&rotated.access_token), Lookup::Unknown);
+        assert!(!store.revoke_token(&rotated.access_token).unwrap());
+    }
+
+    #[test]
+    fn no_idp_refresh_token_means_no_refresh_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SessionStore::open(&dir.path().join("l.db")).unwrap();
+        let issued = store.issue(&grant("bob", false), HOUR, HOUR).unwrap();
+        assert!(issued.refresh_token.is_none());
+    }
+
+    #[test]
+    fn another_process_revoking_is_seen_on_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let store = SessionStore::open(&path).unwrap();
+        let a = store.issue(&grant("alice", true), HOUR, HOUR).unwrap();
+        let b = store.issue(&grant("bob", true), HOUR, HOUR).unwrap();
+        let other = open_db(&path).unwrap();
+        assert_eq!(list(&other).unwrap().len(), 2);
+        assert_eq!(revoke_user(&other, Some("alice")).unwrap(), 1);
+        assert!(store.poll().unwrap());
+        assert_eq!(store.lookup(&a.access_token), Lookup::Unknown);
+        assert!(matches!(store.lookup(&b.access_token), Lookup::Live(_)));
+        assert_eq!(revoke_user(&other, None).unwrap(), 1);
+        store.poll().unwrap();
+        assert_eq!(store.lookup(&b.access_token), Lookup::Unknown);
+        assert!(list(&other).unwrap().is_empty());
+    }
+}
