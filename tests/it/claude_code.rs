@@ -76,7 +76,7 @@ async fn run_claude(proxy: &Proxy, extra_env: &[(&str, &str)]) -> (bool, String,
     run_claude_in(&bedrock_mode(proxy), extra_env).await
 }
 
-async fn run_claude_in(
+pub(crate) async fn run_claude_in(
     mode: &[(&'static str, String)],
     extra_env: &[(&str, &str)],
 ) -> (bool, String, String) {

@@ -25,6 +25,7 @@ mod provision;
 mod proxy;
 mod reload;
 mod sdk;
+mod signin;
 mod sigv4_verifier;
 mod streaming;
 mod tls;

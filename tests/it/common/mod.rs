@@ -5,6 +5,7 @@
 pub mod billing;
 pub mod control;
 pub mod fake;
+pub mod idp;
 pub mod sigv4;
 
 use std::io::{BufRead, BufReader};
