@@ -10,6 +10,8 @@ use crate::common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::billing::BillingFake;
+use common::control::{self, FakeControl};
 use common::idp::{FakeIdp, Identity, Tamper};
 use common::*;
 use http::Method;
@@ -1057,4 +1059,111 @@ impl Collector {
     fn got(&self) -> Vec<(String, http::HeaderMap, String)> {
         self.got.lock().unwrap().clone()
     }
+}
+
+/// A config whose control plane is the stateful fake, with `[oidc.auto_users]`.
+fn auto_config(port: u16, runtime: &str, idp: &FakeIdp, control: &str, billing: &str) -> String {
+    format!(
+        r#"# Team gateway. Comments here must survive sign-ups.
+public_url = "http://127.0.0.1:{port}"
+
+[aws]
+region = "us-east-1"
+runtime_endpoint = "{runtime}"
+control_endpoint = "{control}"   # the control plane
+service_quotas_endpoint = "{billing}"
+
+[oidc]
+issuer = "{issuer}"
+client_id = "{CLIENT_ID}"
+sign_ins_per_ip_per_minute = 1000
+# Everyone at corp gets Sonnet on their own profile, with a $50 budget.
+[oidc.auto_users]
+models = ["{SONNET}"]
+tags = {{ team = "self-serve" }}
+limits = {{ monthly_budget_usd = 50 }}
+
+# The admin, added by hand.
+[users.alice]
+keys = ["{ka}"]
+emails = ["{ALICE_EMAIL}"]
+[users.alice.models]
+"{SONNET}" = "{a_sonnet}"
+"#,
+        issuer = idp.issuer(),
+        ka = hash(ALICE_KEY),
+        a_sonnet = alice_sonnet(),
+    )
+}
+
+#[tokio::test]
+async fn a_first_sign_in_adds_the_user_and_creates_their_profiles() {
+    let control = FakeControl::start().await;
+    let billing = BillingFake::start().await;
+    let fake = FakeBedrock::start().await;
+    let idp = FakeIdp::start(CLIENT_ID, SECRET).await;
+    let port = free_port();
+    let config = auto_config(port, &fake.url(), &idp, &control.url(), &billing.url());
+    let proxy = start_proxy(&config, port).await;
+
+    const CAROL: &str = "carol@corp.example";
+    idp.sign_in_as(Identity::new("sub-carol", CAROL, &[]));
+    let tokens = sign_in(&proxy).await;
+    assert_eq!(tokens["email"], CAROL);
+
+    // The config: carol added with her email, budget and the new profile's ARN; comments kept.
+    let after = std::fs::read_to_string(&proxy.config_path).unwrap();
+    assert!(after.starts_with("# Team gateway. Comments here must survive sign-ups."));
+    assert!(after.contains("# The admin, added by hand."), "{after}");
+    assert!(after.contains("# the control plane"), "{after}");
+    let made = control.applications();
+    assert_eq!(made.len(), 1, "{made:#?}");
+    let profile = &made[0];
+    assert!(after.contains(&format!("[users.\"{CAROL}\"]")), "{after}");
+    assert!(
+        after.contains(&format!("emails = [\"{CAROL}\"]")),
+        "{after}"
+    );
+    assert!(after.contains("monthly_budget_usd = 50"), "{after}");
+    assert!(after.contains(&profile.arn), "{after}");
+    let tags = control.tags(&profile.arn);
+    assert_eq!(tags.get("BedrockUser").map(String::as_str), Some(CAROL));
+    assert_eq!(tags.get("team").map(String::as_str), Some("self-serve"));
+    let check = tokio::process::Command::from(command(proxy.dir.path()))
+        .env("BEDROCK_GATE_OIDC_CLIENT_SECRET", SECRET)
+        .args(["check", "-c", proxy.config_path.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Her first call is on her new profile.
+    let r = messages_as(&proxy, &bearer(&tokens)).await;
+    assert_eq!(r.status, 200, "{}\n{}", text(&r), proxy.logs());
+    assert_eq!(fake.received().last().unwrap().model, profile.arn);
+
+    // Without the permission to create profiles, the next newcomer is refused cleanly and not
+    // left half-added.
+    control.inject(
+        control::Fault::internal(control::Op::CreateInferenceProfile)
+            .error(403, "AccessDeniedException"),
+    );
+    idp.sign_in_as(Identity::new("sub-dave", "dave@corp.example", &[]));
+    let ep = discover(&proxy).await;
+    let dev = device_start(&ep).await;
+    let page = browser(&proxy, &dev).await;
+    assert_eq!(page.status, 403, "{}", text(&page));
+    assert!(
+        text(&page).contains("could not set you up"),
+        "{}",
+        text(&page)
+    );
+    let denied = poll(&ep, &dev.device_code).await;
+    assert_eq!(oauth_error(&denied), "access_denied");
+    let last = std::fs::read_to_string(&proxy.config_path).unwrap();
+    assert_eq!(last, after, "the config is as it was: no half-added dave");
 }
