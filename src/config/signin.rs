@@ -500,3 +500,90 @@ mod tests {
         assert_eq!(format!("{:?}", Secret::new("hunter2")), "Secret(*****)");
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use crate::config::Config;
+
+    fn err(text: &str) -> crate::config::ConfigError {
+        Config::parse(text).unwrap_err()
+    }
+
+    const OK: &str = "public_url = \"http://127.0.0.1:8787\"\n[oidc]\nissuer = \"https://idp.example\"\nclient_id = \"gw\"\n";
+
+    #[test]
+    fn a_minimal_oidc_table_is_valid_with_defaults() {
+        let c = Config::parse(OK).unwrap();
+        let s = c.signin.unwrap();
+        assert_eq!(s.email_claim, "email");
+        assert_eq!(s.session_ttl.as_secs(), 3600);
+        assert_eq!(s.sign_ins_per_ip_per_minute, 10);
+        assert_eq!(s.redirect_uri(), "http://127.0.0.1:8787/oauth/callback");
+        assert!(s.client_secret.is_none(), "read at load, not parse");
+    }
+
+    #[test]
+    fn oidc_mistakes_name_their_key() {
+        assert_eq!(
+            err("[oidc]\nissuer = \"https://i\"\nclient_id = \"x\"").path,
+            "public_url"
+        );
+        assert_eq!(
+            err("public_url = \"http://127.0.0.1:1\"\n[oidc]\nclient_id = \"x\"").path,
+            "oidc.issuer"
+        );
+        assert_eq!(
+            err(&format!("{OK}allowed_groups = [\"eng\"]")).path,
+            "oidc.allowed_groups"
+        );
+        assert_eq!(
+            err(&format!("{OK}session_ttl_secs = 5")).path,
+            "oidc.session_ttl_secs"
+        );
+        assert_eq!(
+            err(&format!("{OK}scopes = [\"email\"]")).path,
+            "oidc.scopes"
+        );
+        assert_eq!(
+            err(&format!("{OK}[oidc.auto_users]\nmodels = []")).path,
+            "oidc.auto_users.models"
+        );
+        assert_eq!(
+            err(&format!("{OK}client_secret = \"x\"")).path,
+            "oidc.client_secret"
+        );
+    }
+
+    #[test]
+    fn an_identity_belongs_to_one_user() {
+        let e = err(
+            "[users.a]\nemails = [\"x@corp.example\"]\n[users.b]\nemails = [\"X@Corp.Example\"]",
+        );
+        assert_eq!(e.path, "users.b.emails[0]");
+        assert!(e.message.contains("user `a`"), "{e}");
+        let c =
+            Config::parse("[users.a]\nemails = [\"X@Corp.Example\"]\nsubjects = [\"s1\"]").unwrap();
+        assert_eq!(
+            c.users
+                .by_identity("nope", Some("x@corp.example"))
+                .unwrap()
+                .name,
+            "a"
+        );
+        assert_eq!(c.users.by_identity("s1", None).unwrap().name, "a");
+        assert!(c.users.by_identity("s2", Some("y@corp.example")).is_none());
+    }
+
+    #[test]
+    fn the_secret_comes_from_the_file_never_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "  hunter2\n").unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, format!("{OK}client_secret_file = \"s\"\n")).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.signin.unwrap().client_secret.unwrap().expose(), "hunter2");
+        std::fs::write(&path, format!("{OK}client_secret_file = \"missing\"\n")).unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert_eq!(e.path, "oidc.client_secret_file");
+    }
+}
