@@ -113,9 +113,9 @@ pub struct Started {
 /// What the verification page may do with a user code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CodeState {
-    /// Waiting for a sign-in.
+    /// Waiting for a sign-in (or one is under way and may be started again).
     Open,
-    /// Already approved, denied, or being signed in.
+    /// Already approved or denied.
     Used,
     Unknown,
 }
@@ -227,14 +227,15 @@ impl DeviceFlows {
             return CodeState::Unknown;
         };
         match inner.flows.get(&h).map(|f| &f.state) {
-            Some(State::Pending) => CodeState::Open,
+            Some(State::Pending | State::SigningIn) => CodeState::Open,
             Some(_) => CodeState::Used,
             None => CodeState::Unknown,
         }
     }
 
-    /// Starts the browser sign-in for a user code: fresh `state`, nonce and PKCE verifier.
-    /// `None` when the code is not open (unknown, expired, used, or already signing in).
+    /// Starts the browser sign-in for a user code: fresh `state`, nonce and PKCE verifier. A
+    /// sign-in already under way for the code (a tab closed at the IdP, another browser) is
+    /// replaced: its `state` no longer works. `None` when the code is unknown, expired or used.
     pub fn begin_login(
         &self,
         user_code: &str,
@@ -256,9 +257,12 @@ impl DeviceFlows {
             return Ok(None);
         };
         match inner.flows.get_mut(&h) {
-            Some(flow) if flow.state == State::Pending => flow.state = State::SigningIn,
+            Some(flow) if matches!(flow.state, State::Pending | State::SigningIn) => {
+                flow.state = State::SigningIn;
+            }
             _ => return Ok(None),
         }
+        inner.logins.retain(|_, l| l.user_code != user_code);
         inner.logins.insert(state.clone(), login.clone());
         Ok(Some((state, login)))
     }
@@ -416,15 +420,21 @@ mod tests {
             "polled at once again"
         );
         assert_eq!(flows.code_state(&s.user_code), CodeState::Open);
+        let (abandoned, _) = flows.begin_login(&s.user_code).unwrap().unwrap();
         let (state, login) = flows.begin_login(&s.user_code).unwrap().unwrap();
         assert!(
-            flows.begin_login(&s.user_code).unwrap().is_none(),
-            "one sign-in per code"
+            flows.take_login(&abandoned).is_none(),
+            "a new sign-in replaces the old"
         );
-        assert_eq!(flows.code_state(&s.user_code), CodeState::Used);
+        assert_eq!(flows.code_state(&s.user_code), CodeState::Open);
         assert_eq!(flows.take_login(&state).unwrap().nonce, login.nonce);
         assert!(flows.take_login(&state).is_none(), "state is single use");
         flows.finish(&s.user_code, Ok(approval()));
+        assert_eq!(flows.code_state(&s.user_code), CodeState::Used);
+        assert!(
+            flows.begin_login(&s.user_code).unwrap().is_none(),
+            "approved codes are done"
+        );
         assert!(matches!(flows.poll(&s.device_code), Poll::Approved(_)));
         assert_eq!(
             flows.poll(&s.device_code),

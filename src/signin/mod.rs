@@ -60,6 +60,9 @@ pub struct SignInState {
     page_limit: IpLimiter,
     /// One auto-provisioning at a time (each edits the config file).
     provisioning: tokio::sync::Mutex<()>,
+    /// One refresh per refresh token at a time: two clients refreshing at once must not both
+    /// present the IdP's (rotating) refresh token, or the IdP would end the session for both.
+    refreshing: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl SignInState {
@@ -71,6 +74,7 @@ impl SignInState {
             device_limit: IpLimiter::default(),
             page_limit: IpLimiter::default(),
             provisioning: tokio::sync::Mutex::new(()),
+            refreshing: std::sync::Mutex::default(),
         }
     }
 }
@@ -361,9 +365,7 @@ async fn device_submit(State(state): State<Arc<AppState>>, request: Request) -> 
             return page::code_form(
                 None,
                 &s.issuer,
-                Some(
-                    "That code is already being signed in, or has expired. Run /login again for a new one.",
-                ),
+                Some("That code was just used, or has expired. Run /login again for a new one."),
             );
         }
         Err(e) => {
@@ -748,6 +750,17 @@ async fn refresh_grant(
     s: &SignIn,
     refresh: String,
 ) -> Response {
+    let lock = {
+        let mut map = state
+            .signin
+            .refreshing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, l| Arc::strong_count(l) > 1);
+        map.entry(refresh.clone()).or_default().clone()
+    };
+    let _one = lock.lock().await;
+    // Looked up under the lock: a refresh that just rotated this token made it unknown.
     let found = match blocking(state, move |store| store.refreshable(&refresh)).await {
         Ok(f) => f,
         Err(e) => return store_failed(&e),

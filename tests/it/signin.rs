@@ -529,6 +529,25 @@ async fn the_idp_refusing_a_refresh_ends_the_session() {
 }
 
 #[tokio::test]
+async fn two_clients_refreshing_at_once_do_not_end_the_session() {
+    // Two terminals share one credential; both refresh at once. The IdP rotates its refresh
+    // tokens, so presenting the same one twice would get the session ended by the IdP.
+    let g = start("", "").await;
+    let ep = discover(&g.proxy).await;
+    let tokens = sign_in(&g.proxy).await;
+    let rt = tokens["refresh_token"].as_str().unwrap().to_string();
+    let (a, b) = tokio::join!(refresh(&ep, &rt), refresh(&ep, &rt));
+    let mut statuses = [a.status.as_u16(), b.status.as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 401], "{} / {}", text(&a), text(&b));
+    assert_eq!(g.idp.refresh_count(), 1, "the IdP saw one refresh");
+    let winner = if a.status == 200 { a.json() } else { b.json() };
+    assert_eq!(messages_as(&g.proxy, &bearer(&winner)).await.status, 200);
+    let next = refresh(&ep, winner["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(next.status, 200, "the session lives on: {}", text(&next));
+}
+
+#[tokio::test]
 async fn sessions_survive_a_restart_and_the_cli_revokes_them_within_a_second() {
     // The secret from a file this time, as in production (a restart has no extra env).
     let secrets = tempfile::tempdir().unwrap();
@@ -700,6 +719,9 @@ async fn bad_input_gets_the_protocols_errors_and_never_a_panic() {
         oauth_error(&poll(&ep, &dev.device_code).await),
         "authorization_pending"
     );
+    // The person can still finish with the same code, in their own browser.
+    assert_eq!(browser(&g.proxy, &dev).await.status, 200);
+    assert_eq!(poll(&ep, &dev.device_code).await.status, 200);
 
     // The session bearer paths: garbage and revoked-looking tokens get 401, never 500.
     for token in ["bgs_", "bgs_x", &format!("bgs_{}", "A".repeat(43))] {
