@@ -39,6 +39,12 @@ pub struct OperationLabels {
     pub operation: String,
 }
 
+/// What became of a sign-in or a refresh (a small fixed set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~524 s
     Histogram::new(exponential_buckets(0.001, 2.0, 20))
@@ -54,6 +60,8 @@ pub struct Metrics {
     latency: Family<OperationLabels, Histogram, fn() -> Histogram>,
     ttfb: Family<OperationLabels, Histogram, fn() -> Histogram>,
     in_flight: Family<OperationLabels, Gauge>,
+    signins: Family<OutcomeLabels, Counter>,
+    refreshes: Family<OutcomeLabels, Counter>,
     config_generation: Gauge,
     ledger_lag: Gauge<f64, AtomicU64>,
     ledger_pending: Gauge,
@@ -83,6 +91,8 @@ impl Metrics {
             latency: Family::new_with_constructor(latency_histogram),
             ttfb: Family::new_with_constructor(latency_histogram),
             in_flight: Family::default(),
+            signins: Family::default(),
+            refreshes: Family::default(),
             config_generation: Gauge::default(),
             ledger_lag: Gauge::default(),
             ledger_pending: Gauge::default(),
@@ -125,6 +135,16 @@ impl Metrics {
             m.in_flight.clone(),
         );
         registry.register(
+            "signins",
+            "SSO sign-ins that reached the callback, by outcome (approved, denied, idp_unavailable)",
+            m.signins.clone(),
+        );
+        registry.register(
+            "session_refreshes",
+            "Refresh grants, by outcome (rotated, refused, idp_unavailable)",
+            m.refreshes.clone(),
+        );
+        registry.register(
             "config_generation",
             "Generation of the live config (1 at start, +1 per reload)",
             m.config_generation.clone(),
@@ -145,6 +165,18 @@ impl Metrics {
             m.ledger_dropped.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// A browser sign-in that came back from the IdP: `approved`, `denied` or `idp_unavailable`.
+    pub fn signin(&self, outcome: &'static str) {
+        self.signins.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// A refresh grant: `rotated`, `refused` (the session ended) or `idp_unavailable`.
+    pub fn refresh(&self, outcome: &'static str) {
+        self.refreshes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     pub fn request(&self, user: Option<&str>, operation: &str, status: u16) {

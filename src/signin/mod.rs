@@ -481,6 +481,7 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
     };
     let flows = &state.signin.flows;
     if let Some(error) = field(&params, "error") {
+        state.meter.metrics.signin("denied");
         let message = format!(
             "The company sign-in provider did not sign you in ({}).",
             crate::refusal::shown(error)
@@ -512,6 +513,7 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
         Ok(v) => v,
         Err(IdpError::Unavailable(e)) => {
             tracing::warn!(error = %e, "sign-in: IdP unavailable");
+            state.meter.metrics.signin("idp_unavailable");
             flows.reopen(&login.user_code);
             return page::failed(
                 StatusCode::BAD_GATEWAY,
@@ -520,6 +522,7 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
         }
         Err(IdpError::Refused(e)) => {
             tracing::warn!(error = %e, "sign-in refused");
+            state.meter.metrics.signin("denied");
             let message = format!("The sign-in could not be verified: {e}.");
             flows.finish(&login.user_code, Err(message.clone()));
             return page::failed(StatusCode::FORBIDDEN, &message);
@@ -530,17 +533,20 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
         Ok(Decision::Provision(name)) => match provision(&state, &name, &who).await {
             Ok(()) => name,
             Err(message) => {
+                state.meter.metrics.signin("denied");
                 flows.finish(&login.user_code, Err(message.clone()));
                 return page::failed(StatusCode::FORBIDDEN, &message);
             }
         },
         Err(message) => {
+            state.meter.metrics.signin("denied");
             tracing::info!(subject = %who.subject, "sign-in refused: {message}");
             flows.finish(&login.user_code, Err(message.clone()));
             return page::failed(StatusCode::FORBIDDEN, &message);
         }
     };
     tracing::info!(user = %user, "signed in through the IdP; device code approved");
+    state.meter.metrics.signin("approved");
     let response = page::signed_in(who.email.as_deref(), &user);
     let surface = flows.surface(&login.user_code);
     flows.finish(
@@ -775,6 +781,7 @@ async fn refresh_grant(
         let why = why.to_string();
         let state = state.clone();
         async move {
+            state.meter.metrics.refresh("refused");
             if let Err(e) = blocking(&state, move |store| store.end(id)).await {
                 tracing::error!(error = %format!("{e:#}"), "could not end a session");
             }
@@ -790,6 +797,7 @@ async fn refresh_grant(
         }
         Err(IdpError::Unavailable(e)) => {
             tracing::warn!(error = %e, "refresh: IdP unavailable");
+            state.meter.metrics.refresh("idp_unavailable");
             return oauth_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "temporarily_unavailable",
@@ -812,6 +820,7 @@ async fn refresh_grant(
                 }
             },
             Err(IdpError::Unavailable(_)) => {
+                state.meter.metrics.refresh("idp_unavailable");
                 return oauth_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "temporarily_unavailable",
@@ -848,7 +857,10 @@ async fn refresh_grant(
     })
     .await
     {
-        Ok(issued) => issued_json(&issued),
+        Ok(issued) => {
+            state.meter.metrics.refresh("rotated");
+            issued_json(&issued)
+        }
         Err(e) => store_failed(&e),
     }
 }
