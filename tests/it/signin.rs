@@ -1200,3 +1200,178 @@ async fn a_first_sign_in_adds_the_user_and_creates_their_profiles() {
     let last = std::fs::read_to_string(&proxy.config_path).unwrap();
     assert_eq!(last, after, "the config is as it was: no half-added dave");
 }
+
+/// Claude Code, unchanged, with a home of its own and no environment beyond the basics.
+fn claude_in(home: &std::path::Path) -> tokio::process::Command {
+    let bin = installed_client(
+        "BEDROCK_GATE_CLAUDE",
+        "claude-code/node_modules/.bin/claude",
+        "Claude Code",
+    );
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("DISABLE_AUTOUPDATER", "1")
+        .env("DISABLE_TELEMETRY", "1")
+        .env("DISABLE_ERROR_REPORTING", "1")
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .current_dir(home)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Claude Code's own `/login` to a gateway, in the JSON-lines mode its `auth login
+/// --gateway-json` offers a program that shows the questions to a person: each question is
+/// answered yes, and the browser step is the scripted browser. Returns every state it wrote.
+async fn claude_login(home: &std::path::Path, proxy: &Proxy) -> Vec<Value> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut child = claude_in(home)
+        .args(["auth", "login", "--gateway-json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = tokio::select! {
+            l = lines.next_line() => l.unwrap(),
+            () = tokio::time::sleep_until(deadline) => panic!("claude auth login stalled after {seen:#?}"),
+        };
+        let Some(line) = line else { break };
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        match v["state"].as_str().unwrap_or_default() {
+            question @ ("url_input" | "trust_prompt" | "confirm_account") => {
+                let yes = json!({"state": question, "shown": v["shown"], "accept": true});
+                stdin
+                    .write_all(format!("{yes}\n").as_bytes())
+                    .await
+                    .unwrap();
+            }
+            "polling" => {
+                let dev = Device {
+                    device_code: String::new(),
+                    user_code: v["userCode"].as_str().unwrap().to_string(),
+                    complete: v["browserUrl"].as_str().unwrap().to_string(),
+                };
+                let page = browser(proxy, &dev).await;
+                assert_eq!(page.status, 200, "{}", text(&page));
+            }
+            _ => {}
+        }
+        seen.push(v);
+    }
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}\nstates: {seen:#?}\nproxy log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        proxy.logs()
+    );
+    seen
+}
+
+#[tokio::test]
+async fn the_real_claude_code_logs_in_with_its_own_device_flow_and_then_runs() {
+    // The gateway's managed settings pick the model: the only way Claude Code can know it is
+    // by fetching /managed/settings with its new bearer.
+    let g = start("", "[managed_settings]\nmodel = \"claude-sonnet-4-5\"").await;
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join(".claude")).unwrap();
+    // What a developer's /login would be pre-filled with (a user-settings gateway URL).
+    std::fs::write(
+        home.path().join(".claude/settings.json"),
+        json!({"forceLoginMethod": "gateway", "forceLoginGatewayUrl": g.proxy.url()}).to_string(),
+    )
+    .unwrap();
+
+    let states = claude_login(home.path(), &g.proxy).await;
+    let names: Vec<&str> = states.iter().filter_map(|v| v["state"].as_str()).collect();
+    for want in ["url_input", "polling", "confirm_account", "done"] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+    let confirm = states
+        .iter()
+        .find(|v| v["state"] == "confirm_account")
+        .unwrap();
+    assert_eq!(
+        confirm["shown"], ALICE_EMAIL,
+        "the token answer's email is shown to confirm"
+    );
+
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(home.path().join(".claude/.credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let stored = &creds["enterpriseGateway"];
+    assert_eq!(stored["url"], g.proxy.url());
+    assert_eq!(stored["email"], ALICE_EMAIL);
+    assert_eq!(
+        stored["tokenEndpoint"],
+        format!("{}/oauth/token", g.proxy.url())
+    );
+    assert_eq!(
+        stored["revocationEndpoint"],
+        format!("{}/oauth/revoke", g.proxy.url())
+    );
+    let jwt = stored["jwt"].as_str().unwrap().to_string();
+    assert!(jwt.starts_with("bgs_"), "{stored}");
+    assert!(
+        stored["idpRefreshToken"]
+            .as_str()
+            .unwrap()
+            .starts_with("bgr_")
+    );
+
+    // Signed in: `claude -p` with nothing but its home goes through the gateway.
+    let run = claude_in(home.path())
+        .args(["-p", "Say hello"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success() && stdout.contains(fake::TEXT),
+        "stdout:\n{stdout}\nstderr:\n{}\nproxy log:\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        g.proxy.logs()
+    );
+    let turns: Vec<_> = g
+        .fake
+        .received()
+        .into_iter()
+        .filter(|r| r.raw_path.starts_with("/model/") && r.op != "count-tokens")
+        .collect();
+    assert!(!turns.is_empty());
+    assert!(
+        turns.iter().all(|r| r.model == alice_sonnet()),
+        "on alice's Sonnet profile, the model the managed settings chose: {turns:#?}"
+    );
+    let rows = ledger_with(&g.proxy, 1).await;
+    assert!(
+        rows.iter().all(|r| r.user.as_deref() == Some("alice")),
+        "{rows:#?}"
+    );
+
+    // Sign-out revokes the bearer at the gateway.
+    let out = claude_in(home.path())
+        .args(["auth", "logout"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("the bearer is revoked after logout", || async {
+        (messages_as(&g.proxy, &jwt).await.status == 401).then_some(())
+    })
+    .await;
+}
