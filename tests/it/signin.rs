@@ -1281,7 +1281,12 @@ async fn claude_login(home: &std::path::Path, proxy: &Proxy) -> Vec<Value> {
 async fn the_real_claude_code_logs_in_with_its_own_device_flow_and_then_runs() {
     // The gateway's managed settings pick the model: the only way Claude Code can know it is
     // by fetching /managed/settings with its new bearer.
-    let g = start("", "[managed_settings]\nmodel = \"claude-sonnet-4-5\"").await;
+    // A bearer of 60 s is inside Claude Code's 5-minute refresh margin: it refreshes at once.
+    let g = start(
+        "session_ttl_secs = 60",
+        "[managed_settings]\nmodel = \"claude-sonnet-4-5\"",
+    )
+    .await;
     let home = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(home.path().join(".claude")).unwrap();
     // What a developer's /login would be pre-filled with (a user-settings gateway URL).
@@ -1358,6 +1363,20 @@ async fn the_real_claude_code_logs_in_with_its_own_device_flow_and_then_runs() {
         rows.iter().all(|r| r.user.as_deref() == Some("alice")),
         "{rows:#?}"
     );
+    let after: Value = serde_json::from_str(
+        &std::fs::read_to_string(home.path().join(".claude/.credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let refreshed = after["enterpriseGateway"]["jwt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Claude Code refreshed through our token endpoint, which asked the IdP, and kept the new
+    // bearer.
+    assert!(g.idp.refresh_count() >= 1, "no refresh reached the IdP");
+    assert_ne!(refreshed, jwt, "the stored bearer was rotated");
+    assert_signed_out(&messages_as(&g.proxy, &jwt).await);
+    let jwt = refreshed;
 
     // Sign-out revokes the bearer at the gateway.
     let out = claude_in(home.path())
