@@ -39,17 +39,8 @@ pub enum Poll {
     Invalid,
 }
 
-/// A browser sign-in that succeeded: who approved the code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Approval {
-    pub user: String,
-    pub subject: String,
-    pub email: Option<String>,
-    pub groups: Vec<String>,
-    pub idp_refresh: Option<String>,
-    /// The client application that started the flow (`claude_code`).
-    pub surface: Option<String>,
-}
+/// A browser sign-in that succeeded: who approved the code, as the session will hold it.
+pub use super::sessions::Grant as Approval;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {

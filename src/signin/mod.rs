@@ -731,14 +731,7 @@ async fn device_grant(
             "the user this sign-in maps to is no longer in the config",
         );
     }
-    let grant = Grant {
-        user: approval.user,
-        subject: approval.subject,
-        email: approval.email,
-        groups: approval.groups,
-        idp_refresh: approval.idp_refresh,
-        surface: approval.surface,
-    };
+    let grant = *approval;
     let (ttl, refresh_ttl) = (s.session_ttl, s.refresh_ttl);
     match blocking(state, move |store| store.issue(&grant, ttl, refresh_ttl)).await {
         Ok(issued) => issued_json(&issued),

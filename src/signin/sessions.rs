@@ -77,8 +77,9 @@ pub struct Session {
     pub expires_ms: i64,
 }
 
-/// Who a new session is for (from a verified id_token).
-#[derive(Debug, Clone)]
+/// Who a new session is for (from a verified id_token). `Debug` leaves the IdP's refresh
+/// token out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Grant {
     pub user: String,
     pub subject: String,
@@ -88,6 +89,19 @@ pub struct Grant {
     /// identity could not be checked again).
     pub idp_refresh: Option<String>,
     pub surface: Option<String>,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("user", &self.user)
+            .field("subject", &self.subject)
+            .field("email", &self.email)
+            .field("groups", &self.groups)
+            .field("idp_refresh", &self.idp_refresh.as_ref().map(|_| "*****"))
+            .field("surface", &self.surface)
+            .finish()
+    }
 }
 
 /// The tokens handed out once.
@@ -205,6 +219,20 @@ fn groups_of(text: &str) -> Vec<String> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
+/// The columns a [`Session`] is read from, in this order, starting at column `at`.
+const SESSION_COLUMNS: &str = "id, user, subject, email, groups, expires_ms";
+
+fn session_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Session> {
+    Ok(Session {
+        id: r.get(at)?,
+        user: r.get(at + 1)?,
+        subject: r.get(at + 2)?,
+        email: r.get(at + 3)?,
+        groups: groups_of(&r.get::<_, String>(at + 4)?),
+        expires_ms: r.get(at + 5)?,
+    })
+}
+
 /// The store the server uses: the database and the in-memory copy of live bearers.
 pub struct SessionStore {
     conn: Mutex<Connection>,
@@ -252,23 +280,13 @@ impl SessionStore {
         if *seen == generation {
             return Ok(false);
         }
-        let mut stmt = conn.prepare(
-            "SELECT access_hash, id, user, subject, email, groups, expires_ms FROM sessions
-             WHERE revoked_ms IS NULL AND expires_ms > ?1 - 86400000",
-        )?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT access_hash, {SESSION_COLUMNS} FROM sessions
+             WHERE revoked_ms IS NULL AND expires_ms > ?1 - 86400000"
+        ))?;
         let rows = stmt
             .query_map([now_ms()], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    Session {
-                        id: r.get(1)?,
-                        user: r.get(2)?,
-                        subject: r.get(3)?,
-                        email: r.get(4)?,
-                        groups: groups_of(&r.get::<_, String>(5)?),
-                        expires_ms: r.get(6)?,
-                    },
-                ))
+                Ok((r.get::<_, String>(0)?, session_at(r, 1)?))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let map = rows.into_iter().map(|(h, s)| (h, Arc::new(s))).collect();
@@ -338,6 +356,19 @@ impl SessionStore {
             bump(&conn)?;
             id
         };
+        Ok(self.hand_out(id, access, refresh, grant, expires_ms, ttl))
+    }
+
+    /// Keeps a new bearer in memory and makes the answer that hands it out.
+    fn hand_out(
+        &self,
+        id: i64,
+        access: String,
+        refresh: Option<String>,
+        grant: &Grant,
+        expires_ms: i64,
+        ttl: Duration,
+    ) -> Issued {
         self.remember(
             &access,
             Session {
@@ -349,12 +380,12 @@ impl SessionStore {
                 expires_ms,
             },
         );
-        Ok(Issued {
+        Issued {
             access_token: access,
             refresh_token: refresh,
             expires_in: ttl.as_secs(),
             email: grant.email.clone(),
-        })
+        }
     }
 
     fn remember(&self, access: &str, session: Session) {
@@ -373,20 +404,15 @@ impl SessionStore {
         let conn = self.conn();
         let row = conn
             .query_row(
-                "SELECT id, user, subject, email, groups, expires_ms, idp_refresh, surface FROM sessions
-                 WHERE refresh_hash = ?1 AND revoked_ms IS NULL AND refresh_expires_ms > ?2
-                   AND idp_refresh IS NOT NULL",
+                &format!(
+                    "SELECT {SESSION_COLUMNS}, idp_refresh, surface FROM sessions
+                     WHERE refresh_hash = ?1 AND revoked_ms IS NULL AND refresh_expires_ms > ?2
+                       AND idp_refresh IS NOT NULL"
+                ),
                 params![hash(refresh), now_ms()],
                 |r| {
                     Ok(Refreshable {
-                        session: Session {
-                            id: r.get(0)?,
-                            user: r.get(1)?,
-                            subject: r.get(2)?,
-                            email: r.get(3)?,
-                            groups: groups_of(&r.get::<_, String>(4)?),
-                            expires_ms: r.get(5)?,
-                        },
+                        session: session_at(r, 0)?,
                         idp_refresh: r.get(6)?,
                         surface: r.get(7)?,
                     })
@@ -434,23 +460,7 @@ impl SessionStore {
             }
             bump(&conn)?;
         }
-        self.remember(
-            &access,
-            Session {
-                id,
-                user: grant.user.clone(),
-                subject: grant.subject.clone(),
-                email: grant.email.clone(),
-                groups: grant.groups.clone(),
-                expires_ms,
-            },
-        );
-        Ok(Issued {
-            access_token: access,
-            refresh_token: refresh,
-            expires_in: ttl.as_secs(),
-            email: grant.email.clone(),
-        })
+        Ok(self.hand_out(id, access, refresh, grant, expires_ms, ttl))
     }
 
     /// Ends a session by id (the IdP refused it, or the user is gone).
