@@ -84,6 +84,11 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         timeout_secs: u64,
     },
+    /// Print the IAM policies that make the gateway the only way to Bedrock, for this config.
+    Iam {
+        #[command(subcommand)]
+        command: IamCommand,
+    },
     /// List or revoke SSO sign-in sessions (bearers Claude Code got through /login). A running
     /// `serve` refuses a revoked bearer within a second.
     Sessions {
@@ -173,6 +178,34 @@ pub enum UsersCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IamCommand {
+    /// The gateway role's least-privilege policy, the deny for everyone else (SCP and
+    /// permissions boundary), and with aws.user_role_arn that role's trust and policy.
+    Policy {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, value_enum, default_value = "json")]
+        format: PolicyFormat,
+        /// The role bedrock-gate signs with; default `role/bedrock-gate` in the account of the
+        /// configured profiles.
+        #[arg(long, value_name = "ARN")]
+        gateway_role_arn: Option<String>,
+        /// Print only this policy, as a bare IAM document (for `aws iam create-policy
+        /// --policy-document file://…`).
+        #[arg(long, value_name = "NAME")]
+        only: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyFormat {
+    /// IAM policy JSON: one object keyed by policy name (or one document with --only).
+    Json,
+    /// `aws_iam_policy_document` data sources.
+    Terraform,
 }
 
 /// The ledger file sessions are stored in (beside the usage rows).

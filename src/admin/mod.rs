@@ -1,11 +1,13 @@
 //! Admin commands: users, keys and profile provisioning, all editing the config in place.
 //!
 //! [`doc`] edits the TOML keeping comments; [`provision`] talks to the Bedrock control plane
-//! (and Service Quotas); [`billing`] to Cost Explorer; [`prices`] to the AWS Price List.
+//! (and Service Quotas); [`billing`] to Cost Explorer; [`prices`] to the AWS Price List;
+//! [`iam`] writes the IAM policies for the config (and calls nothing).
 //! These run from the CLI; a running `serve` picks their edits up through live reload.
 
 pub mod billing;
 pub mod doc;
+pub mod iam;
 pub mod prices;
 pub mod provision;
 
@@ -13,7 +15,10 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use crate::auth::{KeyHash, generate_key};
-use crate::cli::{KeysCommand, PricesCommand, ProfilesCommand, SessionsCommand, UsersCommand};
+use crate::cli::{
+    IamCommand, KeysCommand, PolicyFormat, PricesCommand, ProfilesCommand, SessionsCommand,
+    UsersCommand,
+};
 use crate::config::Config;
 use doc::ConfigDoc;
 
@@ -168,6 +173,57 @@ fn exit_for(actions: &[provision::Action]) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `iam policy`: the policies for this config, as JSON or Terraform.
+pub fn iam_command(cmd: IamCommand) -> anyhow::Result<ExitCode> {
+    let IamCommand::Policy {
+        config,
+        format,
+        gateway_role_arn,
+        only,
+    } = cmd;
+    let parsed =
+        Config::load(&config.config).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let role = match gateway_role_arn {
+        Some(arn) => {
+            if !crate::config::is_role_arn(&arn) {
+                anyhow::bail!(
+                    "--gateway-role-arn `{arn}` is not an IAM role ARN like arn:aws:iam::123456789012:role/bedrock-gate"
+                );
+            }
+            arn
+        }
+        None => {
+            let arn = iam::default_gateway_role(&parsed).ok_or_else(|| {
+                anyhow::anyhow!("the config maps no profile yet; run `profiles apply` first")
+            })?;
+            eprintln!(
+                "note: the gateway role is taken to be {arn}; pass --gateway-role-arn if it is another"
+            );
+            arn
+        }
+    };
+    let mut policies = iam::policies(&parsed, &role)?;
+    if let Some(name) = &only {
+        policies.retain(|p| p.name == name);
+        if policies.is_empty() {
+            let names = iam::policies(&parsed, &role)?
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(", ");
+            anyhow::bail!("--only `{name}`: no such policy here (this config has {names})");
+        }
+    }
+    match (format, only.is_some()) {
+        (PolicyFormat::Json, true) => {
+            println!("{}", policies[0].to_json_text());
+        }
+        (PolicyFormat::Json, false) => print!("{}", iam::render_json(&policies)),
+        (PolicyFormat::Terraform, _) => print!("{}", iam::render_terraform(&policies)),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `sessions list|revoke`: the SSO sessions in the ledger file.

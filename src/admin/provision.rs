@@ -202,7 +202,7 @@ pub fn desired_tags(config: &Config, user: &User) -> BTreeMap<String, String> {
     tags
 }
 
-fn geo_for_region(region: &str) -> &'static str {
+pub(crate) fn geo_for_region(region: &str) -> &'static str {
     if region.starts_with("us-gov-") {
         "us-gov"
     } else if region.starts_with("us-") {

@@ -345,7 +345,7 @@ fn optional_endpoint(path: &str, s: Option<&str>) -> Result<Option<EndpointTempl
 }
 
 /// `arn:{partition}:iam::{12 digits}:role/{path/}name`.
-fn is_role_arn(s: &str) -> bool {
+pub fn is_role_arn(s: &str) -> bool {
     let mut parts = s.splitn(6, ':');
     matches!(
         (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next()),

@@ -18,6 +18,7 @@ mod claude_code;
 mod cli;
 mod faults;
 mod fronts;
+mod iam;
 mod messages;
 mod metering;
 mod parsers_prop;
