@@ -191,7 +191,7 @@ impl Policy {
         serde_json::to_string_pretty(&self.document()).unwrap_or_default()
     }
 
-    /// An `aws_iam_policy_document` data source.
+    /// An `aws_iam_policy_document` data source, laid out as `terraform fmt` would.
     pub fn to_terraform(&self) -> String {
         let mut out = format!(
             "# {}\ndata \"aws_iam_policy_document\" \"{}\" {{\n",
@@ -199,33 +199,73 @@ impl Policy {
         );
         for s in &self.statements {
             out.push_str("  statement {\n");
-            out.push_str(&format!("    sid       = {}\n", hcl_string(s.sid)));
-            out.push_str(&format!(
-                "    effect    = \"{}\"\n",
-                if s.allow { "Allow" } else { "Deny" }
-            ));
+            let effect = if s.allow { "Allow" } else { "Deny" };
+            let mut attrs = vec![("sid", hcl_string(s.sid)), ("effect", hcl_string(effect))];
             if !s.principals.is_empty() {
-                out.push_str("    principals {\n      type        = \"AWS\"\n");
-                out.push_str(&format!(
-                    "      identifiers = {}\n    }}\n",
-                    hcl_list(&s.principals, 6)
-                ));
+                // A nested block ends a run of aligned attributes.
+                attributes(&mut out, 4, &attrs);
+                attrs.clear();
+                out.push_str("    principals {\n");
+                attributes(
+                    &mut out,
+                    6,
+                    &[
+                        ("type", hcl_string("AWS")),
+                        ("identifiers", hcl_list(&s.principals, 6)),
+                    ],
+                );
+                out.push_str("    }\n");
             }
-            out.push_str(&format!("    actions   = {}\n", hcl_list(&s.actions, 4)));
+            attrs.push(("actions", hcl_list(&s.actions, 4)));
             if !s.resources.is_empty() {
-                out.push_str(&format!("    resources = {}\n", hcl_list(&s.resources, 4)));
+                attrs.push(("resources", hcl_list(&s.resources, 4)));
             }
+            attributes(&mut out, 4, &attrs);
             for c in &s.conditions {
                 out.push_str("    condition {\n");
-                out.push_str(&format!("      test     = {}\n", hcl_string(c.test)));
-                out.push_str(&format!("      variable = {}\n", hcl_string(&c.variable)));
-                out.push_str(&format!("      values   = {}\n", hcl_list(&c.values, 6)));
+                attributes(
+                    &mut out,
+                    6,
+                    &[
+                        ("test", hcl_string(c.test)),
+                        ("variable", hcl_string(&c.variable)),
+                        ("values", hcl_list(&c.values, 6)),
+                    ],
+                );
                 out.push_str("    }\n");
             }
             out.push_str("  }\n");
         }
         out.push_str("}\n");
         out
+    }
+}
+
+/// `key = value` lines; as `terraform fmt` does, the `=` of each run of one-line values is
+/// aligned, and a value over several lines stands alone.
+fn attributes(out: &mut String, indent: usize, attrs: &[(&str, String)]) {
+    let pad = " ".repeat(indent);
+    let mut i = 0;
+    while i < attrs.len() {
+        let mut end = i;
+        while end < attrs.len() && !attrs[end].1.contains('\n') {
+            end += 1;
+        }
+        if end == i {
+            let (k, v) = &attrs[i];
+            out.push_str(&format!("{pad}{k} = {v}\n"));
+            i += 1;
+            continue;
+        }
+        let width = attrs[i..end]
+            .iter()
+            .map(|(k, _)| k.len())
+            .max()
+            .unwrap_or(0);
+        for (k, v) in &attrs[i..end] {
+            out.push_str(&format!("{pad}{k:<width$} = {v}\n"));
+        }
+        i = end;
     }
 }
 

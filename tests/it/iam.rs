@@ -383,6 +383,23 @@ async fn cross_region_profiles_and_user_sessions() {
         tf.stdout.contains("\"$${aws:PrincipalTag/CostUser}\""),
         "IAM variables escaped for Terraform"
     );
+    // Valid HCL, laid out as `terraform fmt` lays it out (terraform is on the CI machine).
+    let file = tempfile::Builder::new().suffix(".tf").tempfile().unwrap();
+    std::fs::write(file.path(), &tf.stdout).unwrap();
+    match std::process::Command::new("terraform")
+        .env("TF_CLI_CONFIG_FILE", "/dev/null")
+        .args(["fmt", "-check", "-diff"])
+        .arg(file.path())
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "terraform fmt -check: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => eprintln!("terraform not found ({e}); HCL layout not checked by terraform"),
+    }
 }
 
 #[tokio::test]
