@@ -438,6 +438,43 @@ fn line_of(src: &str, offset: usize) -> usize {
     src.get(..offset).map_or(0, |s| s.matches('\n').count()) + 1
 }
 
+/// Whether a key path holds secrets (API keys, the OIDC secret, collector headers): a type
+/// error there must not quote the value.
+fn is_secret_path(path: &str) -> bool {
+    path.split('.').any(|seg| {
+        let seg = seg.split('[').next().unwrap_or(seg);
+        seg == "keys" || seg.contains("secret") || seg == "headers"
+    })
+}
+
+/// A parse error's message without the values it quotes where they may be secrets: serde
+/// quotes a string it did not expect (`invalid type: string "bgk_…"`), and a key written as a
+/// string instead of a list would land in `check`'s output and the reload log. Any `bgk_` key
+/// anywhere is masked too.
+fn redact_values(path: &str, message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    let secret = is_secret_path(path);
+    while let Some(at) = rest.find('"') {
+        let (before, quoted) = rest.split_at(at);
+        out.push_str(before);
+        let Some(end) = quoted[1..].find('"') else {
+            out.push_str(quoted);
+            rest = "";
+            break;
+        };
+        let value = &quoted[1..=end];
+        if secret || value.contains(crate::auth::KEY_PREFIX) {
+            out.push_str("\"*****\"");
+        } else {
+            out.push_str(&quoted[..end + 2]);
+        }
+        rest = &quoted[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A `limits` table (of a user, or of `[oidc.auto_users]`), validated.
 fn user_limits(path: &str, raw: &raw::RawUserLimits) -> Result<UserLimits, ConfigError> {
     Ok(UserLimits {
@@ -560,7 +597,7 @@ impl Config {
         } else {
             path
         };
-        ConfigError::new(path, message)
+        ConfigError::new(path, redact_values(path, &message))
     }
 
     /// Validates raw config into a typed one.
@@ -1042,6 +1079,30 @@ mod tests {
             c.aws.control_endpoint.for_region("us-west-2"),
             "https://bedrock.us-west-2.amazonaws.com"
         );
+    }
+
+    #[test]
+    fn a_key_written_as_a_string_is_never_echoed() {
+        for text in [
+            "[users.a]\nkeys = \"bgk_secret_value_1\"",
+            "[users.a]\nkeys = { k = \"bgk_secret_value_1\" }",
+            "[users.a]\nkeys = [[\"bgk_secret_value_1\"]]",
+            "[users.a]\ntags = \"bgk_secret_value_1\"",
+            "[telemetry]\nheaders = \"collector-secret-1\"",
+        ] {
+            let e = err(text);
+            let shown = e.to_string();
+            assert!(
+                !shown.contains("secret_value_1") && !shown.contains("collector-secret-1"),
+                "{shown}"
+            );
+            assert!(
+                shown.contains("invalid type"),
+                "still says what is wrong: {shown}"
+            );
+        }
+        // Values elsewhere are still quoted: they help and are not secret.
+        assert!(err("listen = \"nowhere\"").to_string().contains("nowhere"));
     }
 
     #[test]

@@ -105,6 +105,39 @@ async fn a_broken_file_is_rejected_and_the_old_config_keeps_serving() {
 }
 
 #[tokio::test]
+async fn a_plaintext_key_in_the_wrong_shape_is_never_echoed() {
+    // `keys = "bgk_…"` (a string, not a list of hashes): the parse error must not quote it,
+    // neither in the reload log nor in `check`.
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let good = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let leaked = good.replace(
+        &format!("keys = [\"{}\"]", hash(ALICE_KEY)),
+        &format!("keys = \"{ALICE_KEY}\""),
+    );
+    assert_ne!(leaked, good);
+    std::fs::write(&proxy.config_path, &leaked).unwrap();
+    let logs = proxy.wait_for_log("config reload rejected").await;
+    assert!(logs.contains("users.alice.keys"), "{logs}");
+    assert!(
+        !logs.contains(ALICE_KEY),
+        "the key reached the log:\n{logs}"
+    );
+    let check = run(
+        proxy.dir.path(),
+        &["check", "-c", proxy.config_path.to_str().unwrap()],
+    )
+    .await;
+    assert!(!check.ok);
+    assert!(
+        check.stderr.contains("users.alice.keys"),
+        "{}",
+        check.stderr
+    );
+    assert!(!check.stderr.contains(ALICE_KEY), "{}", check.stderr);
+}
+
+#[tokio::test]
 async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&two_user_config(&fake, "")).await;
