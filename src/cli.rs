@@ -36,6 +36,10 @@ pub enum Command {
         /// Do not watch the config file for changes (SIGHUP still reloads it).
         #[arg(long)]
         no_watch: bool,
+        /// Let a reload swap in a config with no users while users are being served (by default
+        /// that is refused: it is what a file truncated by an editor mid-write parses to).
+        #[arg(long)]
+        allow_empty_reload: bool,
         /// Address of the Prometheus /metrics listener; overrides `admin_listen`.
         #[arg(long, env = "BEDROCK_GATE_ADMIN_LISTEN")]
         admin_listen: Option<SocketAddr>,

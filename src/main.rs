@@ -17,6 +17,7 @@ fn main() -> ExitCode {
             log_format,
             shutdown_grace_secs,
             no_watch,
+            allow_empty_reload,
             admin_listen,
             ledger,
         } => {
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
                 listen,
                 grace: Duration::from_secs(shutdown_grace_secs),
                 watch: !no_watch,
+                allow_empty_reload,
                 admin_listen,
                 ledger,
             };

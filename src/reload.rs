@@ -43,6 +43,21 @@ pub fn reload(state: &AppState, path: &Path) -> Result<Outcome, ConfigError> {
     {
         return Ok(Outcome::Unchanged);
     }
+    if config.users.is_empty()
+        && !current.config.users.is_empty()
+        && !state
+            .allow_empty_reload
+            .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return Err(ConfigError::new(
+            "(file)",
+            format!(
+                "has no users while {} are being served; refused, as a file an editor is still \
+                 writing reads like that (serve --allow-empty-reload allows it)",
+                current.config.users.len()
+            ),
+        ));
+    }
     if config.aws.user_role_arn != current.config.aws.user_role_arn {
         tracing::warn!("`aws.user_role_arn` changed; it takes effect after a restart");
     }

@@ -223,6 +223,8 @@ pub struct ServeOptions {
     pub grace: Duration,
     /// Reload when the config file changes (SIGHUP reloads either way).
     pub watch: bool,
+    /// A reload may leave no users (`--allow-empty-reload`).
+    pub allow_empty_reload: bool,
     /// Overrides `admin_listen` in the config.
     pub admin_listen: Option<SocketAddr>,
     /// Overrides `ledger.path` in the config.
@@ -262,6 +264,10 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         meter,
         signin,
         Some(opts.config_path.clone()),
+    );
+    state.allow_empty_reload.store(
+        opts.allow_empty_reload,
+        std::sync::atomic::Ordering::Relaxed,
     );
     spawn_session_poll(state.clone());
     let _reloader = crate::reload::spawn(state.clone(), opts.config_path.clone(), opts.watch)?;

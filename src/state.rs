@@ -41,6 +41,8 @@ pub struct AppState {
     /// The config file (where sign-up by first sign-in adds users); `None` in tests that
     /// build a config in memory.
     pub config_path: Option<PathBuf>,
+    /// A reload may swap in a config with no users (`serve --allow-empty-reload`).
+    pub allow_empty_reload: std::sync::atomic::AtomicBool,
     /// Cancelled when the shutdown grace period is over: requests still running stop and are
     /// recorded as `shutdown`.
     pub shutdown: CancellationToken,
@@ -69,6 +71,7 @@ impl AppState {
             meter: Arc::new(meter),
             signin,
             config_path,
+            allow_empty_reload: std::sync::atomic::AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             requests: TaskTracker::new(),
         })

@@ -105,6 +105,29 @@ async fn a_broken_file_is_rejected_and_the_old_config_keeps_serving() {
 }
 
 #[tokio::test]
+async fn a_truncated_file_is_not_swapped_in_unless_the_admin_allows_it() {
+    // Some editors truncate the file before writing it: the empty file parses, to no users
+    // and the real-AWS default endpoints. That reload is refused and everyone keeps working.
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    std::fs::write(&proxy.config_path, "").unwrap();
+    let logs = proxy.wait_for_log("config reload rejected").await;
+    assert!(
+        logs.contains("has no users while 2 are being served"),
+        "{logs}"
+    );
+    assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
+    assert_eq!(health(&proxy).await["config_generation"], 1);
+
+    // With the flag, emptying the config is a decision, and it is carried out.
+    let proxy =
+        Proxy::start_with_args(&two_user_config(&fake, ""), &["--allow-empty-reload"]).await;
+    std::fs::write(&proxy.config_path, "").unwrap();
+    wait_generation(&proxy, 2).await;
+    assert_eq!(health(&proxy).await["users"], 0);
+}
+
+#[tokio::test]
 async fn a_plaintext_key_in_the_wrong_shape_is_never_echoed() {
     // `keys = "bgk_…"` (a string, not a list of hashes): the parse error must not quote it,
     // neither in the reload log nor in `check`.
