@@ -134,6 +134,43 @@ async fn refusals_do_not_count_against_the_rate_limit_after_a_restart() {
 }
 
 #[tokio::test]
+async fn local_refusals_do_not_use_up_the_rate_limit() {
+    // Only admitted calls count: bodies too large, malformed Messages bodies and models that
+    // are not the caller's are refused before admission.
+    let fake = FakeBedrock::start().await;
+    let config = two_user_config(&fake, "")
+        .replace(
+            "[users.bob.models]",
+            "[users.bob.limits]\nrequests_per_minute = 3\n[users.bob.models]",
+        )
+        .replace(
+            "[users.alice]",
+            "[limits]\nmax_body_bytes = 1000\n[users.alice]",
+        );
+    let proxy = Proxy::start(&config).await;
+    let big = format!(
+        r#"{{"messages":[{{"role":"user","content":[{{"text":"{}"}}]}}]}}"#,
+        "x".repeat(2000)
+    );
+    for _ in 0..3 {
+        let r = post(&proxy, &format!("/model/{SONNET}/converse"), BOB_KEY, &big).await;
+        assert_eq!(r.status, 413);
+        assert_eq!(converse(&proxy, OPUS, BOB_KEY).await.status, 403);
+        let m = messages(&proxy, BOB_KEY, "{\"model\": 5}", &[]).await;
+        assert_eq!(m.status, 400);
+    }
+    for i in 0..3 {
+        let r = converse(&proxy, SONNET, BOB_KEY).await;
+        assert_eq!(r.status, 200, "admitted call {i}: {}", r.message());
+    }
+    assert_eq!(
+        converse(&proxy, SONNET, BOB_KEY).await.status,
+        429,
+        "the limit still holds"
+    );
+}
+
+#[tokio::test]
 async fn a_call_that_never_connected_is_complete_and_one_that_timed_out_is_not() {
     // Nothing listens at the runtime endpoint: the connect fails, so the request never left.
     let config = unreachable_upstream_config();
