@@ -29,11 +29,44 @@ pub struct BedrockArn {
     pub resource_id: String,
 }
 
-fn is_region(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+/// An AWS region's shape, `^[a-z]{2}(-[a-z]+)+-\d+$` (`us-east-1`, `us-gov-west-1`): checked
+/// before a region reaches an endpoint URL or a signature.
+pub fn is_region(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    s.len() <= 32
+        && parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[0].bytes().all(|b| b.is_ascii_lowercase())
+        && parts[1..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts
+            .last()
+            .is_some_and(|p| !p.is_empty() && p.len() <= 2 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The geo prefix of a system-defined profile id (`us.anthropic.claude-…` → `us`), when the
+/// rest is a model id (`provider.model`).
+pub fn system_profile_geo(id: &str) -> Option<&str> {
+    let rest = strip_geo_prefix(id);
+    if rest == id || !rest.contains('.') || !is_model_id(rest) {
+        return None;
+    }
+    id.split_once('.').map(|(geo, _)| geo)
+}
+
+/// Whether a system profile of `geo` can live in `region` (a `us.` profile in `us-*`, …;
+/// `global.` anywhere).
+pub fn geo_holds_region(geo: &str, region: &str) -> bool {
+    match geo {
+        "global" => true,
+        "us" => region.starts_with("us-") && !region.starts_with("us-gov-"),
+        "us-gov" => region.starts_with("us-gov-"),
+        "eu" => region.starts_with("eu-"),
+        "apac" | "jp" | "au" => region.starts_with("ap-"),
+        "ca" => region.starts_with("ca-"),
+        _ => false,
+    }
 }
 
 /// Characters Bedrock allows in model ids: letters, digits, `.`, `-`, `_`, `:`.
@@ -246,6 +279,49 @@ mod tests {
         ] {
             assert!(BedrockArn::parse(bad).is_err(), "{bad} should be rejected");
         }
+    }
+
+    #[test]
+    fn regions_have_the_aws_shape() {
+        for ok in [
+            "us-east-1",
+            "us-gov-west-1",
+            "ap-southeast-4",
+            "eu-central-2",
+            "cn-north-1",
+        ] {
+            assert!(is_region(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "us",
+            "us-east",
+            "useast1",
+            "us-east-1-evil",
+            "US-EAST-1",
+            "us-east-1.evil.com",
+            "u-east-1",
+            "us--1",
+            "us-east-123",
+        ] {
+            assert!(!is_region(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn system_profile_ids_are_a_geo_and_a_model_id() {
+        assert_eq!(
+            system_profile_geo("us.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+            Some("us")
+        );
+        assert_eq!(system_profile_geo("global.anthropic.x"), Some("global"));
+        assert_eq!(system_profile_geo("us.nothing"), None);
+        assert_eq!(system_profile_geo("anthropic.claude"), None);
+        assert_eq!(system_profile_geo("xx.anthropic.claude"), None);
+        assert!(geo_holds_region("us", "us-west-2"));
+        assert!(!geo_holds_region("us", "eu-west-1"));
+        assert!(!geo_holds_region("us", "us-gov-west-1"));
+        assert!(geo_holds_region("apac", "ap-northeast-1"));
     }
 
     #[test]

@@ -275,11 +275,23 @@ pub fn profile_lookup(
         ModelRef::Arn(BedrockArn {
             kind: ResourceKind::InferenceProfile,
             region,
+            resource_id,
             ..
-        }) => Ok(ProfileLookup {
-            id: requested.to_string(),
-            region: Some(region),
-        }),
+        }) => match crate::arn::system_profile_geo(&resource_id) {
+            Some(geo) if crate::arn::geo_holds_region(geo, &region) => Ok(ProfileLookup {
+                id: requested.to_string(),
+                region: Some(region),
+            }),
+            Some(_) => Err(Refusal::invalid(format!(
+                "`{}`: a `{}` system profile does not live in {region}.",
+                shown(requested),
+                resource_id.split('.').next().unwrap_or_default()
+            ))),
+            None => Err(Refusal::not_allowed(format!(
+                "`{}` is not a system-defined profile (a geo prefix such as `us.` and a model id).",
+                shown(requested)
+            ))),
+        },
         ModelRef::Arn(_) => Err(Refusal::invalid(format!(
             "`{}` is a foundation model, not an inference profile.",
             shown(requested)
@@ -291,7 +303,7 @@ pub fn profile_lookup(
                     region: Some(p.parsed.region.clone()),
                 });
             }
-            if strip_geo_prefix(&id) != id {
+            if crate::arn::system_profile_geo(&id).is_some() {
                 return Ok(ProfileLookup { id, region: None });
             }
             Err(Refusal::not_allowed(format!(

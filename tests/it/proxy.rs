@@ -185,8 +185,27 @@ async fn control_plane_reads_are_forwarded_for_system_and_own_profiles_only() {
     assert_eq!(other.status, 403);
     assert_eq!(other.error_type(), "AccessDeniedException");
 
+    // A system-profile ARN with a made-up id, one in a region its geo does not cover, and
+    // one with a region that is no region's shape are refused before they reach a URL.
+    let arn = |region: &str, id: &str| {
+        format!("arn:aws:bedrock:{region}:123456789012:inference-profile/{id}")
+            .replace(':', "%3A")
+            .replace('/', "%2F")
+    };
+    for (path, status) in [
+        (arn("us-east-1", "anything"), 403),
+        (arn("us-east-1", "us.nothing"), 403),
+        (arn("eu-west-1", &format!("us.{SONNET}")), 400),
+        (arn("us-east-1-evil", &format!("us.{SONNET}")), 400),
+        (arn("useast1", &format!("us.{SONNET}")), 400),
+        ("us.nothing".to_string(), 403),
+    ] {
+        let r = get(format!("/inference-profiles/{path}")).await;
+        assert_eq!(r.status, status, "{path}: {:?}", r.body);
+    }
+
     let got = fake.received();
-    assert_eq!(got.len(), 3, "the refused lookup never reached AWS");
+    assert_eq!(got.len(), 3, "the refused lookups never reached AWS");
     assert_eq!(got[0].op, "inference-profiles");
     assert_eq!(
         got[0].query.as_deref(),
