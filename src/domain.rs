@@ -155,6 +155,9 @@ pub enum Outcome {
     Shutdown,
     /// Refused by the proxy itself; the name is the refusal's (see `Reason::name`).
     Refused(&'static str),
+    /// Bedrock answered with an error (a 4xx/5xx, or an exception frame that ended a stream):
+    /// its error type.
+    UpstreamFailed(&'static str),
 }
 
 impl Outcome {
@@ -165,9 +168,48 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::UpstreamIdle => "upstream_idle",
             Outcome::Shutdown => "shutdown",
-            Outcome::Refused(name) => name,
+            Outcome::Refused(name) | Outcome::UpstreamFailed(name) => name,
         }
     }
+
+    /// Whether the call failed upstream (the ledger's and `/metrics`' errors; a refusal by the
+    /// proxy, a client gone and a shutdown are not Bedrock's errors).
+    pub fn is_upstream_error(self) -> bool {
+        matches!(
+            self,
+            Outcome::UpstreamFailed(_) | Outcome::UpstreamError | Outcome::UpstreamIdle
+        )
+    }
+}
+
+/// Bedrock Runtime's and the control plane's error types, as the ledger names them
+/// (`ThrottlingException`, from the `x-amzn-ErrorType` header or an exception frame's
+/// `:exception-type`); any other is `UpstreamException`.
+pub fn upstream_error_type(raw: &str) -> &'static str {
+    // `x-amzn-ErrorType` may carry `:http://internal.amazon.com/...` after the type.
+    let name = raw.split(':').next().unwrap_or(raw).trim();
+    const KNOWN: &[&str] = &[
+        "AccessDeniedException",
+        "ConflictException",
+        "InternalServerException",
+        "ModelErrorException",
+        "ModelNotReadyException",
+        "ModelStreamErrorException",
+        "ModelTimeoutException",
+        "ResourceNotFoundException",
+        "ServiceQuotaExceededException",
+        "ServiceUnavailableException",
+        "ThrottlingException",
+        "TooManyRequestsException",
+        "UnknownOperationException",
+        "ValidationException",
+    ];
+    // Exception frames name them in lowerCamelCase (`throttlingException`).
+    KNOWN
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(name))
+        .copied()
+        .unwrap_or("UpstreamException")
 }
 
 /// A caller's standing against their monthly budget, at the moment a call was admitted or

@@ -66,6 +66,14 @@ pub async fn forward(
     };
     info.ttfb = Some(started.elapsed());
     info.status = upstream.status().as_u16();
+    if info.status >= 400 {
+        let raw = upstream
+            .headers()
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        info.upstream_error = Some(crate::domain::upstream_error_type(raw));
+    }
     info.upstream_request_id = upstream
         .headers()
         .get("x-amzn-requestid")

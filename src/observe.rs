@@ -49,6 +49,8 @@ pub struct RequestInfo {
     pub admitted: bool,
     /// Handed to the upstream client: from here on Bedrock may have run (and billed) it.
     pub sent: bool,
+    /// Bedrock's error type when it answered 4xx/5xx.
+    pub upstream_error: Option<&'static str>,
 }
 
 impl RequestInfo {
@@ -137,7 +139,11 @@ impl Recorder {
     /// carried no usage, and that is all of it.
     pub fn answered(mut self, status: http::StatusCode) {
         self.info.status = status.as_u16();
-        self.record(0, Usage::default(), true, Outcome::Complete);
+        let outcome = self
+            .info
+            .upstream_error
+            .map_or(Outcome::Complete, Outcome::UpstreamFailed);
+        self.record(0, Usage::default(), true, outcome);
     }
 
     /// Ends a request that got no answer from Bedrock. One that was sent may have run anyway
@@ -165,6 +171,7 @@ impl Recorder {
         }
         let info = std::mem::take(&mut self.info);
         let op = info.op();
+        let failed_upstream = outcome.is_upstream_error();
         let outcome = outcome.name();
         let elapsed = self.started.elapsed();
         let cost = if usage.total() == 0 {
@@ -204,6 +211,11 @@ impl Recorder {
         meter
             .metrics
             .request(info.user.as_deref(), op.name(), info.status);
+        if failed_upstream {
+            meter
+                .metrics
+                .upstream_error(info.user.as_deref(), op.name(), outcome);
+        }
         meter.metrics.timing(
             op.name(),
             elapsed.as_secs_f64(),

@@ -152,10 +152,19 @@ impl<B, E> Relay<B, E> {
     fn finish(&mut self, outcome: Outcome) {
         if let Some((recorder, usage)) = self.end.take() {
             let ended = outcome == Outcome::Complete;
-            let (usage, complete) = match usage.map(|u| u.finish(ended)) {
-                Some(m) => (m.usage, m.complete),
+            let (usage, complete, exception) = match usage.map(|u| u.finish(ended)) {
+                Some(m) => (m.usage, m.complete, m.exception),
                 // Control-plane reads carry no usage; they are complete when they end.
-                None => (Usage::default(), ended),
+                None => (Usage::default(), ended, None),
+            };
+            // A whole answer that is Bedrock's error, or a stream its exception frame ended,
+            // is recorded as that error, not as complete.
+            let outcome = match (outcome, recorder.info.upstream_error, exception) {
+                (Outcome::Complete, Some(kind), _) => Outcome::UpstreamFailed(kind),
+                (Outcome::Complete, None, Some(kind)) => {
+                    Outcome::UpstreamFailed(crate::domain::upstream_error_type(&kind))
+                }
+                (other, _, _) => other,
             };
             self.meter.metrics.in_flight(self.operation, -1);
             recorder.finish(Ending {

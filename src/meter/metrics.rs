@@ -23,6 +23,13 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub user: String,
+    pub operation: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
     pub user: String,
     pub model: String,
@@ -54,6 +61,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    upstream_errors: Family<ErrorLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     cost: Family<UserLabels, Counter<f64, AtomicU64>>,
     unpriced: Family<UserLabels, Counter>,
@@ -85,6 +93,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("bedrock_gate");
         let m = Metrics {
             requests: Family::default(),
+            upstream_errors: Family::default(),
             tokens: Family::default(),
             cost: Family::default(),
             unpriced: Family::default(),
@@ -103,6 +112,11 @@ impl Metrics {
             "requests",
             "Requests by user, operation and status",
             m.requests.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Calls Bedrock answered with an error or cut (a 4xx/5xx, an exception frame, a broken or silent stream), by user, operation and error type",
+            m.upstream_errors.clone(),
         );
         registry.register(
             "tokens",
@@ -176,6 +190,17 @@ impl Metrics {
     pub fn refresh(&self, outcome: &'static str) {
         self.refreshes
             .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// A call that failed upstream; `kind` is Bedrock's error type or the outcome's name.
+    pub fn upstream_error(&self, user: Option<&str>, operation: &str, kind: &str) {
+        self.upstream_errors
+            .get_or_create(&ErrorLabels {
+                user: user.unwrap_or("-").to_string(),
+                operation: operation.to_string(),
+                kind: kind.to_string(),
+            })
             .inc();
     }
 

@@ -73,7 +73,8 @@ pub struct Row {
     pub unpriced_requests: u64,
     /// Streams cut before their usage was complete.
     pub incomplete_requests: u64,
-    /// Requests that did not get a 200.
+    /// Requests that did not get a 200, or that Bedrock ended with an error (an exception
+    /// frame, a broken or silent stream).
     pub error_requests: u64,
 }
 
@@ -102,7 +103,8 @@ pub fn query(
                 sum(cache_write_tokens), total(cost_usd),
                 sum(CASE WHEN cost_usd IS NULL AND (input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) > 0 THEN 1 ELSE 0 END),
                 sum(CASE WHEN complete = 0 AND status = 200 THEN 1 ELSE 0 END),
-                sum(CASE WHEN status <> 200 THEN 1 ELSE 0 END)
+                sum(CASE WHEN status <> 200
+                          OR outcome NOT IN ('complete', 'client_gone', 'shutdown') THEN 1 ELSE 0 END)
          FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2 GROUP BY k ORDER BY total(cost_usd) DESC, k",
         key = by.column(labelled)
     );

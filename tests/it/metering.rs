@@ -474,3 +474,92 @@ async fn bedrock_gate_ledger_points_serve_and_usage_at_another_database() {
     let csv = String::from_utf8(out.stdout).unwrap();
     assert!(csv.lines().any(|l| l.starts_with("alice,1,")), "{csv}");
 }
+
+#[tokio::test]
+async fn bedrock_errors_are_recorded_as_errors_not_as_complete() {
+    // A 429 answer, a 500 and a stream an exception frame ended: each row names the error, and
+    // `usage` and /metrics count them as errors.
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    fake.script(
+        &alice_sonnet(),
+        fake::Script::Error(429, "ThrottlingException", "slow down"),
+    );
+    assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 429);
+    fake.script(
+        &alice_sonnet(),
+        fake::Script::Error(500, "InternalServerException", "boom"),
+    );
+    let m = messages(
+        &proxy,
+        ALICE_KEY,
+        &messages_body("claude-sonnet-4-5", false),
+        &[],
+    )
+    .await;
+    assert_eq!(m.status, 500, "{:?}", m.body);
+    fake.script(
+        &alice_haiku(),
+        fake::Script::MidStreamException("throttlingException", "mid-stream slow down"),
+    );
+    let s = post(
+        &proxy,
+        &format!("/model/{HAIKU}/invoke-with-response-stream"),
+        ALICE_KEY,
+        INVOKE_BODY,
+    )
+    .await;
+    assert_eq!(s.status, 200, "the stream started");
+    assert_eq!(converse(&proxy, SONNET, BOB_KEY).await.status, 200);
+
+    let rows = ledger_with(&proxy, 4).await;
+    let outcomes: Vec<(&str, i64, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.user.as_deref().unwrap_or("-"),
+                r.status,
+                r.outcome.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("alice", 429, "ThrottlingException"),
+            ("alice", 500, "InternalServerException"),
+            ("alice", 200, "ThrottlingException"),
+            ("bob", 200, "complete"),
+        ]
+    );
+    let config = proxy.config_path.to_str().unwrap().to_string();
+    let usage = run(
+        proxy.dir.path(),
+        &["usage", "-c", &config, "--by", "user", "--format", "json"],
+    )
+    .await;
+    assert!(usage.ok, "{}", usage.stderr);
+    let v: serde_json::Value = serde_json::from_str(&usage.stdout).unwrap();
+    let alice = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "alice")
+        .unwrap_or_else(|| panic!("{v}"))
+        .clone();
+    assert_eq!(alice["error_requests"], 3, "{alice}");
+    let metrics = send(request(
+        http::Method::GET,
+        &format!("http://{}/metrics", proxy.admin_addr),
+        &[],
+        "",
+    ))
+    .await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        text.contains(
+            "bedrock_gate_upstream_errors_total{user=\"alice\",operation=\"InvokeModelWithResponseStream\",kind=\"ThrottlingException\"} 1"
+        ),
+        "{text}"
+    );
+}
