@@ -2,7 +2,7 @@
 //! `serve(listener, shutdown)`.
 //!
 //! `handle` is the pipeline, one line per phase, each owned by its module:
-//! `front` (which protocol, which operation) → `identify` (key → user) → `front` (read the body,
+//! `identify` (key or sign-in → user) → `front` (which protocol, which operation; read the body,
 //! decode the call) → `resolve` (user × model → the caller's own profile: the model id swap) →
 //! `admit` (budget and rate limits) → `forward` (sign, send) → `front` (encode the answer:
 //! pass-through or re-encoded, through `stream`) → `observe` (one record per request, written
@@ -112,22 +112,26 @@ async fn handle(
 ) -> Result<Handled, Refusal> {
     let config = &live.config;
     let (parts, body) = request.into_parts();
+    if parts.method == http::Method::GET && parts.uri.path() == "/healthz" {
+        info.operation = Some(Op::Health);
+        return Ok(Handled::Local(health(live)));
+    }
+    // Who is calling comes first, so every identified request gets its row, even one whose
+    // path no front serves.
+    let front = front::front_of(parts.uri.path());
+    info.front = Some(front);
+    let caller = identify(
+        &parts.headers,
+        &config.users,
+        &state.signin.store,
+        front::key_hint(front),
+    )?;
+    info.user = Some(caller.user.name.clone());
     let request = front::route(&parts.method, &parts.uri)?;
     info.front = Some(request.front());
     info.operation = Some(request.op());
     // Known before the body is read, so even a body refused as too large records its model.
     info.model = request.model().map(str::to_string);
-    if request.op() == Op::Health {
-        return Ok(Handled::Local(health(live)));
-    }
-
-    let caller = identify(
-        &parts.headers,
-        &config.users,
-        &state.signin.store,
-        front::key_hint(request.front()),
-    )?;
-    info.user = Some(caller.user.name.clone());
     if let front::Request::Gateway(route) = &request {
         let answer =
             front::gateway::answer(route, &caller, &parts.headers, body, state, config).await?;

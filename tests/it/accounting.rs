@@ -134,6 +134,43 @@ async fn refusals_do_not_count_against_the_rate_limit_after_a_restart() {
 }
 
 #[tokio::test]
+async fn every_identified_request_gets_a_row_even_one_no_front_serves() {
+    // A malformed model id, an unknown operation and an over-long path, with a valid key:
+    // refused before anything else, and each recorded for its caller.
+    let fake = FakeBedrock::start().await;
+    let mut proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let long = format!("/model/{}/converse", "a".repeat(5000));
+    for (path, status) in [
+        ("/model/not%20a%20model/converse".to_string(), 400),
+        (format!("/model/{SONNET}/frobnicate"), 404),
+        (long, 400),
+        ("/v1/nothing-here".to_string(), 404),
+    ] {
+        let r = post(&proxy, &path, ALICE_KEY, "{}").await;
+        assert_eq!(
+            r.status,
+            status,
+            "{}: {:?}",
+            &path[..path.len().min(60)],
+            r.body
+        );
+    }
+    // Without a key nothing is recorded (and nothing tells a stranger which paths exist).
+    let anon = send(request(
+        http::Method::POST,
+        &format!("{}/model/{SONNET}/frobnicate", proxy.url()),
+        &[],
+        "{}",
+    ))
+    .await;
+    assert_eq!(anon.status, 403, "{:?}", anon.body);
+    assert!(proxy.terminate().success());
+    let rows = ledger(&proxy);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(fake.received().is_empty());
+}
+
+#[tokio::test]
 async fn local_refusals_do_not_use_up_the_rate_limit() {
     // Only admitted calls count: bodies too large, malformed Messages bodies and models that
     // are not the caller's are refused before admission.
@@ -279,7 +316,8 @@ async fn unidentified_callers_are_logged_but_never_fill_the_ledger() {
         ))
         .await
         .status,
-        404
+        403,
+        "who is calling comes first, so a stranger learns no path"
     );
     assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
     assert!(proxy.terminate().success());
