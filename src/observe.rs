@@ -172,6 +172,7 @@ impl Recorder {
         let info = std::mem::take(&mut self.info);
         let op = info.op();
         let failed_upstream = outcome.is_upstream_error();
+        let refused_locally = matches!(outcome, Outcome::Refused(_)) && !info.sent;
         let outcome = outcome.name();
         let elapsed = self.started.elapsed();
         let cost = if usage.total() == 0 {
@@ -236,6 +237,12 @@ impl Recorder {
             .or(info.model.as_deref())
             .unwrap_or("-");
         meter.metrics.usage(&user, model, &usage, cost);
+        // The ledger grows with admitted work: past a cap per user and minute, refusals the
+        // proxy made itself are counted, not written.
+        if refused_locally && !meter.refusals.allow(&user, info.started_ms) {
+            meter.metrics.refusal_not_recorded(&user);
+            return;
+        }
         meter.ledger.record(Record {
             ts_ms: info.started_ms,
             user: Some(user),

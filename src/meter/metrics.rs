@@ -62,6 +62,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     upstream_errors: Family<ErrorLabels, Counter>,
+    refusals_not_recorded: Family<UserLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     cost: Family<UserLabels, Counter<f64, AtomicU64>>,
     unpriced: Family<UserLabels, Counter>,
@@ -94,6 +95,7 @@ impl Metrics {
         let m = Metrics {
             requests: Family::default(),
             upstream_errors: Family::default(),
+            refusals_not_recorded: Family::default(),
             tokens: Family::default(),
             cost: Family::default(),
             unpriced: Family::default(),
@@ -117,6 +119,11 @@ impl Metrics {
             "upstream_errors",
             "Calls Bedrock answered with an error or cut (a 4xx/5xx, an exception frame, a broken or silent stream), by user, operation and error type",
             m.upstream_errors.clone(),
+        );
+        registry.register(
+            "refusals_not_recorded",
+            "Refusals past the per-user cap of ledger rows per minute, counted here instead, by user",
+            m.refusals_not_recorded.clone(),
         );
         registry.register(
             "tokens",
@@ -200,6 +207,15 @@ impl Metrics {
                 user: user.unwrap_or("-").to_string(),
                 operation: operation.to_string(),
                 kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// A refusal past the per-minute cap of ledger rows.
+    pub fn refusal_not_recorded(&self, user: &str) {
+        self.refusals_not_recorded
+            .get_or_create(&UserLabels {
+                user: user.to_string(),
             })
             .inc();
     }

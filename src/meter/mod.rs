@@ -30,6 +30,42 @@ pub struct Meter {
     pub ledger: Ledger,
     pub accounts: Accounts,
     pub metrics: Metrics,
+    /// How many refusals each user had written this minute.
+    pub refusals: RefusalCap,
+}
+
+/// Refusal rows per user and minute that reach the ledger; beyond it they are counted in
+/// `bedrock_gate_refusals_not_recorded_total` and the log line says so once a minute.
+pub const MAX_REFUSAL_ROWS_PER_MINUTE: u32 = 60;
+
+/// Counts refusal rows per user and UTC minute.
+#[derive(Debug, Default)]
+pub struct RefusalCap {
+    inner: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
+}
+
+impl RefusalCap {
+    /// Counts a refusal of `user` at `ts_ms`; false once the minute's cap is used.
+    pub fn allow(&self, user: &str, ts_ms: i64) -> bool {
+        let minute = ts_ms.div_euclid(60_000);
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 10_000 {
+            map.retain(|_, (m, _)| *m == minute);
+        }
+        let entry = map.entry(user.to_string()).or_insert((minute, 0));
+        if entry.0 != minute {
+            *entry = (minute, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+        if entry.1 == MAX_REFUSAL_ROWS_PER_MINUTE + 1 {
+            tracing::warn!(
+                user,
+                cap = MAX_REFUSAL_ROWS_PER_MINUTE,
+                "refusals beyond the cap this minute are counted in /metrics, not written to the ledger"
+            );
+        }
+        entry.1 <= MAX_REFUSAL_ROWS_PER_MINUTE
+    }
 }
 
 impl Meter {
@@ -49,6 +85,7 @@ impl Meter {
             ledger,
             accounts,
             metrics: Metrics::new(),
+            refusals: RefusalCap::default(),
         })
     }
 }

@@ -563,3 +563,54 @@ async fn bedrock_errors_are_recorded_as_errors_not_as_complete() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_flood_of_refusals_does_not_flood_the_ledger() {
+    // A rate-limited caller hammering the proxy (with invented model names too) writes at most
+    // the cap of refusal rows a minute; the rest are counted on /metrics.
+    let fake = FakeBedrock::start().await;
+    let config = two_user_config(&fake, "").replace(
+        "[users.bob.models]",
+        "[users.bob.limits]\nrequests_per_minute = 1\n[users.bob.models]",
+    );
+    let proxy = Proxy::start(&config).await;
+    assert_eq!(converse(&proxy, SONNET, BOB_KEY).await.status, 200);
+    let sent = 150;
+    for i in 0..sent {
+        let model = if i % 2 == 0 {
+            SONNET.to_string()
+        } else {
+            format!("invented.model-{i}")
+        };
+        let r = converse(&proxy, &model, BOB_KEY).await;
+        assert!(r.status == 429 || r.status == 403, "{}", r.status);
+    }
+    assert_eq!(
+        converse(&proxy, SONNET, ALICE_KEY).await.status,
+        200,
+        "others unaffected"
+    );
+    let metrics = send(request(
+        http::Method::GET,
+        &format!("http://{}/metrics", proxy.admin_addr),
+        &[],
+        "",
+    ))
+    .await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let dropped: u64 = text
+        .lines()
+        .find(|l| l.starts_with("bedrock_gate_refusals_not_recorded_total{user=\"bob\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no refusal counter for bob:\n{text}"));
+    let rows = ledger_with(&proxy, 2).await;
+    let bob = rows
+        .iter()
+        .filter(|r| r.user.as_deref() == Some("bob"))
+        .count() as u64;
+    // A minute boundary may fall inside the run: at most two minutes' worth of rows.
+    assert!(bob <= 1 + 2 * 60, "{bob} rows for bob");
+    assert_eq!(bob - 1 + dropped, sent, "every refusal is a row or a count");
+    assert!(proxy.logs().contains("not written to the ledger"));
+}
