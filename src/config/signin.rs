@@ -188,10 +188,19 @@ fn url(path: &str, s: &str, bare: bool) -> Result<String, ConfigError> {
             ),
         ));
     }
+    if bare {
+        // The origin as browsers send it (`Origin`), in lower case: the scheme decides the
+        // cookie's `Secure`, and the same-origin check compares with what browsers send.
+        let authority = uri
+            .authority()
+            .map_or(String::new(), |a| a.as_str().to_ascii_lowercase());
+        let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
+        return Ok(format!("{scheme}://{authority}"));
+    }
     Ok(s.trim_end_matches('/').to_string())
 }
 
-/// `public_url`, validated.
+/// `public_url`, validated, as an origin in lower case.
 pub fn public_url(raw: Option<&str>) -> Result<Option<String>, ConfigError> {
     raw.map(|s| url("public_url", s, true)).transpose()
 }
@@ -471,6 +480,11 @@ mod tests {
             Some("https://gw.corp.example:8787".to_string())
         );
         assert!(public_url(Some("http://127.0.0.1:8787")).is_ok());
+        // As a browser's Origin header spells it (found by the signin fuzz target).
+        assert_eq!(
+            public_url(Some("HTTPS://GW.Corp.Example:8787")).unwrap(),
+            Some("https://gw.corp.example:8787".to_string())
+        );
         assert!(public_url(Some("http://localhost:8787")).is_ok());
         assert!(public_url(Some("http://[::1]:8787")).is_ok());
         for bad in [
