@@ -81,7 +81,18 @@ async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response
     let live = state.live.load_full();
     let front = front::front_of(request.uri().path());
     let started = recorder.started();
-    match handle(&state, &live, request, &mut recorder.info, started).await {
+    let (parts, body) = request.into_parts();
+    let mut body = Some(body);
+    match handle(
+        &state,
+        &live,
+        &parts,
+        &mut body,
+        &mut recorder.info,
+        started,
+    )
+    .await
+    {
         Ok(Handled::Local(response)) => {
             recorder.skip();
             response
@@ -95,7 +106,10 @@ async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response
             front::respond(*answered, recorder, enc).await
         }
         Err(refusal) => {
-            let response = front::error_response(front, &refusal, &recorder.info.request_id);
+            let mut response = front::error_response(front, &refusal, &recorder.info.request_id);
+            if let Some(unread) = body.take() {
+                finish_unread(unread, &parts.headers, &mut response).await;
+            }
             recorder.refused(response.status().as_u16(), &refusal);
             response
         }
@@ -106,12 +120,12 @@ async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response
 async fn handle(
     state: &AppState,
     live: &Live,
-    request: Request,
+    parts: &http::request::Parts,
+    body: &mut Option<axum::body::Body>,
     info: &mut RequestInfo,
     started: std::time::Instant,
 ) -> Result<Handled, Refusal> {
     let config = &live.config;
-    let (parts, body) = request.into_parts();
     if parts.method == http::Method::GET && parts.uri.path() == "/healthz" {
         info.operation = Some(Op::Health);
         return Ok(Handled::Local(health(live)));
@@ -133,8 +147,15 @@ async fn handle(
     // Known before the body is read, so even a body refused as too large records its model.
     info.model = request.model().map(str::to_string);
     if let front::Request::Gateway(route) = &request {
-        let answer =
-            front::gateway::answer(route, &caller, &parts.headers, body, state, config).await?;
+        let answer = front::gateway::answer(
+            route,
+            &caller,
+            &parts.headers,
+            take_body(body),
+            state,
+            config,
+        )
+        .await?;
         return Ok(Handled::Local(answer));
     }
     let user = caller.user;
@@ -148,7 +169,7 @@ async fn handle(
     let mut call = tokio::select! {
         biased;
         () = state.shutdown.cancelled() => return Err(crate::forward::shutting_down()),
-        call = front::decode(request, &parts, body, config) => call?,
+        call = front::decode(request, parts, take_body(body), config) => call?,
     };
     info.operation = Some(call.op);
     info.model = call.model.clone();
@@ -185,6 +206,38 @@ async fn handle(
         admission,
         upstream,
     })))
+}
+
+/// The request body, for the phase that reads it (once).
+fn take_body(body: &mut Option<axum::body::Body>) -> axum::body::Body {
+    body.take().unwrap_or_else(axum::body::Body::empty)
+}
+
+/// Bodies up to this size are read and dropped after a refusal that came before them, so the
+/// connection can serve the client's next request.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+
+/// A refusal came before the body was read: drain a small one (so keep-alive survives), or
+/// tell the client the connection closes, rather than closing it under its next request.
+async fn finish_unread(body: axum::body::Body, headers: &http::HeaderMap, response: &mut Response) {
+    use http_body_util::BodyExt as _;
+    let small = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= DRAIN_LIMIT);
+    if small {
+        let limited = http_body_util::Limited::new(body, DRAIN_LIMIT as usize);
+        if tokio::time::timeout(Duration::from_secs(2), limited.collect())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            return;
+        }
+    }
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
 }
 
 /// Picks up sessions revoked by `bedrock-gate sessions revoke` (another process) within a

@@ -456,3 +456,91 @@ async fn a_closed_stderr_neither_blocks_requests_nor_shutdown() {
     assert!(status.success(), "{status:?}");
     drop(stdout);
 }
+
+/// Reads one HTTP/1.1 response (head and a Content-Length body) from `sock`.
+async fn read_response(sock: &mut tokio::net::TcpStream) -> Option<(String, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = sock.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+            return Some((head, body));
+        }
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_before_the_body_is_read_keeps_the_connection_usable() {
+    // Refused before its body was read (an unknown key, a model that is not the caller's):
+    // either the small body is drained and the connection serves the next request, or the
+    // answer says `Connection: close`. Never a silent close the client's next write hits.
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    for (key, big) in [
+        ("bgk_nobody", false),
+        (ALICE_KEY, false),
+        ("bgk_nobody", true),
+    ] {
+        let mut sock = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+        let body = if big {
+            "x".repeat(1024 * 1024)
+        } else {
+            format!(r#"{{"messages":[],"pad":"{}"}}"#, "x".repeat(3000))
+        };
+        let model = if key == ALICE_KEY { OPUS } else { SONNET };
+        let req = format!(
+            "POST /model/{model}/converse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        // Send the body in pieces after the headers, as a slow client would.
+        let _ = sock.write_all(body.as_bytes()).await;
+        let (head, _) = read_response(&mut sock).await.expect("a response");
+        assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+        let closes = head.to_ascii_lowercase().contains("connection: close");
+        if big {
+            assert!(
+                closes,
+                "a large unread body: the answer says it closes: {head}"
+            );
+            continue;
+        }
+        assert!(
+            !closes,
+            "a small body is drained, the connection kept: {head}"
+        );
+        let next = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        sock.write_all(next.as_bytes())
+            .await
+            .expect("the connection is still open");
+        let (head, body) = read_response(&mut sock)
+            .await
+            .expect("the next request on the same connection is answered");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    }
+    assert!(fake.received().is_empty());
+}
