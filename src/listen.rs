@@ -7,8 +7,10 @@
 //! gives up after the grace period.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -80,6 +82,7 @@ pub async fn serve(
             requests,
             idle_after,
             closing: closing.clone(),
+            write_after: live.config.timeouts.client_write,
         };
         match &tls {
             None => {
@@ -140,6 +143,8 @@ struct Conn {
     idle_after: Duration,
     /// Cancelled at shutdown.
     closing: CancellationToken,
+    /// `timeouts.client_write_secs`: how long a write to the client may wait.
+    write_after: Duration,
 }
 
 impl Conn {
@@ -159,6 +164,7 @@ impl Conn {
             + 'static,
         S::Future: Send + 'static,
     {
+        let io = WriteDeadline::new(io, self.write_after);
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -210,4 +216,103 @@ fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     builder
+}
+
+/// A connection whose writes may wait at most `limit`: a client that stops reading fills its
+/// socket buffer, and then every write waits; past the limit the write fails (`TimedOut`), the
+/// connection ends, and a stream in flight is recorded as its client gone. The timer exists
+/// only while a write waits, so a reading client costs nothing.
+struct WriteDeadline<I> {
+    inner: I,
+    limit: Duration,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteDeadline<I> {
+    fn new(inner: I, limit: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            waiting: None,
+        }
+    }
+
+    /// After a write was not ready: fail it once it has waited `limit`.
+    fn waited(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let limit = self.limit;
+        let sleep = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                tracing::warn!(
+                    secs = limit.as_secs(),
+                    "the client read nothing for timeouts.client_write_secs; closing its connection"
+                );
+                Poll::Ready(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client stopped reading (timeouts.client_write_secs)",
+                ))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteDeadline<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                self.waiting = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.waited(cx).map(Err),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => {
+                self.waiting = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.waited(cx).map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Ready(r) => {
+                self.waiting = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.waited(cx).map(Err),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -210,6 +210,8 @@ pub struct Timeouts {
     /// How long an SSE stream (Messages front) may go silent before the proxy sends `ping`,
     /// so idle timeouts between client and proxy do not cut a model that thinks for long.
     pub stream_ping: Duration,
+    /// How long a write to a client may wait: one that stopped reading is cut after it.
+    pub client_write: Duration,
 }
 
 /// An endpoint URL in which `{region}` is replaced by the target's region.
@@ -710,6 +712,11 @@ impl Config {
                 "timeouts.stream_ping_secs",
                 raw.timeouts.stream_ping_secs,
                 10,
+            )?,
+            client_write: secs(
+                "timeouts.client_write_secs",
+                raw.timeouts.client_write_secs,
+                60,
             )?,
         };
 

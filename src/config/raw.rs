@@ -96,6 +96,7 @@ pub struct RawTimeouts {
     pub stream_idle_secs: Option<u64>,
     pub request_header_secs: Option<u64>,
     pub stream_ping_secs: Option<u64>,
+    pub client_write_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

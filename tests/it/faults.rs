@@ -544,3 +544,42 @@ async fn a_refusal_before_the_body_is_read_keeps_the_connection_usable() {
     }
     assert!(fake.received().is_empty());
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_and_recorded() {
+    // The client reads the response head, then nothing: the proxy's writes wait on a full
+    // socket buffer. After timeouts.client_write_secs the connection is cut, the stream
+    // recorded, and the upstream let go.
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeBedrock::start().await;
+    fake.script(&alice_sonnet(), fake::Script::Large(400));
+    let proxy = Proxy::start(&two_user_config(
+        &fake,
+        "[timeouts]\nclient_write_secs = 1\nstream_idle_secs = 300",
+    ))
+    .await;
+    let mut sock = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+    let req = format!(
+        "POST /model/{SONNET}/invoke-with-response-stream HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {ALICE_KEY}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{INVOKE_BODY}",
+        INVOKE_BODY.len()
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    // Read nothing at all; the proxy must give up by itself.
+    let rows = ledger_with(&proxy, 1).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(rows[0].user.as_deref(), Some("alice"));
+    assert_eq!(rows[0].outcome, "client_gone", "{rows:?}");
+    assert!(
+        proxy.logs().contains("timeouts.client_write_secs"),
+        "{}",
+        proxy.logs()
+    );
+    drop(sock);
+}

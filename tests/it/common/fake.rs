@@ -58,6 +58,9 @@ pub enum Script {
     /// mid-stream exception, a reset after the first event, or a hang. Deterministic: the
     /// n-th request always draws the same.
     Chaos,
+    /// A stream of this many 32 KiB text deltas (then the usual end), sent as fast as the
+    /// connection takes them: megabytes that fill any socket buffer.
+    Large(usize),
 }
 
 /// What [`Script::Chaos`] drew for the n-th request. Exceptions inside an event stream only
@@ -287,6 +290,19 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
                 .header("content-type", "application/vnd.amazon.eventstream")
                 .body(Body::from_stream(stream))
                 .expect("response");
+        }
+        Some(Script::Large(n)) => {
+            let mut events = anthropic_stream_events(&model);
+            let tail = events.split_off(2);
+            let text = "y".repeat(32 * 1024);
+            for _ in 0..n {
+                events.push(chunk_event(
+                    &serde_json::json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": text}}),
+                ));
+            }
+            events.extend(tail);
+            return event_stream(events, None, cut);
         }
         Some(Script::EndAfterFirst) => {
             let first = anthropic_stream_events(&model).remove(0);
