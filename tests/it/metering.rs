@@ -310,15 +310,7 @@ async fn usage_report_in_all_formats_and_metrics_parse() {
     )
     .await; // refused: unmapped
 
-    let metrics = send(request(
-        Method::GET,
-        &format!("{}/metrics", proxy.admin_url()),
-        &[],
-        "",
-    ))
-    .await;
-    assert_eq!(metrics.status, 200);
-    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let text = metrics_text(&proxy).await;
     parse_prometheus(&text);
     assert!(
         text.contains(
@@ -548,14 +540,7 @@ async fn bedrock_errors_are_recorded_as_errors_not_as_complete() {
         .unwrap_or_else(|| panic!("{v}"))
         .clone();
     assert_eq!(alice["error_requests"], 3, "{alice}");
-    let metrics = send(request(
-        http::Method::GET,
-        &format!("http://{}/metrics", proxy.admin_addr),
-        &[],
-        "",
-    ))
-    .await;
-    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let text = metrics_text(&proxy).await;
     assert!(
         text.contains(
             "bedrock_gate_upstream_errors_total{user=\"alice\",operation=\"InvokeModelWithResponseStream\",kind=\"ThrottlingException\"} 1"
@@ -590,14 +575,7 @@ async fn a_flood_of_refusals_does_not_flood_the_ledger() {
         200,
         "others unaffected"
     );
-    let metrics = send(request(
-        http::Method::GET,
-        &format!("http://{}/metrics", proxy.admin_addr),
-        &[],
-        "",
-    ))
-    .await;
-    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let text = metrics_text(&proxy).await;
     let dropped: u64 = text
         .lines()
         .find(|l| l.starts_with("bedrock_gate_refusals_not_recorded_total{user=\"bob\"}"))

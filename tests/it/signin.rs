@@ -399,8 +399,7 @@ async fn the_device_flow_as_claude_code_drives_it_then_refresh_and_revoke() {
     let after = refresh(&ep, rotated["refresh_token"].as_str().unwrap()).await;
     assert_eq!(oauth_error(&after), "invalid_grant");
 
-    let metrics = get(&format!("http://{}/metrics", g.proxy.admin_addr), &[]).await;
-    let metrics = text(&metrics);
+    let metrics = metrics_text(&g.proxy).await;
     assert!(
         metrics.contains("bedrock_gate_signins_total{outcome=\"approved\"} 1"),
         "{metrics}"

@@ -443,6 +443,19 @@ pub async fn post(proxy: &Proxy, path: &str, key: &str, body: &str) -> Reply {
     .await
 }
 
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(proxy: &Proxy) -> String {
+    let r = send(request(
+        Method::GET,
+        &format!("{}/metrics", proxy.admin_url()),
+        &[],
+        "",
+    ))
+    .await;
+    assert_eq!(r.status, 200, "GET /metrics");
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
 /// A Converse call to `model` with a bearer key.
 pub async fn converse(proxy: &Proxy, model: &str, key: &str) -> Reply {
     post(
