@@ -9,7 +9,7 @@
 //! once and, with `[telemetry] otlp_endpoint`, forwarded in the background with the proxy's own
 //! headers: never the developer's bearer, never waiting on the collector.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -312,12 +312,7 @@ type Client = hyper_util::client::legacy::Client<
 fn forwarder() -> &'static (Client, tokio::sync::Semaphore) {
     static CLIENT: OnceLock<(Client, tokio::sync::Semaphore)> = OnceLock::new();
     CLIENT.get_or_init(|| {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .unwrap_or_else(|_| hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots())
-            .https_or_http()
-            .enable_http1()
-            .build();
+        let https = crate::upstream::tls_connector().enable_http1().build();
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(https);

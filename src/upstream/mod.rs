@@ -115,6 +115,17 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// The TLS half of every outbound HTTP client of the proxy (Bedrock, the IdP, the OTLP
+/// collector): rustls on aws-lc-rs with the webpki roots, `https://` or plain `http://` (tests,
+/// loopback). Callers pick the HTTP versions and the TCP connector.
+pub fn tls_connector()
+-> hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsProtocols1> {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .unwrap_or_else(|_| hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots())
+        .https_or_http()
+}
+
 /// The AWS SDK configuration every AWS client of bedrock-gate starts from: `aws.region` and the
 /// standard credential chain (or `aws.profile`). Loading it calls no AWS service.
 pub async fn sdk_config(aws: &AwsSettings) -> aws_config::SdkConfig {
@@ -152,10 +163,7 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .unwrap_or_else(|_| hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots())
-            .https_or_http()
+        let https = tls_connector()
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
