@@ -237,6 +237,22 @@ impl<I> WriteDeadline<I> {
         }
     }
 
+    /// What a write (or flush) that was polled becomes: done, it resets the deadline; not ready,
+    /// it fails once it has waited `limit`.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Ready(r) => {
+                self.waiting = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.waited(cx).map(Err),
+        }
+    }
+
     /// After a write was not ready: fail it once it has waited `limit`.
     fn waited(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         let limit = self.limit;
@@ -275,13 +291,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                self.waiting = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.waited(cx).map(Err),
-        }
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bounded(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -289,13 +300,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                self.waiting = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.waited(cx).map(Err),
-        }
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.bounded(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -303,13 +309,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Ready(r) => {
-                self.waiting = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.waited(cx).map(Err),
-        }
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.bounded(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
