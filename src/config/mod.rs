@@ -409,7 +409,7 @@ fn price_entry(path: &str, p: &raw::RawPrice) -> Result<PriceEntry, ConfigError>
     let mut entry = PriceEntry::new(regional, global);
     for (region, r) in &p.regions {
         let rpath = format!("{path}.regions.\"{region}\"");
-        if BedrockArn::parse(&format!("arn:aws:bedrock:{region}::foundation-model/x")).is_err() {
+        if !crate::arn::is_region(region) {
             return Err(ConfigError::new(
                 &rpath,
                 format!("`{region}` is not a region"),
@@ -622,7 +622,7 @@ impl Config {
         })?;
 
         let region = raw.aws.region.unwrap_or_else(|| "us-east-1".to_string());
-        if BedrockArn::parse(&format!("arn:aws:bedrock:{region}::foundation-model/x")).is_err() {
+        if !crate::arn::is_region(&region) {
             return Err(ConfigError::new(
                 "aws.region",
                 format!("`{region}` is not a region"),
