@@ -481,13 +481,11 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
     };
     let flows = &state.signin.flows;
     if let Some(error) = field(&params, "error") {
-        state.meter.metrics.signin("denied");
         let message = format!(
             "The company sign-in provider did not sign you in ({}).",
             crate::refusal::shown(error)
         );
-        flows.finish(&login.user_code, Err(message.clone()));
-        return page::failed(StatusCode::FORBIDDEN, &message);
+        return deny(&state, &login.user_code, message);
     }
     let Some(code) = field(&params, "code").filter(|c| !c.is_empty() && c.len() <= 4096) else {
         flows.reopen(&login.user_code);
@@ -522,27 +520,22 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
         }
         Err(IdpError::Refused(e)) => {
             tracing::warn!(error = %e, "sign-in refused");
-            state.meter.metrics.signin("denied");
-            let message = format!("The sign-in could not be verified: {e}.");
-            flows.finish(&login.user_code, Err(message.clone()));
-            return page::failed(StatusCode::FORBIDDEN, &message);
+            return deny(
+                &state,
+                &login.user_code,
+                format!("The sign-in could not be verified: {e}."),
+            );
         }
     };
     let user = match decide(&live.config, s, &who) {
         Ok(Decision::User(u)) => u.name.clone(),
         Ok(Decision::Provision(name)) => match provision(&state, &name, &who).await {
             Ok(()) => name,
-            Err(message) => {
-                state.meter.metrics.signin("denied");
-                flows.finish(&login.user_code, Err(message.clone()));
-                return page::failed(StatusCode::FORBIDDEN, &message);
-            }
+            Err(message) => return deny(&state, &login.user_code, message),
         },
         Err(message) => {
-            state.meter.metrics.signin("denied");
             tracing::info!(subject = %who.subject, "sign-in refused: {message}");
-            flows.finish(&login.user_code, Err(message.clone()));
-            return page::failed(StatusCode::FORBIDDEN, &message);
+            return deny(&state, &login.user_code, message);
         }
     };
     tracing::info!(user = %user, "signed in through the IdP; device code approved");
@@ -561,6 +554,15 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
         }),
     );
     response
+}
+
+/// A browser sign-in that ends refused: the device poll gets `access_denied` with `message`,
+/// and the browser the same words.
+fn deny(state: &AppState, user_code: &str, message: String) -> Response {
+    state.meter.metrics.signin("denied");
+    let page = page::failed(StatusCode::FORBIDDEN, &message);
+    state.signin.flows.finish(user_code, Err(message));
+    page
 }
 
 /// `[oidc.auto_users]`: adds the user to the config, creates and tags their profiles, and
