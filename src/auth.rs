@@ -1,8 +1,11 @@
-//! Who is calling: API key extraction, hashing and key generation.
+//! Who is calling: API key extraction, hashing and key generation; and the key pairs for
+//! SigV4 callers (`keys add --sigv4`).
 //!
 //! Keys are only ever held as SHA-256 hashes in the config and in memory; the raw key lives in
 //! an [`ApiKey`] for the few instructions between reading the header and hashing it, and its
-//! `Debug` prints `*****`. This module never logs.
+//! `Debug` prints `*****`. An issued key pair's secret is never stored anywhere: it is
+//! HMAC-SHA256 of the access key id under the [`MasterKey`], made again when a signature is
+//! checked. This module never logs.
 
 use std::fmt;
 
@@ -92,7 +95,8 @@ pub fn generate_key() -> Result<NewKey, getrandom::Error> {
     })
 }
 
-/// Reads the caller's key from `Authorization: Bearer` or `x-api-key`. `how_to` ends every
+/// Reads the caller's key from `Authorization: Bearer` or `x-api-key` (a SigV4 `Authorization`
+/// is `identify::sigv4`'s). `how_to` ends every
 /// refusal: how a client of the caller's protocol sends the key.
 pub fn extract_key(headers: &HeaderMap, how_to: &str) -> Result<ApiKey, Refusal> {
     if let Some(value) = headers.get(http::header::AUTHORIZATION) {
@@ -104,11 +108,6 @@ pub fn extract_key(headers: &HeaderMap, how_to: &str) -> Result<ApiKey, Refusal>
         let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
             return check_key(rest.trim(), how_to);
-        }
-        if scheme.starts_with("AWS4-") {
-            return Err(Refusal::unauthenticated(format!(
-                "bedrock-gate does not accept AWS SigV4 credentials; it signs requests itself. {how_to}"
-            )));
         }
         return Err(Refusal::unauthenticated(format!(
             "Unsupported Authorization scheme. {how_to}"
@@ -137,6 +136,106 @@ fn check_key(key: &str, how_to: &str) -> Result<ApiKey, Refusal> {
         )));
     }
     Ok(ApiKey(key.to_string()))
+}
+
+/// Prefix of every access key id `keys add --sigv4` makes (AWS's own start with `AKIA`/`ASIA`).
+pub const ACCESS_KEY_ID_PREFIX: &str = "BGAK";
+/// Random characters after the prefix: 16 base32 characters, 80 bits, AWS's length.
+const ACCESS_KEY_ID_RANDOM: usize = 16;
+const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+/// Where the master key can come from instead of `auth.sigv4_master_key_file`.
+pub const MASTER_KEY_ENV: &str = "BEDROCK_GATE_SIGV4_MASTER_KEY";
+/// Shortest master key accepted, in bytes (after base64 decoding).
+const MASTER_KEY_MIN: usize = 32;
+
+/// Whether `s` has the shape of an access key id this proxy issues.
+pub fn is_access_key_id(s: &str) -> bool {
+    s.strip_prefix(ACCESS_KEY_ID_PREFIX).is_some_and(|rest| {
+        rest.len() == ACCESS_KEY_ID_RANDOM && rest.bytes().all(|b| BASE32.contains(&b))
+    })
+}
+
+/// A new access key id: `BGAK` and 16 base32 characters from the OS's randomness.
+pub fn generate_access_key_id() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; ACCESS_KEY_ID_RANDOM];
+    getrandom::fill(&mut bytes)?;
+    let mut id = String::from(ACCESS_KEY_ID_PREFIX);
+    // 256 is a multiple of 32, so taking each byte modulo 32 is unbiased.
+    id.extend(bytes.iter().map(|b| BASE32[usize::from(b % 32)] as char));
+    Ok(id)
+}
+
+/// The key issued secrets are derived from. Never printed; `Debug` shows `*****`.
+#[derive(Clone)]
+pub struct MasterKey(hmac::Hmac<Sha256>);
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterKey(*****)")
+    }
+}
+
+/// An issued key pair's secret access key. Never printed by `Debug`.
+pub struct SecretKey(String);
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretKey(*****)")
+    }
+}
+
+impl SecretKey {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl MasterKey {
+    /// Reads the stored form: base64 of at least 32 bytes (what [`MasterKey::generate`] writes),
+    /// surrounding whitespace ignored. The error never quotes the text.
+    pub fn parse(text: &str) -> Result<MasterKey, String> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|_| {
+                "the SigV4 master key is not base64; let `bedrock-gate keys add NAME --sigv4` create one"
+                    .to_string()
+            })?;
+        if bytes.len() < MASTER_KEY_MIN {
+            return Err(format!(
+                "the SigV4 master key is {} bytes; it needs at least {MASTER_KEY_MIN}",
+                bytes.len()
+            ));
+        }
+        MasterKey::from_bytes(&bytes)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<MasterKey, String> {
+        use hmac::KeyInit as _;
+        hmac::Hmac::<Sha256>::new_from_slice(bytes)
+            .map(MasterKey)
+            .map_err(|_| "the SigV4 master key cannot key an HMAC".to_string())
+    }
+
+    /// A new master key (256 bits from the OS) and the text to store it as.
+    pub fn generate() -> anyhow::Result<(MasterKey, String)> {
+        let mut bytes = [0u8; MASTER_KEY_MIN];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+        let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let key = MasterKey::from_bytes(&bytes).map_err(anyhow::Error::msg)?;
+        Ok((key, text))
+    }
+
+    /// The secret access key of `access_key_id`: HMAC-SHA256 of the id under this key, as
+    /// base64url (43 characters).
+    pub fn secret_for(&self, access_key_id: &str) -> SecretKey {
+        use hmac::Mac as _;
+        let mut mac = self.0.clone();
+        mac.update(access_key_id.as_bytes());
+        SecretKey(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()),
+        )
+    }
 }
 
 /// The message for a key that is well formed but not in the config.
@@ -174,10 +273,9 @@ mod tests {
     }
 
     #[test]
-    fn missing_sigv4_and_empty_keys_are_refused_with_a_hint() {
+    fn missing_and_empty_keys_are_refused_with_a_hint() {
         for h in [
             headers(&[]),
-            headers(&[("authorization", "AWS4-HMAC-SHA256 Credential=AKID/...")]),
             headers(&[("authorization", "Bearer ")]),
             headers(&[("authorization", "Basic Zm9vOmJhcg==")]),
         ] {
@@ -189,6 +287,55 @@ mod tests {
                 e.message
             );
         }
+    }
+
+    #[test]
+    fn issued_access_key_ids_have_their_shape_and_differ() {
+        let a = generate_access_key_id().unwrap();
+        let b = generate_access_key_id().unwrap();
+        assert!(is_access_key_id(&a), "{a}");
+        assert_eq!(a.len(), 20);
+        assert_ne!(a, b);
+        for bad in [
+            "",
+            "BGAK",
+            "AKIAIOSFODNN7EXAMPLE",
+            "BGAKabcdefghijklmnop",
+            "BGAK0000000000000000",
+        ] {
+            assert!(!is_access_key_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secrets_derive_from_the_master_key_and_the_id() {
+        let (master, text) = MasterKey::generate().unwrap();
+        let again = MasterKey::parse(&format!("  {text}\n")).unwrap();
+        let id = "BGAKAAAAAAAAAAAAAAAA";
+        assert_eq!(
+            master.secret_for(id).expose(),
+            again.secret_for(id).expose()
+        );
+        assert_eq!(master.secret_for(id).expose().len(), 43);
+        assert_ne!(
+            master.secret_for(id).expose(),
+            master.secret_for("BGAKAAAAAAAAAAAAAAAB").expose()
+        );
+        let (other, _) = MasterKey::generate().unwrap();
+        assert_ne!(
+            master.secret_for(id).expose(),
+            other.secret_for(id).expose()
+        );
+        assert_eq!(format!("{master:?}"), "MasterKey(*****)");
+        assert_eq!(format!("{:?}", master.secret_for(id)), "SecretKey(*****)");
+    }
+
+    #[test]
+    fn a_short_or_garbled_master_key_is_refused_without_echoing_it() {
+        let e = MasterKey::parse("c2hvcnQ=").unwrap_err();
+        assert!(e.contains("at least 32"), "{e}");
+        let e = MasterKey::parse("not base64 at all!").unwrap_err();
+        assert!(!e.contains("not base64 at all"), "{e}");
     }
 
     #[test]

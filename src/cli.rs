@@ -250,21 +250,31 @@ pub enum KeysCommand {
     /// Make a new key for a user; prints it once and stores only its hash.
     Add {
         name: String,
+        /// Issue an AWS-style key pair instead, for clients that sign with SigV4: prints
+        /// `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` once and stores only the access
+        /// key id (the secret derives from the master key, `auth.sigv4_master_key_file`, which
+        /// this creates with mode 0600 when missing).
+        #[arg(long)]
+        sigv4: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Revoke one key (by its `sha256:` hash) or all of a user's keys.
+    /// Revoke one key (by its `sha256:` hash), one key pair (by its access key id), or all of
+    /// a user's keys and key pairs.
     Revoke {
         name: String,
         /// The hash to revoke, as it stands in the config.
         #[arg(
             long,
             value_name = "sha256:HEX",
-            required_unless_present = "all",
-            conflicts_with = "all"
+            required_unless_present_any = ["all", "access_key_id"],
+            conflicts_with_all = ["all", "access_key_id"]
         )]
         hash: Option<String>,
-        /// Revoke every key of the user.
+        /// The access key id of the key pair to revoke.
+        #[arg(long, value_name = "ID", conflicts_with = "all")]
+        access_key_id: Option<String>,
+        /// Revoke every key and key pair of the user.
         #[arg(long)]
         all: bool,
         #[command(flatten)]

@@ -13,6 +13,10 @@ use crate::domain::Standing;
 pub enum Reason {
     /// No key, a malformed key, or a key nobody has.
     Unauthenticated,
+    /// A SigV4 signature made with an access key id nobody has (or with a session token).
+    UnknownAccessKey,
+    /// A SigV4 signature that does not check out: wrong secret, stale date, altered request.
+    BadSignature,
     /// Identified, but the model or profile is not theirs: unmapped, another user's, or not
     /// provisioned yet.
     ModelNotAllowed,
@@ -50,6 +54,8 @@ impl Reason {
             Reason::Unauthenticated | Reason::ModelNotAllowed | Reason::Forbidden => {
                 "AccessDeniedException"
             }
+            Reason::UnknownAccessKey => "UnrecognizedClientException",
+            Reason::BadSignature => "InvalidSignatureException",
             Reason::Invalid | Reason::TooLarge | Reason::BodyTimeout => "ValidationException",
             Reason::UnknownOperation => "UnknownOperationException",
             Reason::OverBudget | Reason::RateLimited => "ThrottlingException",

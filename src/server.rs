@@ -134,14 +134,26 @@ async fn handle(
     // path no front serves.
     let front = front::front_of(parts.uri.path());
     info.front = Some(front);
-    let caller = identify(
-        &parts.headers,
+    let caller = match identify(
+        parts,
         &config.users,
         &state.signin.store,
         front::key_hint(front),
-    )?;
+    ) {
+        Ok(caller) => caller,
+        Err(unidentified) => {
+            info.user = unidentified.user.map(|u| u.name.clone());
+            return Err(unidentified.refusal);
+        }
+    };
     info.user = Some(caller.user.name.clone());
     let request = front::route(&parts.method, &parts.uri)?;
+    if caller.signature.is_some() && !matches!(request, front::Request::Bedrock(_)) {
+        return Err(Refusal::unauthenticated(format!(
+            "AWS signatures are accepted on the Bedrock routes only. {}",
+            front::key_hint(request.front())
+        )));
+    }
     info.front = Some(request.front());
     info.operation = Some(request.op());
     // Known before the body is read, so even a body refused as too large records its model.
@@ -162,6 +174,10 @@ async fn handle(
     if let Some(answer) =
         front::answer_locally(&request, &user, &state.meter, config, &info.request_id)
     {
+        // Local answers are reads with no body to hash.
+        if let Some(signature) = &caller.signature {
+            signature.verify(config.auth.master_key.as_ref(), EMPTY_SHA256)?;
+        }
         return Ok(Handled::Local(answer));
     }
 
@@ -171,6 +187,9 @@ async fn handle(
         () = state.shutdown.cancelled() => return Err(crate::forward::shutting_down()),
         call = front::decode(request, parts, take_body(body), config) => call?,
     };
+    if let Some(signature) = &caller.signature {
+        signature.verify(config.auth.master_key.as_ref(), call.body.sha256_hex())?;
+    }
     info.operation = Some(call.op);
     info.model = call.model.clone();
     info.labels = call.labels.clone();
@@ -207,6 +226,9 @@ async fn handle(
         upstream,
     })))
 }
+
+/// SHA-256 of the empty body, what a signed read without a body signs.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// The request body, for the phase that reads it (once).
 fn take_body(body: &mut Option<axum::body::Body>) -> axum::body::Body {

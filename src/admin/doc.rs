@@ -133,6 +133,55 @@ impl ConfigDoc {
         Ok(())
     }
 
+    /// Adds an issued SigV4 access key id to `users.NAME.access_key_ids`.
+    pub fn add_access_key_id(&mut self, name: &str, id: &str) -> anyhow::Result<()> {
+        let user = self.user_mut(name)?;
+        if !user.contains_key("access_key_ids") {
+            user.insert("access_key_ids", value(Array::new()));
+        }
+        user.get_mut("access_key_ids")
+            .and_then(Item::as_array_mut)
+            .with_context(|| format!("users.{name}.access_key_ids is not an array"))?
+            .push(id);
+        Ok(())
+    }
+
+    /// Removes one access key id, or all with `None`; returns how many were removed.
+    pub fn revoke_access_key_ids(&mut self, name: &str, id: Option<&str>) -> anyhow::Result<usize> {
+        let user = self.user_mut(name)?;
+        let Some(ids) = user.get_mut("access_key_ids").and_then(Item::as_array_mut) else {
+            return Ok(0);
+        };
+        let before = ids.len();
+        match id {
+            None => ids.clear(),
+            Some(id) => ids.retain(|v| v.as_str() != Some(id)),
+        }
+        Ok(before - ids.len())
+    }
+
+    /// `auth.sigv4_master_key_file` as written, if set.
+    pub fn master_key_file(&self) -> Option<String> {
+        self.doc
+            .get("auth")
+            .and_then(|a| a.get("sigv4_master_key_file"))
+            .and_then(Item::as_str)
+            .map(str::to_string)
+    }
+
+    /// Sets `auth.sigv4_master_key_file`.
+    pub fn set_master_key_file(&mut self, name: &str) -> anyhow::Result<()> {
+        let root = self.doc.as_table_mut();
+        if !root.contains_key("auth") {
+            root.insert("auth", Item::Table(Table::new()));
+        }
+        root.get_mut("auth")
+            .and_then(Item::as_table_mut)
+            .context("`auth` in the config is not a table")?
+            .insert("sigv4_master_key_file", value(name));
+        Ok(())
+    }
+
     /// Removes one key hash, or all with `None`; returns how many were removed.
     pub fn revoke_keys(&mut self, name: &str, hash: Option<&KeyHash>) -> anyhow::Result<usize> {
         let user = self.user_mut(name)?;

@@ -58,7 +58,12 @@ pub fn users(cmd: UsersCommand) -> anyhow::Result<ExitCode> {
 
 pub fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        KeysCommand::Add { name, config } => {
+        KeysCommand::Add {
+            name,
+            sigv4: true,
+            config,
+        } => add_key_pair(&name, &config.config)?,
+        KeysCommand::Add { name, config, .. } => {
             let mut d = ConfigDoc::open(&config.config)?;
             let new =
                 generate_key().map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
@@ -74,17 +79,23 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
         KeysCommand::Revoke {
             name,
             hash,
+            access_key_id,
             all,
             config,
         } => {
             let mut d = ConfigDoc::open(&config.config)?;
-            let hash = match (&hash, all) {
-                (Some(h), false) => {
-                    Some(KeyHash::from_config(h).map_err(|e| anyhow::anyhow!("--hash: {e}"))?)
-                }
-                _ => None,
+            let n = if all {
+                d.revoke_keys(&name, None)? + d.revoke_access_key_ids(&name, None)?
+            } else if let Some(id) = &access_key_id {
+                d.revoke_access_key_ids(&name, Some(id))?
+            } else {
+                let hash = hash
+                    .as_deref()
+                    .map(KeyHash::from_config)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--hash: {e}"))?;
+                d.revoke_keys(&name, hash.as_ref())?
             };
-            let n = d.revoke_keys(&name, hash.as_ref())?;
             if n == 0 {
                 anyhow::bail!("user `{name}` has no such key");
             }
@@ -93,6 +104,80 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The master key file `keys add --sigv4` names when the config names none.
+const DEFAULT_MASTER_KEY_FILE: &str = "sigv4-master.key";
+
+/// `keys add NAME --sigv4`: issues a key pair. The master key comes from
+/// `BEDROCK_GATE_SIGV4_MASTER_KEY`, else from `auth.sigv4_master_key_file`, which is created
+/// (mode 0600, before the config names it) when missing.
+fn add_key_pair(name: &str, config_path: &std::path::Path) -> anyhow::Result<()> {
+    use crate::auth::{MASTER_KEY_ENV, MasterKey};
+    let mut d = ConfigDoc::open(config_path)?;
+    if !d.has_user(name) {
+        anyhow::bail!("no user `{name}` in {}", config_path.display());
+    }
+    let (master, source) = match std::env::var(MASTER_KEY_ENV) {
+        Ok(text) => (
+            MasterKey::parse(&text).map_err(|e| anyhow::anyhow!("{MASTER_KEY_ENV}: {e}"))?,
+            MASTER_KEY_ENV.to_string(),
+        ),
+        Err(_) => {
+            let file = match d.master_key_file() {
+                Some(f) => f,
+                None => {
+                    d.set_master_key_file(DEFAULT_MASTER_KEY_FILE)?;
+                    DEFAULT_MASTER_KEY_FILE.to_string()
+                }
+            };
+            let path = crate::config::dir_of(config_path).join(&file);
+            (
+                read_or_create_master_key(&path)?,
+                path.display().to_string(),
+            )
+        }
+    };
+    let id = crate::auth::generate_access_key_id()
+        .map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    d.add_access_key_id(name, &id)?;
+    d.save()?;
+    let secret = master.secret_for(&id);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "AWS_ACCESS_KEY_ID={id}")?;
+    writeln!(out, "AWS_SECRET_ACCESS_KEY={}", secret.expose())?;
+    eprintln!(
+        "New key pair for `{name}` printed above; the secret is shown only this once. The config lists \
+         the access key id; the secret is never stored (it derives from the master key in {source})."
+    );
+    Ok(())
+}
+
+/// Reads the master key file, or creates it (mode 0600, never overwriting) with a new key.
+fn read_or_create_master_key(path: &std::path::Path) -> anyhow::Result<crate::auth::MasterKey> {
+    use crate::auth::MasterKey;
+    use anyhow::Context as _;
+    match std::fs::read_to_string(path) {
+        Ok(text) => MasterKey::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (key, text) = MasterKey::generate()?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut f = options
+                .open(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            f.write_all(format!("{text}\n").as_bytes())?;
+            f.sync_all()?;
+            eprintln!(
+                "Created the SigV4 master key {} (mode 0600). Back it up: every issued secret derives from it.",
+                path.display()
+            );
+            Ok(key)
+        }
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
 }
 
 pub async fn profiles(cmd: ProfilesCommand) -> anyhow::Result<ExitCode> {

@@ -66,6 +66,8 @@ pub struct Config {
     /// What `GET /managed/settings` serves, besides each user's own.
     pub settings: signin::SettingsPolicy,
     pub telemetry: signin::Telemetry,
+    /// `[auth]`: the master key of issued SigV4 key pairs.
+    pub auth: Auth,
     /// `prices_file` as written (relative to the config file), and the SHA-256 of what it held
     /// when read, so a reload notices new prices.
     pub prices_file: Option<(String, String)>,
@@ -265,6 +267,43 @@ pub struct Profile {
     pub tier: Tier,
 }
 
+/// `[auth]`, and the master key it names once read (only when some user has an access key id).
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    /// `auth.sigv4_master_key_file` as written (relative to the config file).
+    pub master_key_file: Option<String>,
+    pub master_key: Option<crate::auth::MasterKey>,
+}
+
+impl Auth {
+    /// Reads the master key: `sigv4_master_key_file` (relative to `dir`), else
+    /// `BEDROCK_GATE_SIGV4_MASTER_KEY`. Errors never quote the key.
+    pub fn load_master_key(&mut self, dir: &Path) -> Result<(), ConfigError> {
+        const KEY: &str = "auth.sigv4_master_key_file";
+        let text = match &self.master_key_file {
+            Some(name) => {
+                let path = dir.join(name);
+                std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError::new(KEY, format!("cannot read {}: {e}", path.display()))
+                })?
+            }
+            None => std::env::var(crate::auth::MASTER_KEY_ENV).map_err(|_| {
+                ConfigError::new(
+                    KEY,
+                    format!(
+                        "users have access_key_ids but there is no master key: name its file here, or set {} \
+                         (`bedrock-gate keys add NAME --sigv4` creates one)",
+                        crate::auth::MASTER_KEY_ENV
+                    ),
+                )
+            })?,
+        };
+        let key = crate::auth::MasterKey::parse(&text).map_err(|e| ConfigError::new(KEY, e))?;
+        self.master_key = Some(key);
+        Ok(())
+    }
+}
+
 /// A user of the proxy: their name and the profiles they may call.
 #[derive(Debug)]
 pub struct User {
@@ -299,6 +338,7 @@ impl User {
 #[derive(Debug, Default)]
 pub struct Users {
     by_key: HashMap<KeyHash, Arc<User>>,
+    by_access_key: HashMap<String, Arc<User>>,
     by_name: HashMap<String, Arc<User>>,
     by_email: HashMap<String, Arc<User>>,
     by_subject: HashMap<String, Arc<User>>,
@@ -313,6 +353,16 @@ impl Users {
 
     pub fn by_name(&self, name: &str) -> Option<&Arc<User>> {
         self.by_name.get(name)
+    }
+
+    /// The user an issued SigV4 access key id belongs to.
+    pub fn by_access_key(&self, id: &str) -> Option<&Arc<User>> {
+        self.by_access_key.get(id)
+    }
+
+    /// Whether any user has an issued SigV4 key pair (then the master key must be read).
+    pub fn has_access_keys(&self) -> bool {
+        !self.by_access_key.is_empty()
     }
 
     /// The user a signed-in identity is: by subject first, then by (lowercase) email.
@@ -523,6 +573,9 @@ impl Config {
         }
         if let Some(signin) = config.signin.as_mut() {
             signin.load_secret(&dir_of(path))?;
+        }
+        if config.users.has_access_keys() {
+            config.auth.load_master_key(&dir_of(path))?;
         }
         Ok((config, sha256))
     }
@@ -814,6 +867,16 @@ impl Config {
                 .insert(group.clone(), signin::settings_json(&path, table)?);
         }
         let telemetry = signin::telemetry(raw.telemetry)?;
+        let auth = Auth {
+            master_key_file: raw.auth.sigv4_master_key_file,
+            master_key: None,
+        };
+        if auth.master_key_file.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new(
+                "auth.sigv4_master_key_file",
+                "empty; name the file, or leave the key out",
+            ));
+        }
         // A budget can only stop what it can price: every model such a user may call needs one.
         for user in users.iter() {
             if user.limits.monthly_budget_usd.is_none() {
@@ -852,6 +915,7 @@ impl Config {
             signin,
             settings,
             telemetry,
+            auth,
             prices_file: raw.prices_file.map(|name| (name, String::new())),
         })
     }
@@ -911,6 +975,7 @@ impl Config {
     ) -> Result<Users, ConfigError> {
         let mut users = Users::default();
         let mut key_owner: HashMap<KeyHash, String> = HashMap::new();
+        let mut access_key_owner: HashMap<String, String> = HashMap::new();
         let mut identity_owner: HashMap<String, String> = HashMap::new();
         for (name, user) in raw {
             let base = format!("users.{name}");
@@ -921,6 +986,7 @@ impl Config {
                 ));
             }
             let keys = user.keys;
+            let access_key_ids = user.access_key_ids;
             check_tags(&format!("{base}.tags"), &user.tags)?;
             let limits = user_limits(&format!("{base}.limits"), &user.limits)?;
             let mut emails = Vec::new();
@@ -1045,6 +1111,25 @@ impl Config {
                 }
                 key_owner.insert(hash.clone(), name.clone());
                 users.by_key.insert(hash, Arc::clone(&user));
+            }
+            for (i, id) in access_key_ids.iter().enumerate() {
+                let path = format!("{base}.access_key_ids[{i}]");
+                if !crate::auth::is_access_key_id(id) {
+                    return Err(ConfigError::new(
+                        &path,
+                        "not an access key id this proxy issues (`BGAK` and 16 characters A-Z, 2-7); \
+                         run `bedrock-gate keys add NAME --sigv4`",
+                    ));
+                }
+                if let Some(other) = access_key_owner.insert(id.clone(), name.clone()) {
+                    return Err(ConfigError::new(
+                        &path,
+                        format!(
+                            "this access key id is also listed for user `{other}`; a key must identify one user"
+                        ),
+                    ));
+                }
+                users.by_access_key.insert(id.clone(), Arc::clone(&user));
             }
             users.all.push(user);
         }

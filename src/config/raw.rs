@@ -27,6 +27,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub telemetry: RawTelemetry,
     #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
     pub aws: RawAws,
     #[serde(default)]
     pub limits: RawLimits,
@@ -52,6 +54,13 @@ pub struct RawConfig {
 pub struct RawPricesFile {
     #[serde(default)]
     pub prices: BTreeMap<String, RawPrice>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// File holding the master key issued SigV4 secrets derive from (relative to the config).
+    pub sigv4_master_key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,6 +120,9 @@ pub struct RawAttribution {
 pub struct RawUser {
     #[serde(default)]
     pub keys: Vec<String>,
+    /// Access key ids of the SigV4 key pairs issued to this user (`keys add --sigv4`).
+    #[serde(default)]
+    pub access_key_ids: Vec<String>,
     #[serde(default)]
     pub models: BTreeMap<String, String>,
     /// Extra cost-allocation tags on this user's profiles.

@@ -205,9 +205,11 @@ fn list_query(query: Option<&str>) -> Result<String, Refusal> {
 /// The status Bedrock would answer a refusal of this kind with.
 pub fn status(reason: Reason) -> StatusCode {
     match reason {
-        Reason::Unauthenticated | Reason::ModelNotAllowed | Reason::Forbidden => {
-            StatusCode::FORBIDDEN
-        }
+        Reason::Unauthenticated
+        | Reason::UnknownAccessKey
+        | Reason::BadSignature
+        | Reason::ModelNotAllowed
+        | Reason::Forbidden => StatusCode::FORBIDDEN,
         Reason::Invalid => StatusCode::BAD_REQUEST,
         Reason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Reason::BodyTimeout => StatusCode::REQUEST_TIMEOUT,

@@ -406,7 +406,9 @@ pub fn decode(
 /// retry.
 fn error_kind(reason: Reason) -> (StatusCode, &'static str) {
     match reason {
-        Reason::Unauthenticated => (StatusCode::UNAUTHORIZED, "authentication_error"),
+        Reason::Unauthenticated | Reason::UnknownAccessKey | Reason::BadSignature => {
+            (StatusCode::UNAUTHORIZED, "authentication_error")
+        }
         // The gateway protocol's rule: a model the user may not use is a bad request.
         Reason::ModelNotAllowed | Reason::Invalid => {
             (StatusCode::BAD_REQUEST, "invalid_request_error")
@@ -457,7 +459,11 @@ pub fn error_response(refusal: &Refusal, request_id: &str) -> Response {
     let h = resp.headers_mut();
     if matches!(
         refusal.reason,
-        Reason::Unauthenticated | Reason::OverBudget | Reason::ModelNotAllowed
+        Reason::Unauthenticated
+            | Reason::UnknownAccessKey
+            | Reason::BadSignature
+            | Reason::OverBudget
+            | Reason::ModelNotAllowed
     ) {
         // Retrying cannot help: a new key, a new month or another model can.
         h.insert("x-should-retry", HeaderValue::from_static("false"));

@@ -257,3 +257,54 @@ async fn claude_code_in_plain_anthropic_mode_calls_on_the_users_own_profiles() {
         "the turn, on the opus profile Claude Code's default names, with its session: {rows:#?}"
     );
 }
+
+#[tokio::test]
+async fn claude_code_in_bedrock_mode_signs_with_an_issued_key_pair() {
+    // AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY instead of a bearer token: Claude Code signs
+    // every call (the model probes and GetInferenceProfile included) with the issued pair.
+    use crate::access_keys::{ALICE_ID, master_key, secret_of};
+    let fake = FakeBedrock::start().await;
+    let config = config(&fake).replace(
+        "[users.dev]\n",
+        &format!("[users.dev]\naccess_key_ids = [\"{ALICE_ID}\"]\n"),
+    );
+    let proxy = Proxy::start_with_env(
+        &config,
+        &[],
+        &[("BEDROCK_GATE_SIGV4_MASTER_KEY", &master_key())],
+    )
+    .await;
+    let secret = secret_of(ALICE_ID);
+    let arn = arn("us-east-1", "devsonnet");
+    let mode = vec![
+        ("CLAUDE_CODE_USE_BEDROCK", "1".to_string()),
+        ("ANTHROPIC_BEDROCK_BASE_URL", proxy.url()),
+        ("AWS_ACCESS_KEY_ID", ALICE_ID.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", secret.clone()),
+        ("AWS_REGION", "us-east-1".to_string()),
+    ];
+    let (ok, stdout, stderr) = run_claude_in(&mode, &[("ANTHROPIC_MODEL", &arn)]).await;
+    assert!(
+        ok && stdout.contains(fake::TEXT),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nproxy log:\n{}",
+        proxy.logs()
+    );
+    assert_all_attributed(&fake);
+    let got = fake.received();
+    assert!(
+        got.iter()
+            .any(|r| r.op == "get-inference-profile" && r.model == arn),
+        "{got:#?}"
+    );
+    let rows = ledger_with(&proxy, 2).await;
+    assert!(
+        rows.iter().all(|r| r.user.as_deref() == Some("dev")),
+        "{rows:#?}"
+    );
+    assert!(
+        !proxy.logs().contains("InvalidSignatureException"),
+        "{}",
+        proxy.logs()
+    );
+    assert!(!proxy.logs().contains(&secret));
+}

@@ -10,6 +10,7 @@
 
 mod common;
 
+mod access_keys;
 mod accounting;
 mod anthropic_sdk;
 mod billing;
