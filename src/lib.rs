@@ -8,7 +8,8 @@
 //! - [`front`]: the protocols callers speak; decodes a request into a [`call::Call`] and encodes
 //!   the answer or a refusal in the caller's protocol ([`front::bedrock`]: Bedrock-native;
 //!   [`front::messages`]: the Anthropic Messages API, streams as SSE by [`front::sse`]).
-//! - [`identify`]: API key or signed-in bearer → user.
+//! - [`identify`]: API key, signed-in bearer or an issued key pair's SigV4 signature → user
+//!   (`identify::sigv4` checks a caller's signature against the body before it is forwarded).
 //! - [`resolve`]: (user, requested model) → the caller's own profile and the upstream URL. The
 //!   model id swap lives here.
 //! - [`meter::limits`]: `admit`, the budget and rate-limit check.
