@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderName, StatusCode, header};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::domain::Op;
@@ -72,11 +73,39 @@ enum Handled {
     Local(Response),
     /// Bedrock answered; the front encodes it.
     Upstream(Box<Answered>),
+    /// The client went away before the call was sent; nothing was.
+    Gone,
 }
 
-/// Runs the pipeline and answers in the protocol of the front the request came in on. The
-/// request's record is made here and consumed exactly once (see `observe`).
+/// Runs the pipeline in a task of its own and answers in the protocol of the front the request
+/// came in on.
+///
+/// The task is what lets a client hang up without cancelling a call Bedrock will bill anyway:
+/// once the call is sent, the task runs on without the client, reads the answer to its end,
+/// meters and records it (see `stream`). Before the send, a client that left stops the request
+/// (`gone`), and nothing is sent.
 async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let front = front::front_of(request.uri().path());
+    let gone = CancellationToken::new();
+    let hung_up = gone.clone().drop_guard();
+    let response = match tokio::spawn(pipeline(state, request, gone)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "the request pipeline failed");
+            front::error_response(
+                front,
+                &Refusal::internal("the request pipeline failed"),
+                "-",
+            )
+        }
+    };
+    hung_up.disarm();
+    response
+}
+
+/// The pipeline of one request, and its answer. The request's record is made here and consumed
+/// exactly once (see `observe`).
+async fn pipeline(state: Arc<AppState>, request: Request, gone: CancellationToken) -> Response {
     let mut recorder = Recorder::start(&state);
     let live = state.live.load_full();
     let front = front::front_of(request.uri().path());
@@ -90,9 +119,15 @@ async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response
         &mut body,
         &mut recorder.info,
         started,
+        &gone,
     )
     .await
     {
+        Ok(Handled::Gone) => {
+            // Recorded as the client leaving, by the recorder's drop.
+            drop(recorder);
+            Response::default()
+        }
         Ok(Handled::Local(response)) => {
             recorder.skip();
             response
@@ -104,6 +139,12 @@ async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response
                 config: &live.config,
             };
             front::respond(*answered, recorder, enc).await
+        }
+        Err(_) if gone.is_cancelled() && !recorder.info.sent => {
+            // The client left before the call was sent (its body stopped arriving, most
+            // likely): recorded as gone, by the recorder's drop, not as a refusal.
+            drop(recorder);
+            Response::default()
         }
         Err(refusal) => {
             let mut response = front::error_response(front, &refusal, &recorder.info.request_id);
@@ -124,6 +165,7 @@ async fn handle(
     body: &mut Option<axum::body::Body>,
     info: &mut RequestInfo,
     started: std::time::Instant,
+    gone: &CancellationToken,
 ) -> Result<Handled, Refusal> {
     let config = &live.config;
     if parts.method == http::Method::GET && parts.uri.path() == "/healthz" {
@@ -209,6 +251,10 @@ async fn handle(
         .accounts
         .admit_call(&user, &call, chrono::Utc::now())?;
     info.admitted = admission.counted;
+    // The last moment a client that left costs nothing: from the send on, Bedrock bills.
+    if gone.is_cancelled() {
+        return Ok(Handled::Gone);
+    }
 
     let upstream = crate::forward::forward(
         state,

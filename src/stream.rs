@@ -4,9 +4,13 @@
 //!
 //! It never holds a piece back to wait for the next one and never buffers a whole response. It
 //! cuts a response (as a transfer error, never a silent short answer) when Bedrock goes silent
-//! for `timeouts.stream_idle_secs` or the shutdown grace period is over. When the body ends,
-//! fails, or is dropped early (the client went away, which also drops the upstream connection),
-//! the request is recorded once, with the usage seen so far.
+//! for `timeouts.stream_idle_secs` or the shutdown grace period is over. When the body ends or
+//! fails the request is recorded once, with the usage seen.
+//!
+//! A client that goes away does not end a metered answer: Bedrock runs (and bills) the call to
+//! its end anyway, so the relay keeps reading it in a task of its own, under the same idle and
+//! shutdown limits, sending nothing anywhere, and records the whole usage with outcome
+//! `client_gone`. Only a body that is not metered (control-plane reads) ends with the client.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -90,7 +94,14 @@ pub struct Limits {
 }
 
 /// The upstream body on its way to the client; see the module doc.
-pub struct Relay<B, E> {
+pub struct Relay<B, E>(Option<Flow<B, E>>)
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+    E: Encoder;
+
+/// The relay's state; [`Relay`] hands it to a draining task when the client goes away.
+struct Flow<B, E> {
     inner: B,
     encoder: E,
     /// Taken by the first of end, error or drop.
@@ -112,9 +123,16 @@ pub struct Relay<B, E> {
     last_in: tokio::time::Instant,
     /// When the client was last sent anything.
     last_out: tokio::time::Instant,
+    /// The client went away and the rest of the answer is read only to meter it.
+    draining: bool,
 }
 
-impl<B, E: Encoder> Relay<B, E> {
+impl<B, E> Relay<B, E>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+    E: Encoder,
+{
     pub fn new(
         inner: B,
         encoder: E,
@@ -129,7 +147,7 @@ impl<B, E: Encoder> Relay<B, E> {
         let keepalive_after = encoder.keepalive_after();
         let first = keepalive_after.map_or(limits.idle, |k| k.min(limits.idle));
         let now = tokio::time::Instant::now();
-        Relay {
+        Relay(Some(Flow {
             inner,
             encoder,
             end: Some((recorder, usage)),
@@ -144,14 +162,22 @@ impl<B, E: Encoder> Relay<B, E> {
             keepalive_after,
             last_in: now,
             last_out: now,
-        }
+            draining: false,
+        }))
     }
 }
 
-impl<B, E> Relay<B, E> {
+impl<B, E> Flow<B, E> {
     fn finish(&mut self, outcome: Outcome) {
         if let Some((recorder, usage)) = self.end.take() {
             let ended = outcome == Outcome::Complete;
+            // Read after the client left: however it ended, the client did not get it
+            // (`complete` says whether all of the usage was seen).
+            let outcome = match outcome {
+                Outcome::Shutdown => Outcome::Shutdown,
+                _ if self.draining => Outcome::ClientGone,
+                other => other,
+            };
             let (usage, complete, exception) = match usage.map(|u| u.finish(ended)) {
                 Some(m) => (m.usage, m.complete, m.exception),
                 // Control-plane reads carry no usage; they are complete when they end.
@@ -178,13 +204,94 @@ impl<B, E> Relay<B, E> {
 
     /// Counts bytes on their way to the client.
     fn sent(&mut self, out: Bytes) -> Frame<Bytes> {
-        self.bytes_out += out.len() as u64;
+        if !self.draining {
+            self.bytes_out += out.len() as u64;
+        }
         self.last_out = tokio::time::Instant::now();
         Frame::data(out)
+    }
+
+    /// Whether the rest of the answer is worth reading after the client left: it is metered,
+    /// not over yet, and the proxy is not shutting down.
+    fn worth_draining(&self) -> bool {
+        !self.done
+            && !self.shutdown_token.is_cancelled()
+            && self.end.as_ref().is_some_and(|(_, usage)| usage.is_some())
+    }
+}
+
+impl<B, E> Flow<B, E>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+    E: Encoder,
+{
+    /// Reads the rest of the answer, to nobody, until it ends, fails, goes idle or shutdown
+    /// cuts it; then it is recorded.
+    async fn drain(mut self) {
+        use http_body::Body as _;
+        self.draining = true;
+        self.keepalive_after = None;
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await
+        {
+            if frame.is_err() {
+                break;
+            }
+        }
     }
 }
 
 impl<B, E> http_body::Body for Relay<B, E>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+    E: Encoder,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        match self.get_mut().0.as_mut() {
+            Some(flow) => Pin::new(flow).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(|f| f.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |f| f.size_hint())
+    }
+}
+
+impl<B, E> Drop for Relay<B, E>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+    E: Encoder,
+{
+    fn drop(&mut self) {
+        let Some(flow) = self.0.take() else {
+            return;
+        };
+        if flow.worth_draining()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            tracing::debug!("the client went away mid-answer; reading the rest to meter it");
+            runtime.spawn(flow.drain());
+        }
+        // Otherwise the flow records itself as it drops.
+    }
+}
+
+impl<B, E> http_body::Body for Flow<B, E>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -298,7 +405,7 @@ where
     }
 }
 
-impl<B, E> Drop for Relay<B, E> {
+impl<B, E> Drop for Flow<B, E> {
     fn drop(&mut self) {
         let outcome = if self.shutdown_token.is_cancelled() {
             Outcome::Shutdown

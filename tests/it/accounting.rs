@@ -20,8 +20,11 @@ fn ledger(proxy: &Proxy) -> Vec<(String, i64, bool, bool, String)> {
 
 #[tokio::test]
 async fn a_client_that_gives_up_before_bedrock_answers_is_still_recorded() {
+    // The call reached Bedrock, so the proxy keeps waiting for the answer after the client
+    // left (it would be billed); here Bedrock never answers, and the row says so when
+    // timeouts.first_byte_secs runs out.
     let fake = FakeBedrock::start().await;
-    let mut proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let mut proxy = Proxy::start(&two_user_config(&fake, "[timeouts]\nfirst_byte_secs = 1")).await;
     fake.script(&alice_sonnet(), fake::Script::Hang);
     let url = format!("{}/model/{SONNET}/converse", proxy.url());
     let call = tokio::spawn(async move {
@@ -39,15 +42,16 @@ async fn a_client_that_gives_up_before_bedrock_answers_is_still_recorded() {
     .await;
     call.abort();
     let _ = call.await;
-    proxy.wait_for_log("client_gone").await;
+    proxy.wait_for_log("ModelTimeoutException").await;
     assert!(proxy.terminate().success());
     let rows = ledger(&proxy);
     assert_eq!(rows.len(), 1, "{rows:?}");
-    let (user, _, complete, admitted, outcome) = &rows[0];
+    let (user, status, complete, admitted, outcome) = &rows[0];
     assert_eq!(user, "alice");
+    assert_eq!(*status, 504);
     assert!(!complete, "Bedrock may have run it: not complete");
     assert!(admitted);
-    assert_eq!(outcome, "client_gone");
+    assert_eq!(outcome, "ModelTimeoutException");
 }
 
 #[tokio::test]

@@ -19,6 +19,7 @@ mod claude_code;
 mod cli;
 mod faults;
 mod fronts;
+mod hangup;
 mod iam;
 mod messages;
 mod metering;

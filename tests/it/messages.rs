@@ -252,7 +252,8 @@ async fn a_stream_is_sse_event_by_event_never_buffered() {
 
 #[tokio::test]
 async fn a_silent_stream_gets_pings_and_a_mid_stream_exception_becomes_an_error_event() {
-    let (fake, proxy) = start("[timeouts]\nstream_ping_secs = 1").await;
+    // The stalled stream is still read after its client leaves, until stream_idle_secs.
+    let (fake, proxy) = start("[timeouts]\nstream_ping_secs = 1\nstream_idle_secs = 3").await;
     fake.script(&alice_sonnet(), fake::Script::StallAfterFirst);
     let resp = stream_request(&proxy, messages_body("claude-sonnet-4-5", true)).await;
     assert_eq!(resp.status(), 200);

@@ -61,6 +61,8 @@ pub enum Script {
     /// A stream of this many 32 KiB text deltas (then the usual end), sent as fast as the
     /// connection takes them: megabytes that fill any socket buffer.
     Large(usize),
+    /// The normal answer, after this many milliseconds (the response headers wait too).
+    Slow(u64),
 }
 
 /// What [`Script::Chaos`] drew for the n-th request. Exceptions inside an event stream only
@@ -311,6 +313,7 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
         Some(Script::Error(status, kind, message)) => return error(status, kind, message),
         Some(Script::Json200(body)) => return json(200, body.to_string()),
         Some(Script::Hang) => std::future::pending::<()>().await,
+        Some(Script::Slow(ms)) => tokio::time::sleep(std::time::Duration::from_millis(ms)).await,
         Some(Script::CutAfterFirst) => {
             let first = anthropic_stream_events(&model).remove(0);
             // The pause lets the first event go out before the reset, as on a real network;
