@@ -121,7 +121,9 @@ async fn a_thousand_requests_with_random_upstream_failures_each_end_cleanly_with
     // is still a clean error.
     let proxy = Proxy::start(&two_user_config(&fake, "[timeouts]\nfirst_byte_secs = 1\n")).await;
     let url = proxy.url();
+    let rss_before = crate::hangup::rss_kib(proxy.pid());
     let seen = concurrently(N, 64, |i| call(url.clone(), i % 2 == 0)).await;
+    let rss_peak_after = crate::hangup::rss_kib(proxy.pid());
     // The draw is deterministic, so every kind of failure happened.
     let tally = tally_all(
         &seen,
@@ -139,6 +141,11 @@ async fn a_thousand_requests_with_random_upstream_failures_each_end_cleanly_with
         (rows.len() >= N).then_some(rows)
     })
     .await;
+    eprintln!(
+        "chaos run: sent {N}, answered {tally:?}, upstream requests {}, ledger rows {}, RSS KiB before {rss_before} after the load {rss_peak_after}",
+        fake.received().len(),
+        rows.len()
+    );
     assert_eq!(rows.len(), N, "{tally:?}");
     let ids: std::collections::HashSet<_> = rows.iter().map(|r| r.0.clone()).collect();
     assert_eq!(ids.len(), N, "request ids are unique");

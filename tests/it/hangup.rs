@@ -19,7 +19,11 @@ fn config(fake: &FakeBedrock) -> String {
 
 /// Sends a request on a raw connection, so the test decides exactly when the client goes away.
 async fn raw_request(proxy: &Proxy, path: &str, body: &str) -> tokio::net::TcpStream {
-    let mut sock = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+    raw_request_to(&proxy.addr, path, body).await
+}
+
+async fn raw_request_to(addr: &str, path: &str, body: &str) -> tokio::net::TcpStream {
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -147,4 +151,75 @@ async fn a_messages_stream_the_client_hangs_up_on_is_charged_too() {
     assert_eq!(rows[1].outcome, "client_gone", "{rows:#?}");
     assert_eq!(rows[1].tokens, reference.tokens);
     assert_eq!(fake.streams_cut(), 0);
+}
+
+/// A process's resident memory, in KiB.
+pub(crate) fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_hundred_clients_that_hang_up_mid_stream_are_each_charged_in_full() {
+    const N: usize = 200;
+    let fake = FakeBedrock::start().await;
+    fake.script(&alice_sonnet(), fake::Script::Dribble(40));
+    let proxy = Proxy::start(&config(&fake)).await;
+    let path = format!("/model/{SONNET}/invoke-with-response-stream");
+    let pid = proxy.pid();
+    let rss_before = rss_kib(pid);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_before));
+    let answered = concurrently(N, N, |_| {
+        let addr = proxy.addr.clone();
+        let path = path.clone();
+        let peak = peak.clone();
+        async move {
+            let mut sock = raw_request_to(&addr, &path, INVOKE_BODY).await;
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+            // Hang up after the first event, long before the last.
+            buf.starts_with(b"HTTP/1.1 200") && n > 0
+        }
+    })
+    .await;
+    let answered = answered.iter().filter(|a| **a).count();
+    let rows = ledger_with(&proxy, N).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_after = rss_kib(pid);
+    let gone = rows.iter().filter(|r| r.outcome == "client_gone").count();
+    let tokens = rows.iter().fold((0, 0, 0, 0), |a, r| {
+        (
+            a.0 + r.tokens.0,
+            a.1 + r.tokens.1,
+            a.2 + r.tokens.2,
+            a.3 + r.tokens.3,
+        )
+    });
+    let n = N as i64;
+    eprintln!(
+        "hang-up run: sent {N}, answered {answered}, ledger rows {}, client_gone {gone}, tokens recorded {tokens:?} \
+         vs served {:?}, upstream streams cut {}, RSS KiB before {rss_before} peak {} after {rss_after}",
+        rows.len(),
+        (25 * n, 6 * n, 3 * n, 2 * n),
+        fake.streams_cut(),
+        peak.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert_eq!(answered, N);
+    assert_eq!(rows.len(), N);
+    assert_eq!(gone, N, "every client hung up mid-stream");
+    assert_eq!(
+        tokens,
+        (25 * n, 6 * n, 3 * n, 2 * n),
+        "every stream charged in full"
+    );
+    assert_eq!(
+        fake.streams_cut(),
+        0,
+        "every upstream stream read to its end"
+    );
 }

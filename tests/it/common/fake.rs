@@ -63,6 +63,9 @@ pub enum Script {
     Large(usize),
     /// The normal answer, after this many milliseconds (the response headers wait too).
     Slow(u64),
+    /// The normal stream, with this many milliseconds before each event after the first: an
+    /// answer that takes a while, as a model's does.
+    Dribble(u64),
 }
 
 /// What [`Script::Chaos`] drew for the n-th request. Exceptions inside an event stream only
@@ -314,6 +317,33 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, request: Request) -> Res
         Some(Script::Json200(body)) => return json(200, body.to_string()),
         Some(Script::Hang) => std::future::pending::<()>().await,
         Some(Script::Slow(ms)) => tokio::time::sleep(std::time::Duration::from_millis(ms)).await,
+        Some(Script::Dribble(ms)) if op == "invoke-with-response-stream" => {
+            let mut guard = CutGuard {
+                done: false,
+                counter: cut,
+            };
+            let events = anthropic_stream_events(&model);
+            let last = events.len() - 1;
+            let stream = futures_util::stream::iter(events.into_iter().enumerate()).then(
+                move |(i, event)| {
+                    if i == last {
+                        guard.finished();
+                    }
+                    async move {
+                        if i > 0 {
+                            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                        }
+                        Ok::<Bytes, std::io::Error>(event)
+                    }
+                },
+            );
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/vnd.amazon.eventstream")
+                .body(Body::from_stream(stream))
+                .expect("response");
+        }
+        Some(Script::Dribble(_)) => {}
         Some(Script::CutAfterFirst) => {
             let first = anthropic_stream_events(&model).remove(0);
             // The pause lets the first event go out before the reset, as on a real network;
