@@ -410,33 +410,32 @@ async fn a_signature_is_only_for_the_bedrock_routes() {
     assert!(fake.received().is_empty());
 }
 
+/// `keys add alice --sigv4` on the proxy's config: the access key id, the secret and what it
+/// said on stderr.
+async fn add_pair(proxy: &Proxy) -> (String, String, String) {
+    let config = proxy.config_path.to_str().unwrap();
+    let r = run(
+        proxy.dir.path(),
+        &["keys", "add", "alice", "--sigv4", "-c", config],
+    )
+    .await;
+    assert!(r.ok, "{r}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", r.stdout);
+    let value = |line: &str, name: &str| line.strip_prefix(name).unwrap().to_string();
+    (
+        value(lines[0], "AWS_ACCESS_KEY_ID="),
+        value(lines[1], "AWS_SECRET_ACCESS_KEY="),
+        r.stderr,
+    )
+}
+
 #[tokio::test]
 async fn keys_add_sigv4_issues_a_pair_a_running_proxy_accepts_and_revoke_ends_it() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&two_user_config(&fake, "")).await;
-    let run1 = run(
-        proxy.dir.path(),
-        &[
-            "keys",
-            "add",
-            "alice",
-            "--sigv4",
-            "-c",
-            proxy.config_path.to_str().unwrap(),
-        ],
-    )
-    .await;
-    assert!(run1.ok, "{run1}");
-    let lines: Vec<&str> = run1.stdout.lines().collect();
-    assert_eq!(lines.len(), 2, "{}", run1.stdout);
-    let id = lines[0]
-        .strip_prefix("AWS_ACCESS_KEY_ID=")
-        .unwrap()
-        .to_string();
-    let secret = lines[1]
-        .strip_prefix("AWS_SECRET_ACCESS_KEY=")
-        .unwrap()
-        .to_string();
+    let (id, secret, stderr) = add_pair(&proxy).await;
+    assert!(stderr.contains("Created the SigV4 master key"), "{stderr}");
     assert!(id.starts_with("BGAK") && id.len() == 20, "{id}");
 
     // The config lists the id and names the master key file; the secret is nowhere on disk.
@@ -475,36 +474,8 @@ async fn keys_add_sigv4_issues_a_pair_a_running_proxy_accepts_and_revoke_ends_it
     .await;
 
     // A second pair reuses the master key; revoking the first leaves the second.
-    let run2 = run(
-        proxy.dir.path(),
-        &[
-            "keys",
-            "add",
-            "alice",
-            "--sigv4",
-            "-c",
-            proxy.config_path.to_str().unwrap(),
-        ],
-    )
-    .await;
-    assert!(run2.ok, "{run2}");
-    assert!(!run2.stderr.contains("Created"), "{}", run2.stderr);
-    let id2 = run2
-        .stdout
-        .lines()
-        .next()
-        .unwrap()
-        .strip_prefix("AWS_ACCESS_KEY_ID=")
-        .unwrap()
-        .to_string();
-    let secret2 = run2
-        .stdout
-        .lines()
-        .nth(1)
-        .unwrap()
-        .strip_prefix("AWS_SECRET_ACCESS_KEY=")
-        .unwrap()
-        .to_string();
+    let (id2, secret2, stderr) = add_pair(&proxy).await;
+    assert!(!stderr.contains("Created"), "{stderr}");
     let revoke = run(
         proxy.dir.path(),
         &[

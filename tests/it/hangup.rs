@@ -33,6 +33,22 @@ async fn raw_request_to(addr: &str, path: &str, body: &str) -> tokio::net::TcpSt
     sock
 }
 
+/// Reads the response head and the first event, as a client that then hangs up would.
+async fn read_first(sock: &mut tokio::net::TcpStream) {
+    let mut buf = vec![0u8; 4096];
+    let n = sock.read(&mut buf).await.unwrap();
+    assert!(n > 0 && buf.starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+}
+
+/// Lets the fake send the rest of a gated stream.
+async fn release(gate: tokio::sync::mpsc::Sender<()>) {
+    for _ in 0..16 {
+        if gate.send(()).await.is_err() {
+            break;
+        }
+    }
+}
+
 /// Alice's spend this month, as she sees it on `GET /usage`.
 async fn spent(proxy: &Proxy) -> f64 {
     let r = send(request(
@@ -62,16 +78,10 @@ async fn a_stream_the_client_hangs_up_on_is_read_to_its_end_and_charged() {
     // Bedrock sends one event, the client reads it and hangs up, then Bedrock sends the rest.
     let gate = fake.gate_streams();
     let mut sock = raw_request(&proxy, &path, INVOKE_BODY).await;
-    let mut buf = vec![0u8; 4096];
-    let n = sock.read(&mut buf).await.unwrap();
-    assert!(n > 0 && buf.starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    read_first(&mut sock).await;
     drop(sock);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    for _ in 0..16 {
-        if gate.send(()).await.is_err() {
-            break;
-        }
-    }
+    release(gate).await;
 
     let rows = ledger_with(&proxy, 2).await;
     let hung_up = &rows[1];
@@ -137,16 +147,10 @@ async fn a_messages_stream_the_client_hangs_up_on_is_charged_too() {
         body.len()
     );
     sock.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = sock.read(&mut buf).await.unwrap();
-    assert!(n > 0 && buf.starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    read_first(&mut sock).await;
     drop(sock);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    for _ in 0..16 {
-        if gate.send(()).await.is_err() {
-            break;
-        }
-    }
+    release(gate).await;
     let rows = ledger_with(&proxy, 2).await;
     assert_eq!(rows[1].outcome, "client_gone", "{rows:#?}");
     assert_eq!(rows[1].tokens, reference.tokens);
