@@ -5,11 +5,16 @@
 //! dropped after `timeouts.request_header_secs`; the TLS handshake, bounded in time; and a
 //! shutdown that stops accepting at once, lets open connections finish their requests, and
 //! gives up after the grace period.
+//!
+//! A connection asked to close (at shutdown, or idle) is closed by the proxy itself
+//! a second (`CLOSE_LINGER`) after its last response ended, even if the client never does: an HTTP/2
+//! client that ignores GOAWAY (or never answers the PING that comes with it) would otherwise
+//! keep it open, and hold shutdown for the whole grace period.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,6 +36,9 @@ use crate::state::AppState;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (out of file descriptors, say) before accepting again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How long a connection asked to close, with no request in flight, may stay open for the
+/// client to close it (an HTTP/2 client acks the GOAWAY's PING within a round trip).
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Largest HTTP/2 header list a client may send. (HTTP/1.1 heads are bounded by hyper's read
 /// buffer, about 400 KB, and 100 headers.)
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -70,16 +78,35 @@ pub async fn serve(
         let idle_after = live.config.timeouts.request_header;
         let requests = Arc::new(AtomicU64::new(0));
         let counter = requests.clone();
-        let service =
-            TowerToHyperService::new(app.clone().map_request(move |r: http::Request<Incoming>| {
-                counter.fetch_add(1, Ordering::Relaxed);
-                let mut r = r.map(Body::new);
-                r.extensions_mut().insert(crate::signin::Peer(peer));
-                r
-            }));
+        let active = Arc::new(Active::default());
+        let in_flight = active.clone();
+        let service = TowerToHyperService::new(
+            app.clone()
+                .map_request(move |r: http::Request<Incoming>| {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let mut r = r.map(Body::new);
+                    r.extensions_mut().insert(crate::signin::Peer(peer));
+                    r
+                })
+                .map_future(move |response| {
+                    // In flight from here until its response body is dropped (sent whole,
+                    // or the request dropped before it had one).
+                    let guard = in_flight.enter();
+                    async move {
+                        let response: http::Response<Body> = response.await?;
+                        Ok::<_, std::convert::Infallible>(response.map(|body| {
+                            Body::new(Guarded {
+                                body,
+                                _guard: guard,
+                            })
+                        }))
+                    }
+                }),
+        );
         let conn = Conn {
             builder: builder(idle_after),
             requests,
+            active,
             idle_after,
             closing: closing.clone(),
             write_after: live.config.timeouts.client_write,
@@ -139,6 +166,8 @@ struct Conn {
     builder: auto::Builder<TokioExecutor>,
     /// Requests started on this connection so far.
     requests: Arc<AtomicU64>,
+    /// Requests on this connection whose response has not ended.
+    active: Arc<Active>,
     /// `timeouts.request_header`: how long a connection may go without starting a request.
     idle_after: Duration,
     /// Cancelled at shutdown.
@@ -185,6 +214,10 @@ impl Conn {
                     conn.as_mut().graceful_shutdown();
                     asked_to_close = true;
                 }
+                () = self.active.quiet_for(CLOSE_LINGER), if asked_to_close => {
+                    tracing::debug!("connection asked to close is still open with nothing in flight; closing it");
+                    return;
+                }
                 () = &mut check, if !asked_to_close => {
                     let started = self.requests.load(Ordering::Relaxed);
                     if started == 0 {
@@ -200,6 +233,75 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+/// How many requests of one connection have a response that has not ended.
+#[derive(Default)]
+struct Active {
+    count: AtomicUsize,
+    /// Woken when the count drops to zero.
+    idle: tokio::sync::Notify,
+}
+
+impl Active {
+    fn enter(self: &Arc<Self>) -> ActiveGuard {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self.clone())
+    }
+
+    /// Resolves once nothing has been in flight for `linger`.
+    async fn quiet_for(&self, linger: Duration) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.count.load(Ordering::Acquire) == 0 {
+                tokio::time::sleep(linger).await;
+                if self.count.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+            } else {
+                idle.await;
+            }
+        }
+    }
+}
+
+/// One request in flight; dropped with its response body.
+struct ActiveGuard(Arc<Active>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A response body that holds its request's place in [`Active`] until it is dropped.
+struct Guarded {
+    body: Body,
+    _guard: ActiveGuard,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        http_body::Body::poll_frame(Pin::new(&mut self.body), cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.body)
     }
 }
 

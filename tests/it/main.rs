@@ -20,6 +20,7 @@ mod cli;
 mod faults;
 mod fronts;
 mod hangup;
+mod hardening;
 mod iam;
 mod messages;
 mod metering;
