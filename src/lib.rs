@@ -21,6 +21,7 @@
 //! - [`domain`]: the shared words (front, operation, usage, outcome, budget standing); imports
 //!   nothing from the crate.
 //! - [`refusal`]: why a request was refused, in no protocol's words.
+//! - [`inflight`]: the request body bytes held across all requests, and each one's reservation.
 //! - [`call`]: what a front decoded a request into.
 //! - [`state`]: what every request shares (live config, upstream client, meter, shutdown).
 //!
@@ -53,6 +54,7 @@ pub mod domain;
 pub mod forward;
 pub mod front;
 pub mod identify;
+pub mod inflight;
 pub mod listen;
 pub mod logging;
 pub mod meter;

@@ -40,6 +40,8 @@ pub enum Reason {
     Timeout,
     /// The proxy is shutting down and stopped this request.
     ShuttingDown,
+    /// The proxy holds as many request bodies as `limits.max_inflight_body_bytes` lets it.
+    Overloaded,
     /// The user's own AWS session (`aws.user_role_arn`) could not be had from STS.
     SessionUnavailable,
     /// A fault inside the proxy (for example, no AWS credentials to sign with).
@@ -59,9 +61,10 @@ impl Reason {
             Reason::Invalid | Reason::TooLarge | Reason::BodyTimeout => "ValidationException",
             Reason::UnknownOperation => "UnknownOperationException",
             Reason::OverBudget | Reason::RateLimited => "ThrottlingException",
-            Reason::Unreachable | Reason::ShuttingDown | Reason::SessionUnavailable => {
-                "ServiceUnavailableException"
-            }
+            Reason::Unreachable
+            | Reason::ShuttingDown
+            | Reason::SessionUnavailable
+            | Reason::Overloaded => "ServiceUnavailableException",
             Reason::Timeout => "ModelTimeoutException",
             Reason::Internal => "InternalServerException",
         }

@@ -200,6 +200,9 @@ async fn handle(
     info.operation = Some(request.op());
     // Known before the body is read, so even a body refused as too large records its model.
     info.model = request.model().map(str::to_string);
+    if let Some(b) = body.as_ref() {
+        front::no_body_on_get(&parts.method, b)?;
+    }
     if let front::Request::Gateway(route) = &request {
         let answer = front::gateway::answer(
             route,
@@ -223,11 +226,13 @@ async fn handle(
         return Ok(Handled::Local(answer));
     }
 
+    // Before a byte of the body is read: a body that does not fit is refused unread.
+    let reservation = front::reserve(&parts.headers, &state.bodies, config)?;
     tracing::debug!(request_id = %info.request_id, "reading request body");
     let mut call = tokio::select! {
         biased;
         () = state.shutdown.cancelled() => return Err(crate::forward::shutting_down()),
-        call = front::decode(request, parts, take_body(body), config) => call?,
+        call = front::decode(request, parts, take_body(body), config, reservation) => call?,
     };
     if let Some(signature) = &caller.signature {
         signature.verify(config.auth.master_key.as_ref(), call.body.sha256_hex())?;

@@ -48,6 +48,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Every request not yet recorded holds a token, so shutdown can wait for the last row.
     pub requests: TaskTracker,
+    /// Request body bytes held right now, against `limits.max_inflight_body_bytes`.
+    pub bodies: Arc<crate::inflight::BodyBudget>,
 }
 
 impl AppState {
@@ -74,6 +76,7 @@ impl AppState {
             allow_empty_reload: std::sync::atomic::AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             requests: TaskTracker::new(),
+            bodies: Arc::default(),
         })
     }
 }

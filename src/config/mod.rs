@@ -20,6 +20,9 @@ use raw::RawConfig;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 20 * 1024 * 1024;
+/// Room for a dozen of the largest bodies, or a few hundred of Claude Code's usual ones, at
+/// once; a bound on what concurrent uploads can pin.
+pub const DEFAULT_MAX_INFLIGHT_BODY_BYTES: u64 = 256 * 1024 * 1024;
 /// Larger bodies than this are never sensible for one model call and would let one caller
 /// pin a lot of proxy memory.
 const MAX_MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
@@ -55,6 +58,8 @@ pub struct Config {
     pub prices: Prices,
     pub aws: AwsSettings,
     pub max_body_bytes: usize,
+    /// `limits.max_inflight_body_bytes`: request body bytes held at once, all requests together.
+    pub max_inflight_body_bytes: u64,
     pub timeouts: Timeouts,
     pub provisioning: Provisioning,
     pub attribution: Attribution,
@@ -732,6 +737,18 @@ impl Config {
                 format!("must be between 1 and {MAX_MAX_BODY_BYTES}"),
             ));
         }
+        let max_inflight = raw
+            .limits
+            .max_inflight_body_bytes
+            .unwrap_or(DEFAULT_MAX_INFLIGHT_BODY_BYTES.max(max_body));
+        if max_inflight < max_body {
+            return Err(ConfigError::new(
+                "limits.max_inflight_body_bytes",
+                format!(
+                    "must be at least limits.max_body_bytes ({max_body}), or no body of that size could be read"
+                ),
+            ));
+        }
         let secs = |path: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
             match v.unwrap_or(default) {
                 0 => Err(ConfigError::new(path, "must be at least 1 second")),
@@ -907,6 +924,7 @@ impl Config {
             prices,
             aws,
             max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
+            max_inflight_body_bytes: max_inflight,
             timeouts,
             provisioning,
             attribution,
@@ -1367,6 +1385,12 @@ mod tests {
             err("[limits]\nmax_body_bytes = 0").path,
             "limits.max_body_bytes"
         );
+        assert_eq!(
+            err("[limits]\nmax_body_bytes = 2048\nmax_inflight_body_bytes = 1024").path,
+            "limits.max_inflight_body_bytes"
+        );
+        let big = Config::parse("[limits]\nmax_body_bytes = 268435456").unwrap();
+        assert_eq!(big.max_inflight_body_bytes, 268435456);
         assert_eq!(
             err("[timeouts]\nconnect_secs = 0").path,
             "timeouts.connect_secs"

@@ -94,6 +94,8 @@ pub struct RawAws {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_body_bytes: Option<u64>,
+    /// Request body bytes held at once across all requests.
+    pub max_inflight_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -216,7 +216,9 @@ pub fn status(reason: Reason) -> StatusCode {
         Reason::UnknownOperation => StatusCode::NOT_FOUND,
         Reason::OverBudget | Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         Reason::Unreachable => StatusCode::BAD_GATEWAY,
-        Reason::ShuttingDown | Reason::SessionUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Reason::ShuttingDown | Reason::SessionUnavailable | Reason::Overloaded => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
         Reason::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -239,6 +241,9 @@ pub fn error_response(refusal: &Refusal, request_id: &str) -> Response {
     );
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert("x-amzn-requestid", v);
+    }
+    if let Some(secs) = refusal.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }

@@ -334,6 +334,7 @@ async fn telemetry(
         headers,
         MAX_TELEMETRY_BYTES,
         config.timeouts.request_body,
+        None,
     )
     .await?;
     let content_type = headers.get(header::CONTENT_TYPE).cloned();

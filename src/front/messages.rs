@@ -397,7 +397,7 @@ pub fn decode(
         wanted,
         model: Some(t.model),
         headers,
-        body: Payload::from_bytes(Bytes::from(t.body)),
+        body: Payload::from_bytes(Bytes::from(t.body)).holding(body.reservation()),
         labels,
     })
 }
@@ -421,6 +421,7 @@ fn error_kind(reason: Reason) -> (StatusCode, &'static str) {
         Reason::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
         Reason::Unreachable => (StatusCode::BAD_GATEWAY, "api_error"),
         Reason::Timeout => (StatusCode::GATEWAY_TIMEOUT, "api_error"),
+        Reason::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded_error"),
         Reason::ShuttingDown | Reason::SessionUnavailable => {
             (StatusCode::SERVICE_UNAVAILABLE, "api_error")
         }

@@ -29,6 +29,7 @@ use crate::call::Call;
 use crate::call::Wanted;
 use crate::config::{Config, User};
 use crate::domain::{Front, Labels, Op};
+use crate::inflight::{BodyBudget, Reservation};
 use crate::meter::Meter;
 use crate::meter::limits::Admission;
 use crate::meter::usage::UsageMeter;
@@ -154,13 +155,47 @@ fn header_labels(headers: &HeaderMap) -> Result<Labels, Refusal> {
     Ok(Labels { project, session })
 }
 
+/// Refuses a body on a GET: no GET route reads one, and it would be held (or forwarded) for
+/// nothing. Checked before anything is read.
+pub fn no_body_on_get(method: &Method, body: &Body) -> Result<(), Refusal> {
+    use http_body::Body as _;
+    if method == Method::GET && !body.is_end_stream() {
+        return Err(Refusal::invalid(
+            "A GET request to bedrock-gate carries no body; send it without one.",
+        ));
+    }
+    Ok(())
+}
+
+/// The request body's declared length (`Content-Length`), if any.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Reserves the body's declared length of `limits.max_inflight_body_bytes` before a byte of
+/// it is read (a body over `max_body_bytes` is left to `read_body` to refuse as too large).
+pub fn reserve(
+    headers: &HeaderMap,
+    budget: &Arc<BodyBudget>,
+    config: &Config,
+) -> Result<Reservation, Refusal> {
+    let declared = declared_length(headers)
+        .filter(|n| *n <= config.max_body_bytes as u64)
+        .unwrap_or(0);
+    Reservation::new(budget, declared, config.max_inflight_body_bytes)
+}
+
 /// Reads the body of a routed request (under the size and time limits, hashing it as it
-/// arrives) and decodes the call it makes.
+/// arrives, within its `reservation`) and decodes the call it makes.
 pub async fn decode(
     request: Request,
     parts: &http::request::Parts,
     body: Body,
     config: &Config,
+    reservation: Reservation,
 ) -> Result<Call, Refusal> {
     // A body that goes upstream as read is hashed as it arrives (SigV4 signs its hash); one
     // the front rewrites is not, its rewrite is.
@@ -174,6 +209,7 @@ pub async fn decode(
         &parts.headers,
         config.max_body_bytes,
         config.timeouts.request_body,
+        Some(reservation),
     )
     .await?;
     let labels = header_labels(&parts.headers)?;
@@ -190,13 +226,16 @@ pub async fn decode(
     }
 }
 
-/// Reads a request body into `payload` under the size and time limits.
+/// Reads a request body into `payload` under the size and time limits; with a
+/// `reservation`, a body that outgrows it must fit in the in-flight limit as it arrives, and
+/// the payload holds it.
 pub async fn read_body(
     mut body: Body,
     mut payload: PayloadBuilder,
     headers: &HeaderMap,
     limit: usize,
     timeout: Duration,
+    mut reservation: Option<Reservation>,
 ) -> Result<Payload, Refusal> {
     let too_large = || {
         Refusal::new(
@@ -206,10 +245,7 @@ pub async fn read_body(
             ),
         )
     };
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+    if let Some(len) = declared_length(headers)
         && len > limit as u64
     {
         return Err(too_large());
@@ -219,13 +255,17 @@ pub async fn read_body(
             let frame =
                 frame.map_err(|_| Refusal::invalid("The request body could not be read."))?;
             if let Ok(data) = frame.into_data() {
-                if payload.len() + data.len() as u64 > limit as u64 {
+                let total = payload.len() + data.len() as u64;
+                if total > limit as u64 {
                     return Err(too_large());
+                }
+                if let Some(r) = &mut reservation {
+                    r.cover(total)?;
                 }
                 payload.push(data);
             }
         }
-        Ok(payload.finish())
+        Ok(payload.finish().holding(reservation.take().map(Arc::new)))
     };
     match tokio::time::timeout(timeout, read).await {
         Err(_) => Err(Refusal::new(

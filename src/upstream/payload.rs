@@ -8,12 +8,14 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use sha2::{Digest, Sha256};
+
+use crate::inflight::Reservation;
 
 /// A complete request body and its SHA-256 (lowercase hex). Cloning shares the chunks.
 #[derive(Debug, Clone)]
@@ -22,6 +24,9 @@ pub struct Payload {
     len: u64,
     /// Made while the body arrived, or on first use for one read unhashed.
     sha256_hex: OnceLock<String>,
+    /// This body's share of `limits.max_inflight_body_bytes`, given back when the last copy
+    /// of it (the upstream request's included) is dropped.
+    held: Option<Arc<Reservation>>,
 }
 
 /// SHA-256 of nothing.
@@ -34,6 +39,7 @@ impl Default for Payload {
             chunks: Vec::new(),
             len: 0,
             sha256_hex: OnceLock::from(EMPTY_SHA256.to_string()),
+            held: None,
         }
     }
 }
@@ -52,6 +58,18 @@ impl Payload {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The same body, holding `held` for as long as it lives: a body made from another one
+    /// (a rewrite) keeps the original's share of the in-flight limit.
+    pub fn holding(mut self, held: Option<Arc<Reservation>>) -> Payload {
+        self.held = held;
+        self
+    }
+
+    /// The share of the in-flight limit this body holds.
+    pub fn reservation(&self) -> Option<Arc<Reservation>> {
+        self.held.clone()
     }
 
     /// The whole body in one buffer, for a front that must parse it: no copy when it arrived
@@ -86,6 +104,7 @@ impl Payload {
         Chunks {
             remaining: self.len,
             chunks: self.chunks.into_iter(),
+            _held: self.held,
         }
     }
 }
@@ -169,6 +188,7 @@ impl PayloadBuilder {
             chunks: self.chunks,
             len: self.len,
             sha256_hex,
+            held: None,
         }
     }
 }
@@ -178,6 +198,8 @@ impl PayloadBuilder {
 pub struct Chunks {
     chunks: std::vec::IntoIter<Bytes>,
     remaining: u64,
+    /// Kept until the body is sent and dropped.
+    _held: Option<Arc<Reservation>>,
 }
 
 impl http_body::Body for Chunks {

@@ -1,5 +1,5 @@
-//! Defects found by trying to break the proxy: an HTTP/2 client that ignored GOAWAY holding
-//! shutdown.
+//! Defects found by trying to break the proxy: memory pinned by concurrent uploads, bodies on
+//! GET routes, and an HTTP/2 client that ignored GOAWAY holding shutdown.
 
 use crate::common;
 
@@ -11,7 +11,273 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::Method;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+/// The proxy's resident set, in bytes (`VmRSS` of /proc/PID/status).
+fn rss(proxy: &Proxy) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).expect("status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+const MIB: u64 = 1024 * 1024;
+
+/// One upload over a raw connection: the head and all of the body but its last byte are sent,
+/// then the connection waits for `release` before sending that byte, so the proxy holds what it
+/// has read of every upload at once. Returns the status of the answer (0: none came).
+async fn held_upload(
+    addr: String,
+    path: String,
+    len: usize,
+    written: Arc<tokio::sync::Semaphore>,
+    mut release: tokio::sync::watch::Receiver<bool>,
+) -> u16 {
+    let stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {ALICE_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+    );
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        text.split(' ')
+            .nth(1)
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0)
+    });
+    // A JSON string of `len` bytes: what a count-tokens call with a huge context looks like
+    // to the proxy (it never parses it).
+    let mut body = vec![b'a'; len];
+    body[0] = b'"';
+    body[len - 1] = b'"';
+    let sent = async {
+        wr.write_all(head.as_bytes()).await?;
+        wr.write_all(&body[..len - 1]).await
+    }
+    .await;
+    written.add_permits(1);
+    if sent.is_ok() {
+        let _ = release.wait_for(|r| *r).await;
+        let _ = wr.write_all(&body[len - 1..]).await;
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("an answer within 60 s")
+        .expect("reader");
+    drop(wr);
+    status
+}
+
+/// The largest RSS seen while sampling for `window`.
+async fn peak_rss(proxy: &Proxy, window: Duration) -> u64 {
+    let until = Instant::now() + window;
+    let mut peak = 0;
+    while Instant::now() < until {
+        peak = peak.max(rss(proxy));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    peak
+}
+
+#[tokio::test]
+async fn concurrent_uploads_are_bounded_and_memory_is_given_back() {
+    const UPLOADS: usize = 40;
+    const BODY: usize = 4 * MIB as usize - 1;
+    const INFLIGHT: u64 = 32 * MIB;
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(
+        &fake,
+        &format!(
+            "[limits]\nmax_body_bytes = {}\nmax_inflight_body_bytes = {INFLIGHT}",
+            4 * MIB
+        ),
+    ))
+    .await;
+    // Warm up (the first call builds the upstream pool and TLS-free client state).
+    assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
+    let before = rss(&proxy);
+
+    let written = Arc::new(tokio::sync::Semaphore::new(0));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let path = format!("/model/{SONNET}/count-tokens");
+    let tasks: Vec<_> = (0..UPLOADS)
+        .map(|_| {
+            tokio::spawn(held_upload(
+                proxy.addr.clone(),
+                path.clone(),
+                BODY,
+                written.clone(),
+                released.clone(),
+            ))
+        })
+        .collect();
+    // Every upload has sent all it will before the release; then the proxy has read what it
+    // reads of them.
+    let _all = written.acquire_many(UPLOADS as u32).await.expect("written");
+    let peak = peak_rss(&proxy, Duration::from_millis(1500))
+        .await
+        .max(rss(&proxy));
+    release.send(true).expect("release");
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.expect("upload task"));
+    }
+    let answered = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 503).count();
+
+    // Memory comes back once the bodies are gone.
+    let mut after = rss(&proxy);
+    for _ in 0..100 {
+        if after < before + 16 * MIB {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = rss(&proxy);
+    }
+    println!(
+        "upload run: {UPLOADS} uploads of {BODY} bytes, {answered} answered, {refused} refused (503), \
+         other {:?}; RSS before {:.1} MiB, peak {:.1} MiB, after {:.1} MiB",
+        statuses
+            .iter()
+            .filter(|s| **s != 200 && **s != 503)
+            .collect::<Vec<_>>(),
+        before as f64 / MIB as f64,
+        peak as f64 / MIB as f64,
+        after as f64 / MIB as f64,
+    );
+    assert_eq!(answered + refused, UPLOADS, "{statuses:?}");
+    assert_eq!(
+        answered as u64,
+        INFLIGHT / BODY as u64,
+        "as many answered as fit in limits.max_inflight_body_bytes: {statuses:?}"
+    );
+    assert!(
+        peak < before + INFLIGHT + 24 * MIB,
+        "RSS grew from {before} to {peak} under uploads bounded to {INFLIGHT} bytes"
+    );
+    assert!(
+        after < before + 16 * MIB,
+        "RSS stayed at {after} after the uploads (it was {before} before)"
+    );
+    // The refusal says what to do, in Bedrock's shape.
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        ALICE_KEY,
+        CONVERSE_BODY,
+    )
+    .await;
+    assert_eq!(
+        r.status, 200,
+        "the proxy serves again once the uploads are gone"
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_for_uploads_in_flight_is_a_503_that_says_why() {
+    let fake = FakeBedrock::start().await;
+    // One max-size body fits; a second one waiting would not.
+    let proxy = Proxy::start(&two_user_config(
+        &fake,
+        "[limits]\nmax_body_bytes = 1048576\nmax_inflight_body_bytes = 1048576",
+    ))
+    .await;
+    let written = Arc::new(tokio::sync::Semaphore::new(0));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let held = tokio::spawn(held_upload(
+        proxy.addr.clone(),
+        format!("/model/{SONNET}/count-tokens"),
+        1024 * 1024,
+        written.clone(),
+        released,
+    ));
+    let _w = written.acquire().await.expect("written");
+    // The held upload's Content-Length is reserved as soon as its head is read; wait for it
+    // to show in the refusal of a second one.
+    let r = eventually("a 503 while the first upload is held", || async {
+        let r = post(
+            &proxy,
+            &format!("/model/{SONNET}/count-tokens"),
+            ALICE_KEY,
+            &format!("\"{}\"", "b".repeat(1000)),
+        )
+        .await;
+        (r.status == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(r.error_type(), "ServiceUnavailableException");
+    assert!(
+        r.message().contains("limits.max_inflight_body_bytes"),
+        "{}",
+        r.message()
+    );
+    assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
+    let m = messages(
+        &proxy,
+        ALICE_KEY,
+        &messages_body("claude-sonnet-4-5", false),
+        &[],
+    )
+    .await;
+    assert_eq!(m.status, 503, "{:?}", m.body);
+    assert_eq!(m.anthropic_error().0, "overloaded_error");
+    release.send(true).expect("release");
+    assert_eq!(held.await.expect("held"), 200);
+}
+
+#[tokio::test]
+async fn bodies_on_get_routes_are_refused_unread() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let auth = format!("Bearer {ALICE_KEY}");
+    for path in [
+        "/inference-profiles?type=SYSTEM_DEFINED".to_string(),
+        format!("/inference-profiles/{}", alice_sonnet().replace('/', "%2F")),
+        "/usage".to_string(),
+    ] {
+        let r = send(request(
+            Method::GET,
+            &format!("{}{path}", proxy.url()),
+            &[("authorization", &auth)],
+            "x".repeat(100_000),
+        ))
+        .await;
+        assert_eq!(r.status, 400, "{path}: {:?}", r.body);
+        assert_eq!(r.error_type(), "ValidationException", "{path}");
+        assert!(r.message().contains("GET"), "{}", r.message());
+    }
+    // Without a body they still work.
+    let r = send(request(
+        Method::GET,
+        &format!("{}/inference-profiles", proxy.url()),
+        &[("authorization", &auth)],
+        "",
+    ))
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        fake.received().len(),
+        1,
+        "no body-carrying GET reached Bedrock"
+    );
+}
 
 /// A connection that, once frozen, reads nothing more and swallows what is written: a client
 /// that ignores GOAWAY (and the PING that comes with it) and keeps the connection open.
