@@ -6,6 +6,7 @@
 use http::HeaderMap;
 
 use crate::domain::{Front, Labels, Op, RuntimeOp};
+use crate::premium::Asked;
 use crate::upstream::payload::Payload;
 
 /// What the caller asks of Bedrock.
@@ -34,6 +35,8 @@ pub struct Call {
     pub body: Payload,
     /// Project and session, for the ledger.
     pub labels: Labels,
+    /// Billing options beyond the standard rate the call asks for (see `premium`).
+    pub asked: Asked,
 }
 
 impl Call {

@@ -22,6 +22,8 @@
 //!   nothing from the crate.
 //! - [`refusal`]: why a request was refused, in no protocol's words.
 //! - [`inflight`]: the request body bytes held across all requests, and each one's reservation.
+//! - [`premium`]: billing options a call asks for (service tier, latency, guardrails), refused
+//!   unless the user may use them, and the rate the rest pays.
 //! - [`call`]: what a front decoded a request into.
 //! - [`state`]: what every request shares (live config, upstream client, meter, shutdown).
 //!
@@ -59,6 +61,7 @@ pub mod listen;
 pub mod logging;
 pub mod meter;
 pub mod observe;
+pub mod premium;
 pub mod refusal;
 pub mod reload;
 pub mod resolve;

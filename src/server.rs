@@ -31,6 +31,7 @@ use crate::front::{self, Answered};
 use crate::identify::identify;
 use crate::meter::Meter;
 use crate::observe::{Recorder, RequestInfo};
+use crate::premium;
 use crate::refusal::Refusal;
 use crate::resolve;
 use crate::state::{AppState, Live};
@@ -243,12 +244,21 @@ async fn handle(
     info.bytes_in = usize::try_from(call.body.len()).unwrap_or(usize::MAX);
 
     let target = resolve::target(&user, config, &call)?;
+    let special = premium::check(&user.name, &user.allow, &call.asked)?;
     if let Some(profile) = &target.profile {
         info.profile = Some(profile.arn.clone());
         info.base_model = Some(profile.model.clone());
-        info.price = config
-            .prices
-            .get(&profile.model, &profile.parsed.region, profile.tier);
+        info.price = match special {
+            Some(rate) if call.is_metered() => Some(
+                config
+                    .prices
+                    .special(&profile.model, rate)
+                    .ok_or_else(|| premium::unpriced(&call.asked, rate, &profile.model))?,
+            ),
+            _ => config
+                .prices
+                .get(&profile.model, &profile.parsed.region, profile.tier),
+        };
     }
 
     let admission = state

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::arn::{BedrockArn, ModelRef, ResourceKind};
 use crate::auth::KeyHash;
-use crate::meter::prices::{Price, PriceEntry, Prices, Rates, Tier};
+use crate::meter::prices::{Price, PriceEntry, Prices, Rates, Special, Tier};
 use raw::RawConfig;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
@@ -325,6 +325,8 @@ pub struct User {
     pub subjects: Vec<String>,
     /// This user's own managed settings (over the group's and everyone's).
     pub managed_settings: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Billing options beyond the standard rate this user may use (`allow_headers`).
+    pub allow: crate::premium::Allowed,
 }
 
 impl User {
@@ -487,6 +489,16 @@ fn price_entry(path: &str, p: &raw::RawPrice) -> Result<PriceEntry, ConfigError>
         entry
             .regions
             .insert(region.clone(), Rates { regional, global });
+    }
+    for (special, raw) in [
+        (Special::Priority, &p.priority),
+        (Special::Flex, &p.flex),
+        (Special::LatencyOptimized, &p.latency_optimized),
+    ] {
+        if let Some(r) = raw {
+            let price = raw_rate(&format!("{path}.{}", special.key()), r)?;
+            entry.special.insert(special, price);
+        }
     }
     Ok(entry)
 }
@@ -1099,6 +1111,20 @@ impl Config {
                     }),
                 );
             }
+            let mut allow = crate::premium::Allowed::new();
+            for (i, feature) in user.allow_headers.iter().enumerate() {
+                let known = crate::premium::Feature::ALL.map(|f| format!("\"{}\"", f.name()));
+                let f = crate::premium::Feature::parse(feature).ok_or_else(|| {
+                    ConfigError::new(
+                        format!("{base}.allow_headers[{i}]"),
+                        format!(
+                            "`{feature}` is not a billing option; use {}",
+                            known.join(", ")
+                        ),
+                    )
+                })?;
+                allow.insert(f);
+            }
             let user = Arc::new(User {
                 name: name.clone(),
                 models,
@@ -1108,6 +1134,7 @@ impl Config {
                 emails,
                 subjects,
                 managed_settings,
+                allow,
             });
             users.by_name.insert(name.clone(), Arc::clone(&user));
             for e in &user.emails {
@@ -1388,6 +1415,10 @@ mod tests {
         assert_eq!(
             err("[limits]\nmax_body_bytes = 2048\nmax_inflight_body_bytes = 1024").path,
             "limits.max_inflight_body_bytes"
+        );
+        assert_eq!(
+            err("[users.a]\nallow_headers = [\"priority\"]").path,
+            "users.a.allow_headers[0]"
         );
         let big = Config::parse("[limits]\nmax_body_bytes = 268435456").unwrap();
         assert_eq!(big.max_inflight_body_bytes, 268435456);

@@ -140,6 +140,9 @@ pub struct RawUser {
     pub subjects: Vec<String>,
     /// This user's managed settings, over the group's and everyone's.
     pub managed_settings: Option<toml::Table>,
+    /// Billing options this user may use (`"service-tier"`, `"latency"`, `"guardrail"`).
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +213,12 @@ pub struct RawPrice {
     pub global: Option<RawRate>,
     #[serde(default)]
     pub regions: BTreeMap<String, RawRegionalPrice>,
+    /// The rate of calls on the priority service tier.
+    pub priority: Option<RawRate>,
+    /// The rate of calls on the flex service tier.
+    pub flex: Option<RawRate>,
+    /// The rate of latency-optimized calls.
+    pub latency_optimized: Option<RawRate>,
 }
 
 /// Four rates, USD per million tokens.

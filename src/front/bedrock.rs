@@ -16,6 +16,7 @@ use percent_encoding::percent_decode_str;
 use crate::arn::ModelRef;
 use crate::call::{Call, Wanted};
 use crate::domain::{Front, Labels, Op, RuntimeOp};
+use crate::premium::{self, Asked};
 use crate::refusal::{Reason, Refusal, shown};
 use crate::upstream::headers;
 use crate::upstream::payload::Payload;
@@ -146,6 +147,13 @@ pub fn decode(
     labels: Labels,
 ) -> Result<Call, Refusal> {
     let op = route.op();
+    let mut asked = Asked::default();
+    if let Route::Runtime { op, .. } = &route {
+        premium::from_headers(incoming, &mut asked)?;
+        if matches!(op, RuntimeOp::Converse | RuntimeOp::ConverseStream) {
+            premium::from_converse(&body, &mut asked)?;
+        }
+    }
     let (wanted, model) = match route {
         Route::Runtime { op, model } => (Wanted::Runtime(op), Some(model)),
         Route::ListProfiles => (
@@ -167,6 +175,7 @@ pub fn decode(
         headers: headers::forwardable_request_headers(incoming),
         body,
         labels,
+        asked,
     })
 }
 

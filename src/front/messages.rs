@@ -230,6 +230,18 @@ pub fn translate(
                 betas.extend(more);
             }
             "tools" if count_tokens && is_empty_array(value) => {}
+            // Anthropic's tiers have no Bedrock field: a call without the service-tier header
+            // is Bedrock's standard tier, which is what both values get. Anything else would
+            // be a billing option this front cannot see priced.
+            "service_tier" => match serde_json::from_str::<&str>(value.get()) {
+                Ok("auto" | "standard_only") => {}
+                _ => {
+                    return Err(Refusal::invalid(
+                        "`service_tier` must be \"auto\" or \"standard_only\"; through bedrock-gate \
+                         both are Bedrock's standard tier.",
+                    ));
+                }
+            },
             other => {
                 if other == "max_tokens" {
                     has_max_tokens = true;
@@ -399,6 +411,7 @@ pub fn decode(
         headers,
         body: Payload::from_bytes(Bytes::from(t.body)).holding(body.reservation()),
         labels,
+        asked: crate::premium::Asked::default(),
     })
 }
 

@@ -60,11 +60,38 @@ impl Rates {
     }
 }
 
-/// A model's price entry: its rates, and the regions whose rates differ.
+/// A rate a call asks for beyond the standard on-demand one (see `premium`), with a price of
+/// its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Special {
+    /// The priority service tier.
+    Priority,
+    /// The flex service tier.
+    Flex,
+    /// Latency-optimized inference.
+    LatencyOptimized,
+}
+
+impl Special {
+    /// The key of its table under `[prices."MODEL"]`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Special::Priority => "priority",
+            Special::Flex => "flex",
+            Special::LatencyOptimized => "latency_optimized",
+        }
+    }
+}
+
+/// A model's price entry: its rates, the regions whose rates differ, and the rates of the
+/// billing options it has a price for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PriceEntry {
     pub rates: Rates,
     pub regions: BTreeMap<String, Rates>,
+    /// One rate per option, whatever the region or profile kind; an option with none is
+    /// refused, never priced at the standard rate.
+    pub special: BTreeMap<Special, Price>,
 }
 
 impl PriceEntry {
@@ -72,6 +99,7 @@ impl PriceEntry {
         PriceEntry {
             rates: Rates { regional, global },
             regions: BTreeMap::new(),
+            special: BTreeMap::new(),
         }
     }
 }
@@ -180,6 +208,15 @@ impl Prices {
         Some(rates.for_tier(tier))
     }
 
+    /// The rate of a call to `model` with a billing option, if the table has one.
+    pub fn special(&self, model: &str, special: Special) -> Option<Price> {
+        self.0
+            .get(strip_geo_prefix(model))?
+            .special
+            .get(&special)
+            .copied()
+    }
+
     /// Estimated cost in USD, or `None` when some tokens have no price.
     pub fn cost(&self, model: &str, region: &str, tier: Tier, usage: &Usage) -> Option<f64> {
         self.get(model, region, tier)?.cost(usage)
@@ -277,6 +314,24 @@ mod tests {
         assert_eq!(r("anthropic.claude-opus-9-9", &usage(1, 1, 0, 0)), None);
         assert_eq!(r("acme.model", &usage(1_000_000, 0, 0, 0)), Some(1.0));
         assert_eq!(r("acme.model", &usage(1, 0, 5, 0)), None);
+    }
+
+    #[test]
+    fn a_billing_option_has_its_own_rate_or_none() {
+        let mut entry = PriceEntry::new(p(1.0, 2.0, 0.1, 1.25), None);
+        entry
+            .special
+            .insert(Special::Priority, p(2.0, 4.0, 0.2, 2.5));
+        let prices = Prices::with_overrides([("acme.model".to_string(), entry)]);
+        assert_eq!(
+            prices.special("us.acme.model", Special::Priority),
+            Some(p(2.0, 4.0, 0.2, 2.5))
+        );
+        assert_eq!(
+            prices.special("acme.model", Special::LatencyOptimized),
+            None
+        );
+        assert_eq!(prices.special(SONNET, Special::Priority), None);
     }
 
     #[test]

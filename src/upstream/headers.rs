@@ -1,21 +1,32 @@
 //! Header hygiene in both directions.
 //!
-//! Requests: an allowlist. Only `Content-Type`, `Accept` and `X-Amzn-Bedrock-*` (guardrails,
-//! trace, service tier, performance config) cross to Bedrock; the caller's `Authorization`,
-//! `x-api-key`, `x-amz-*`, `Host`, `Accept-Encoding` and hop-by-hop headers never do, so the
-//! signature covers only headers the proxy chose.
+//! Requests: an allowlist. Only `Content-Type`, `Accept` and the `X-Amzn-Bedrock-*` request
+//! headers Bedrock Runtime defines (accept, trace, guardrail, performance config, service
+//! tier) cross to Bedrock, the billing ones after `premium` let them; any other
+//! `X-Amzn-Bedrock-*` header (a new billing option nobody priced), the caller's
+//! `Authorization`, `x-api-key`, `x-amz-*`, `Host`, `Accept-Encoding` and hop-by-hop headers
+//! never do, so the signature covers only headers the proxy chose.
 //! Responses: everything but hop-by-hop headers is passed back as Bedrock sent it.
 
 use http::header::{self, HeaderMap, HeaderName};
+
+/// The `X-Amzn-Bedrock-*` request headers of InvokeModel and InvokeModelWithResponseStream.
+const BEDROCK_REQUEST_HEADERS: &[&str] = &[
+    "x-amzn-bedrock-accept",
+    "x-amzn-bedrock-trace",
+    "x-amzn-bedrock-guardrailidentifier",
+    "x-amzn-bedrock-guardrailversion",
+    "x-amzn-bedrock-performanceconfig-latency",
+    "x-amzn-bedrock-service-tier",
+];
 
 /// Copies the request headers Bedrock should see.
 pub fn forwardable_request_headers(incoming: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in incoming {
-        let n = name.as_str();
         if name == header::CONTENT_TYPE
             || name == header::ACCEPT
-            || n.starts_with("x-amzn-bedrock-")
+            || BEDROCK_REQUEST_HEADERS.contains(&name.as_str())
         {
             out.append(name.clone(), value.clone());
         }
@@ -72,6 +83,7 @@ mod tests {
             ("accept", "application/vnd.amazon.eventstream"),
             ("x-amzn-bedrock-guardrailidentifier", "g1"),
             ("x-amzn-bedrock-trace", "ENABLED"),
+            ("x-amzn-bedrock-future-billing-option", "on"),
             ("anthropic-beta", "x"),
         ] {
             h.append(k, HeaderValue::from_static(v));

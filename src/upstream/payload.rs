@@ -72,6 +72,30 @@ impl Payload {
         self.held.clone()
     }
 
+    /// Whether `needle` occurs in the body, across chunk boundaries too, without copying it.
+    pub fn contains(&self, needle: &[u8]) -> bool {
+        if needle.is_empty() {
+            return true;
+        }
+        let finder = memchr::memmem::Finder::new(needle);
+        let edge = needle.len() - 1;
+        let mut seam = Vec::with_capacity(2 * edge);
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            if finder.find(chunk).is_some() {
+                return true;
+            }
+            if let Some(next) = self.chunks.get(i + 1) {
+                seam.clear();
+                seam.extend_from_slice(&chunk[chunk.len().saturating_sub(edge)..]);
+                seam.extend_from_slice(&next[..next.len().min(edge)]);
+                if finder.find(&seam).is_some() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// The whole body in one buffer, for a front that must parse it: no copy when it arrived
     /// as one chunk.
     pub fn to_bytes(&self) -> Bytes {
@@ -271,5 +295,25 @@ mod tests {
                 .into_body()
                 .is_end_stream()
         );
+    }
+
+    #[test]
+    fn contains_finds_a_needle_across_chunk_boundaries() {
+        let mut b = PayloadBuilder::default();
+        b.push(Bytes::from(vec![b'a'; SMALL_CHUNK]));
+        let mut second = b"Tier\"".to_vec();
+        second.extend(vec![b'b'; SMALL_CHUNK]);
+        b.push(Bytes::from(second));
+        let p = b.finish();
+        assert_eq!(p.chunks.len(), 2);
+        assert!(!p.contains(b"\"serviceTier\""));
+        let mut b = PayloadBuilder::default();
+        let mut first = vec![b'a'; SMALL_CHUNK];
+        first.extend_from_slice(b"{\"service");
+        b.push(Bytes::from(first));
+        let mut second = b"Tier\"".to_vec();
+        second.extend(vec![b'b'; SMALL_CHUNK]);
+        b.push(Bytes::from(second));
+        assert!(b.finish().contains(b"\"serviceTier\""));
     }
 }

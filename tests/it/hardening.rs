@@ -1,5 +1,6 @@
 //! Defects found by trying to break the proxy: memory pinned by concurrent uploads, bodies on
-//! GET routes, and an HTTP/2 client that ignored GOAWAY holding shutdown.
+//! GET routes, billing options (priority tier, latency-optimized inference, guardrails) that
+//! were forwarded unpriced, and an HTTP/2 client that ignored GOAWAY holding shutdown.
 
 use crate::common;
 
@@ -276,6 +277,247 @@ async fn bodies_on_get_routes_are_refused_unread() {
         fake.received().len(),
         1,
         "no body-carrying GET reached Bedrock"
+    );
+}
+
+/// A call on the Bedrock-native front with extra headers.
+async fn invoke_with(proxy: &Proxy, key: &str, headers: &[(&str, &str)]) -> Reply {
+    let auth = format!("Bearer {key}");
+    let mut h = vec![
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    h.extend_from_slice(headers);
+    send(request(
+        Method::POST,
+        &format!("{}/model/{SONNET}/invoke", proxy.url()),
+        &h,
+        INVOKE_BODY,
+    ))
+    .await
+}
+
+/// A Converse (or ConverseStream) body with one extra top-level field.
+fn converse_with(field: &str, value: &str) -> String {
+    format!(r#"{{"messages":[{{"role":"user","content":[{{"text":"hi"}}]}}],"{field}":{value}}}"#)
+}
+
+#[tokio::test]
+async fn billing_options_are_refused_unless_the_user_may_use_them() {
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    for (header, value, allow) in [
+        ("x-amzn-bedrock-service-tier", "priority", "service-tier"),
+        ("x-amzn-bedrock-service-tier", "flex", "service-tier"),
+        (
+            "x-amzn-bedrock-performanceconfig-latency",
+            "optimized",
+            "latency",
+        ),
+        (
+            "x-amzn-bedrock-guardrailidentifier",
+            "gr-other-team",
+            "guardrail",
+        ),
+        ("x-amzn-bedrock-guardrailversion", "1", "guardrail"),
+        ("x-amzn-bedrock-trace", "ENABLED", "guardrail"),
+    ] {
+        let r = invoke_with(&proxy, ALICE_KEY, &[(header, value)]).await;
+        assert_eq!(r.status, 400, "{header}: {:?}", r.body);
+        assert_eq!(r.error_type(), "ValidationException");
+        let m = r.message();
+        assert!(
+            m.to_ascii_lowercase().contains(header)
+                && m.contains("allow_headers")
+                && m.contains(&format!("\"{allow}\""))
+                && m.contains("[users.alice]"),
+            "{header}: {m}"
+        );
+    }
+    for (field, value, allow) in [
+        ("serviceTier", r#"{"type":"priority"}"#, "service-tier"),
+        ("performanceConfig", r#"{"latency":"optimized"}"#, "latency"),
+        (
+            "guardrailConfig",
+            r#"{"guardrailIdentifier":"gr-other-team","guardrailVersion":"1"}"#,
+            "guardrail",
+        ),
+    ] {
+        for op in ["converse", "converse-stream"] {
+            let r = post(
+                &proxy,
+                &format!("/model/{SONNET}/{op}"),
+                ALICE_KEY,
+                &converse_with(field, value),
+            )
+            .await;
+            assert_eq!(r.status, 400, "{op} {field}: {:?}", r.body);
+            let m = r.message();
+            assert!(
+                m.contains(field) && m.contains(&format!("\"{allow}\"")),
+                "{field}: {m}"
+            );
+        }
+    }
+    assert!(
+        fake.received().is_empty(),
+        "nothing refused reached Bedrock"
+    );
+
+    // The standard settings are what every call gets anyway: they pass.
+    let r = invoke_with(
+        &proxy,
+        ALICE_KEY,
+        &[
+            ("x-amzn-bedrock-service-tier", "default"),
+            ("x-amzn-bedrock-performanceconfig-latency", "standard"),
+            ("x-amzn-bedrock-trace", "DISABLED"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        ALICE_KEY,
+        &converse_with("performanceConfig", r#"{"latency":"standard"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // The Messages front: Anthropic's `service_tier` has no Bedrock meaning beyond the
+    // standard tier; it is dropped, never forwarded. A value Anthropic does not define is
+    // refused.
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"service_tier":"auto","messages":[{"role":"user","content":"hi"}]}"#;
+    let r = messages(&proxy, ALICE_KEY, body, &[]).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let last = fake.received().pop().expect("received");
+    assert!(
+        !String::from_utf8_lossy(&last.body).contains("service_tier"),
+        "{:?}",
+        last.body
+    );
+    let r = messages(
+        &proxy,
+        ALICE_KEY,
+        &body.replace("\"auto\"", "\"priority\""),
+        &[("x-amzn-bedrock-service-tier", "priority")],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let (kind, message) = r.anthropic_error();
+    assert_eq!(kind, "invalid_request_error");
+    assert!(message.contains("service_tier"), "{message}");
+    assert_eq!(fake.received().len(), 3);
+}
+
+#[tokio::test]
+async fn allowed_billing_options_are_forwarded_and_priced_with_their_own_entry() {
+    let fake = FakeBedrock::start().await;
+    let prices = format!(
+        "[prices.\"{SONNET}\"]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\ncache_read_per_mtok = 0.3\n\
+         cache_write_per_mtok = 3.75\n[prices.\"{SONNET}\".priority]\ninput_per_mtok = 6.0\n\
+         output_per_mtok = 30.0\ncache_read_per_mtok = 0.6\ncache_write_per_mtok = 7.5\n"
+    );
+    let config = two_user_config(&fake, &prices).replace(
+        "[users.alice]\n",
+        "[users.alice]\nallow_headers = [\"service-tier\", \"latency\", \"guardrail\"]\n",
+    );
+    let proxy = Proxy::start(&config).await;
+
+    let r = invoke_with(&proxy, ALICE_KEY, &[]).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = invoke_with(
+        &proxy,
+        ALICE_KEY,
+        &[
+            ("x-amzn-bedrock-service-tier", "priority"),
+            ("x-amzn-bedrock-guardrailidentifier", "gr-1"),
+            ("x-amzn-bedrock-guardrailversion", "DRAFT"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let got = fake.received().pop().expect("received");
+    assert_eq!(got.headers["x-amzn-bedrock-service-tier"], "priority");
+    assert_eq!(got.headers["x-amzn-bedrock-guardrailidentifier"], "gr-1");
+
+    // Latency-optimized is allowed, but the table has no rate for it: refused rather than
+    // metered at the standard rate.
+    let r = invoke_with(
+        &proxy,
+        ALICE_KEY,
+        &[("x-amzn-bedrock-performanceconfig-latency", "optimized")],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.message()
+            .contains(&format!("[prices.\"{SONNET}\".latency_optimized]")),
+        "{}",
+        r.message()
+    );
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/converse"),
+        ALICE_KEY,
+        &converse_with("serviceTier", r#"{"type":"priority"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let got = fake.received().pop().expect("received");
+    assert!(String::from_utf8_lossy(&got.body).contains("\"serviceTier\""));
+
+    // Bob may not.
+    let r = invoke_with(
+        &proxy,
+        BOB_KEY,
+        &[("x-amzn-bedrock-service-tier", "priority")],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(r.message().contains("[users.bob]"), "{}", r.message());
+
+    let costs: Vec<(String, Option<f64>)> = eventually("5 ledger rows", || async {
+        let rows = ledger_query(
+            &proxy,
+            "SELECT operation, cost_usd FROM requests ORDER BY id",
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        );
+        (rows.len() >= 5).then_some(rows)
+    })
+    .await;
+    // The fake's InvokeModel: 11 in, 7 out, 4 cache read, 3 cache write.
+    let standard = (11.0 * 3.0 + 7.0 * 15.0 + 4.0 * 0.3 + 3.0 * 3.75) / 1e6;
+    let priority = (11.0 * 6.0 + 7.0 * 30.0 + 4.0 * 0.6 + 3.0 * 7.5) / 1e6;
+    let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-12);
+    assert!(close(costs[0].1, standard), "{costs:?}");
+    assert!(close(costs[1].1, priority), "{costs:?}");
+    // The fake's Converse: 9 in, 4 out, 5 cache read, 6 cache write, at the priority rate.
+    let converse_priority = (9.0 * 6.0 + 4.0 * 30.0 + 5.0 * 0.6 + 6.0 * 7.5) / 1e6;
+    assert!(close(costs[3].1, converse_priority), "{costs:?}");
+}
+
+#[tokio::test]
+async fn an_unknown_allow_headers_name_is_a_config_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = FakeBedrock::start().await;
+    let config = two_user_config(&fake, "").replace(
+        "[users.bob]\n",
+        "[users.bob]\nallow_headers = [\"priority\"]\n",
+    );
+    std::fs::write(dir.path().join("c.toml"), config).expect("write");
+    let path = dir.path().join("c.toml");
+    let out = run(
+        dir.path(),
+        &["check", "--config", path.to_str().expect("utf-8")],
+    )
+    .await;
+    assert!(!out.ok, "{out}");
+    assert!(
+        out.stderr.contains("users.bob.allow_headers") && out.stderr.contains("\"service-tier\""),
+        "{}",
+        out.stderr
     );
 }
 

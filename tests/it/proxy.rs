@@ -95,7 +95,12 @@ async fn every_spelling_of_the_model_resolves_and_regions_follow_the_profile() {
 #[tokio::test]
 async fn headers_are_filtered_and_caller_credentials_never_leak() {
     let fake = FakeBedrock::start().await;
-    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    // A guardrail is a billing option alice must be allowed (see the hardening tests).
+    let config = two_user_config(&fake, "").replace(
+        "[users.alice]\n",
+        "[users.alice]\nallow_headers = [\"guardrail\"]\n",
+    );
+    let proxy = Proxy::start(&config).await;
     let r = send(request(
         Method::POST,
         &format!("{}/model/{SONNET}/invoke", proxy.url()),
