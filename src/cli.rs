@@ -104,6 +104,12 @@ pub enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// The PostgreSQL store (`[store] url`): create or upgrade its schema, move a SQLite ledger
+    /// in.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Issue or revoke a user's API keys (only hashes are stored).
     Keys {
         #[command(subcommand)]
@@ -242,6 +248,24 @@ pub enum SessionsCommand {
         all: bool,
         #[command(flatten)]
         ledger: LedgerArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Create or upgrade the schema (versioned; safe from many processes at once, and `serve`
+    /// runs it too).
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Copy every row of a SQLite ledger into the store, each request id once (a second run
+    /// copies nothing).
+    ImportSqlite {
+        /// The SQLite ledger file (`ledger.path`).
+        path: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 

@@ -68,6 +68,7 @@ pub mod resolve;
 pub mod server;
 pub mod signin;
 pub mod state;
+pub mod store;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

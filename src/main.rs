@@ -79,6 +79,7 @@ fn main() -> ExitCode {
         Command::Sessions { command } => report(bedrock_gate::admin::sessions(command)),
         Command::Iam { command } => report(bedrock_gate::admin::iam_command(command)),
         Command::Keys { command } => report(bedrock_gate::admin::keys(command)),
+        Command::Store { command } => run_async(bedrock_gate::admin::store(command)),
         Command::Profiles { command } => run_async(bedrock_gate::admin::profiles(command)),
         Command::Reconcile {
             config,

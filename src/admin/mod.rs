@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use crate::auth::{KeyHash, generate_key};
 use crate::cli::{
     IamCommand, KeysCommand, PolicyFormat, PricesCommand, ProfilesCommand, SessionsCommand,
-    UsersCommand,
+    StoreCommand, UsersCommand,
 };
 use crate::config::Config;
 use doc::ConfigDoc;
@@ -178,6 +178,56 @@ fn read_or_create_master_key(path: &std::path::Path) -> anyhow::Result<crate::au
         }
         Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
     }
+}
+
+/// `store migrate` and `store import-sqlite`.
+pub async fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
+    use crate::store::pg;
+    let path = match &cmd {
+        StoreCommand::Migrate { config } | StoreCommand::ImportSqlite { config, .. } => {
+            config.config.clone()
+        }
+    };
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let Some(settings) = &config.store else {
+        anyhow::bail!(
+            "{} has no [store] url: the ledger is the SQLite file, which needs no migration",
+            path.display()
+        );
+    };
+    let dir = crate::config::dir_of(&path);
+    let mut client = pg::connect(settings, &dir).await?;
+    let applied = pg::migrate(&mut client).await?;
+    match &cmd {
+        StoreCommand::Migrate { .. } => {
+            if applied.is_empty() {
+                println!(
+                    "{}: schema up to date (version {})",
+                    settings.redacted_url(),
+                    pg::latest()
+                );
+            } else {
+                println!(
+                    "{}: applied schema version(s) {:?}; now at {}",
+                    settings.redacted_url(),
+                    applied,
+                    pg::latest()
+                );
+            }
+        }
+        StoreCommand::ImportSqlite { path, .. } => {
+            let done = pg::import_sqlite(&mut client, path).await?;
+            println!(
+                "read {} row(s) from {}; {} were new to {}, {} already there",
+                done.read,
+                path.display(),
+                done.inserted,
+                settings.redacted_url(),
+                done.read - done.inserted
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn profiles(cmd: ProfilesCommand) -> anyhow::Result<ExitCode> {

@@ -73,6 +73,8 @@ pub struct Config {
     pub telemetry: signin::Telemetry,
     /// `[auth]`: the master key of issued SigV4 key pairs.
     pub auth: Auth,
+    /// `[store]`: PostgreSQL; `None` is the SQLite ledger at `ledger.path`.
+    pub store: Option<crate::store::Settings>,
     /// `prices_file` as written (relative to the config file), and the SHA-256 of what it held
     /// when read, so a reload notices new prices.
     pub prices_file: Option<(String, String)>,
@@ -270,6 +272,26 @@ pub struct Profile {
     /// Which of Bedrock's rates its calls pay: Global when the key says `global.` or
     /// profiles are made from `global.` ones (`provisioning.source = "global"`).
     pub tier: Tier,
+}
+
+/// `[store]`, validated; errors never quote the URL (it may hold a password).
+fn store_settings(raw: raw::RawStore) -> Result<crate::store::Settings, ConfigError> {
+    use crate::store::OnUnavailable;
+    let url = raw
+        .url
+        .ok_or_else(|| ConfigError::new("store.url", "required in [store] (postgres://…)"))?;
+    let on_unavailable = match raw.on_unavailable.as_deref() {
+        None | Some("open") => OnUnavailable::Open,
+        Some("closed") => OnUnavailable::Closed,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "store.on_unavailable",
+                "\"open\" (admit on the last known spend) or \"closed\" (refuse)",
+            ));
+        }
+    };
+    crate::store::Settings::new(url, raw.password_file, raw.ca_file, on_unavailable)
+        .map_err(|e| ConfigError::new("store.url", e))
 }
 
 /// `[auth]`, and the master key it names once read (only when some user has an access key id).
@@ -896,6 +918,7 @@ impl Config {
                 .insert(group.clone(), signin::settings_json(&path, table)?);
         }
         let telemetry = signin::telemetry(raw.telemetry)?;
+        let store = raw.store.map(store_settings).transpose()?;
         let auth = Auth {
             master_key_file: raw.auth.sigv4_master_key_file,
             master_key: None,
@@ -946,6 +969,7 @@ impl Config {
             settings,
             telemetry,
             auth,
+            store,
             prices_file: raw.prices_file.map(|name| (name, String::new())),
         })
     }

@@ -28,6 +28,8 @@ pub struct RawConfig {
     pub telemetry: RawTelemetry,
     #[serde(default)]
     pub auth: RawAuth,
+    /// `[store]`: PostgreSQL for the ledger instead of the SQLite file.
+    pub store: Option<RawStore>,
     #[serde(default)]
     pub aws: RawAws,
     #[serde(default)]
@@ -54,6 +56,18 @@ pub struct RawConfig {
 pub struct RawPricesFile {
     #[serde(default)]
     pub prices: BTreeMap<String, RawPrice>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub url: Option<String>,
+    /// File holding the database password (relative to the config).
+    pub password_file: Option<String>,
+    /// PEM roots to trust for the database server's certificate.
+    pub ca_file: Option<String>,
+    /// `"open"` or `"closed"`: admission while the store cannot be reached.
+    pub on_unavailable: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

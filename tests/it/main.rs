@@ -31,5 +31,6 @@ mod reload;
 mod sdk;
 mod signin;
 mod sigv4_verifier;
+mod store;
 mod streaming;
 mod tls;

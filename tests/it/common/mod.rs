@@ -6,6 +6,7 @@ pub mod billing;
 pub mod control;
 pub mod fake;
 pub mod idp;
+pub mod pg;
 pub mod sigv4;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,531 @@
+//! PostgreSQL: connecting (rustls), the versioned schema, and moving ledger rows in.
+//!
+//! [`migrate`] applies the numbered migrations in [`MIGRATIONS`] that a database has not had,
+//! each in its own transaction, under a session advisory lock, so every replica can run it at
+//! start (and `store migrate` from anywhere) at the same time: one applies, the others wait and
+//! find nothing left to do. [`insert_rows`] writes ledger rows idempotently: a row carries its
+//! request id, a second insert of the same id is a no-op, and the daily rollup only counts rows
+//! that were new, in the same transaction. [`import_sqlite`] moves an embedded ledger in with
+//! it, so running it twice moves each row once.
+//!
+//! This module never logs a password or a URL with one (see [`super::Settings`]), and never
+//! changes a row once written.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio_postgres::{Client, GenericClient, NoTls};
+
+use super::Settings;
+use crate::meter::ledger::Record;
+
+/// The advisory lock key migrations hold (any constant shared by every bedrock-gate).
+const MIGRATION_LOCK: i64 = 0x6265_6472_6f63_6b67; // "bedrockg"
+
+/// The schema, one entry per version, applied in order and never edited once released: a
+/// change is a new entry.
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+
+const V1: &str = r#"
+CREATE TABLE requests (
+    id                  BIGSERIAL PRIMARY KEY,
+    ts_ms               BIGINT NOT NULL,
+    "user"              TEXT,
+    operation           TEXT NOT NULL,
+    model               TEXT,
+    base_model          TEXT,
+    profile_arn         TEXT,
+    status              INTEGER NOT NULL,
+    input_tokens        BIGINT NOT NULL,
+    output_tokens       BIGINT NOT NULL,
+    cache_read_tokens   BIGINT NOT NULL,
+    cache_write_tokens  BIGINT NOT NULL,
+    cost_usd            DOUBLE PRECISION,
+    latency_ms          BIGINT NOT NULL,
+    ttfb_ms             BIGINT,
+    request_id          TEXT NOT NULL UNIQUE,
+    upstream_request_id TEXT,
+    complete            BOOLEAN NOT NULL,
+    admitted            BOOLEAN NOT NULL,
+    outcome             TEXT NOT NULL,
+    front               TEXT,
+    project             TEXT,
+    session             TEXT,
+    replica             TEXT NOT NULL
+);
+CREATE INDEX requests_ts ON requests (ts_ms);
+CREATE INDEX requests_user_ts ON requests ("user", ts_ms);
+CREATE TABLE sent (
+    request_id  TEXT PRIMARY KEY,
+    ts_ms       BIGINT NOT NULL,
+    "user"      TEXT NOT NULL,
+    front       TEXT,
+    project     TEXT,
+    session     TEXT,
+    operation   TEXT NOT NULL,
+    model       TEXT,
+    base_model  TEXT,
+    profile_arn TEXT,
+    admitted    BOOLEAN NOT NULL,
+    replica     TEXT NOT NULL
+);
+CREATE TABLE usage_daily (
+    day                TEXT NOT NULL,
+    "user"             TEXT NOT NULL,
+    model              TEXT NOT NULL,
+    profile            TEXT NOT NULL,
+    project            TEXT NOT NULL,
+    session            TEXT NOT NULL,
+    front              TEXT NOT NULL,
+    replica            TEXT NOT NULL,
+    requests           BIGINT NOT NULL,
+    input_tokens       BIGINT NOT NULL,
+    output_tokens      BIGINT NOT NULL,
+    cache_read_tokens  BIGINT NOT NULL,
+    cache_write_tokens BIGINT NOT NULL,
+    cost_usd           DOUBLE PRECISION NOT NULL,
+    unpriced           BIGINT NOT NULL,
+    incomplete         BIGINT NOT NULL,
+    errors             BIGINT NOT NULL,
+    PRIMARY KEY (day, "user", model, profile, project, session, front, replica)
+);
+CREATE TABLE usage_minute (
+    minute   BIGINT NOT NULL,
+    "user"   TEXT NOT NULL,
+    replica  TEXT NOT NULL,
+    requests BIGINT NOT NULL,
+    tokens   BIGINT NOT NULL,
+    PRIMARY KEY (minute, "user", replica)
+);
+"#;
+
+/// Connects with the store's settings: rustls (aws-lc-rs, the webpki roots and `ca_file`)
+/// unless the URL says `sslmode=disable`. The connection is driven by a task of its own.
+pub async fn connect(settings: &Settings, dir: &Path) -> anyhow::Result<Client> {
+    let config = settings.connect_config(dir)?;
+    let what = settings.redacted_url();
+    let client = match config.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => {
+            let (client, conn) = config
+                .connect(NoTls)
+                .await
+                .with_context(|| format!("cannot connect to {what}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "store connection ended");
+                }
+            });
+            client
+        }
+        _ => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(
+                settings.ca_path(dir).as_deref(),
+            )?);
+            let (client, conn) = config
+                .connect(tls)
+                .await
+                .with_context(|| format!("cannot connect to {what}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "store connection ended");
+                }
+            });
+            client
+        }
+    };
+    Ok(client)
+}
+
+/// rustls for the database: the webpki roots, plus the PEM certificates of `ca` (a private CA,
+/// or the cloud provider's bundle).
+fn tls_config(ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("store.ca_file: cannot read {}", path.display()))?;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert =
+                cert.with_context(|| format!("store.ca_file: {} is not PEM", path.display()))?;
+            roots.add(cert).with_context(|| {
+                format!(
+                    "store.ca_file: a certificate in {} is not usable",
+                    path.display()
+                )
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Applies the migrations the database lacks; returns the versions applied now (empty when it
+/// was up to date). Safe to run from many processes at once.
+pub async fn migrate(client: &mut Client) -> anyhow::Result<Vec<i32>> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("waiting for the migration lock")?;
+    let result = apply_missing(client).await;
+    // Released however the migrations went; a dropped connection releases it too.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result
+}
+
+async fn apply_missing(client: &mut Client) -> anyhow::Result<Vec<i32>> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .context("creating schema_migrations")?;
+    let done: Vec<i32> = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if let Some(newer) = done.iter().max().filter(|v| **v > latest()) {
+        anyhow::bail!(
+            "the database has schema version {newer}, newer than this bedrock-gate knows ({}); upgrade bedrock-gate",
+            latest()
+        );
+    }
+    let mut applied = Vec::new();
+    for (version, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("applying schema version {version}"))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .await?;
+        tx.commit().await?;
+        applied.push(*version);
+    }
+    Ok(applied)
+}
+
+/// The newest schema version this build knows.
+pub fn latest() -> i32 {
+    MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
+
+/// The schema version a database is at (0 when never migrated).
+pub async fn version(client: &Client) -> anyhow::Result<i32> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let v: Option<i32> = client
+        .query_one("SELECT max(version) FROM schema_migrations", &[])
+        .await?
+        .get(0);
+    Ok(v.unwrap_or(0))
+}
+
+/// The rollup key of a row: (day, user, model, profile, project, session, front), with ''
+/// for an absent value, as `usage_daily` keeps it.
+type DayKey = (String, String, String, String, String, String, String);
+
+/// The sums a row adds to its day.
+#[derive(Debug, Default, Clone, Copy)]
+struct DaySums {
+    requests: i64,
+    input: i64,
+    output: i64,
+    cache_read: i64,
+    cache_write: i64,
+    cost: f64,
+    unpriced: i64,
+    incomplete: i64,
+    errors: i64,
+}
+
+/// How one row counts in the rollup: unpriced (tokens but no cost), incomplete (usage not all
+/// seen, of an answer or an interrupted call), an error (not a 200, or ended by Bedrock's
+/// error). The same rules as the `usage` report's columns.
+fn classify(r: &Record) -> (bool, bool, bool) {
+    let tokens = r.usage.total();
+    let unpriced = r.cost_usd.is_none() && tokens > 0;
+    let interrupted = r.outcome == "interrupted";
+    let incomplete = !r.complete && (r.status == 200 || interrupted);
+    let error = (r.status != 200 && !interrupted)
+        || !matches!(
+            r.outcome.as_str(),
+            "complete" | "client_gone" | "shutdown" | "interrupted"
+        );
+    (unpriced, incomplete, error)
+}
+
+fn day_of(ts_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ts_ms)
+        .unwrap_or_default()
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+fn n(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Inserts `rows` (from `replica`) in one transaction: each request id once, and the daily
+/// rollup of the rows that were new. Returns how many were new.
+pub async fn insert_rows(
+    client: &mut Client,
+    replica: &str,
+    rows: &[Record],
+) -> anyhow::Result<u64> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let tx = client.transaction().await?;
+    let new = insert_in(&tx, replica, rows).await?;
+    tx.commit().await?;
+    Ok(new)
+}
+
+async fn insert_in(tx: &impl GenericClient, replica: &str, rows: &[Record]) -> anyhow::Result<u64> {
+    let col = |f: &dyn Fn(&Record) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
+    let ts: Vec<i64> = rows.iter().map(|r| r.ts_ms).collect();
+    let user = col(&|r| r.user.clone());
+    let operation: Vec<String> = rows.iter().map(|r| r.operation.clone()).collect();
+    let model = col(&|r| r.model.clone());
+    let base_model = col(&|r| r.base_model.clone());
+    let profile = col(&|r| r.profile_arn.clone());
+    let status: Vec<i32> = rows.iter().map(|r| i32::from(r.status)).collect();
+    let input: Vec<i64> = rows.iter().map(|r| n(r.usage.input_tokens)).collect();
+    let output: Vec<i64> = rows.iter().map(|r| n(r.usage.output_tokens)).collect();
+    let cache_read: Vec<i64> = rows.iter().map(|r| n(r.usage.cache_read_tokens)).collect();
+    let cache_write: Vec<i64> = rows.iter().map(|r| n(r.usage.cache_write_tokens)).collect();
+    let cost: Vec<Option<f64>> = rows.iter().map(|r| r.cost_usd).collect();
+    let latency: Vec<i64> = rows.iter().map(|r| n(r.latency_ms)).collect();
+    let ttfb: Vec<Option<i64>> = rows.iter().map(|r| r.ttfb_ms.map(n)).collect();
+    let request_id: Vec<String> = rows.iter().map(|r| r.request_id.clone()).collect();
+    let upstream_id = col(&|r| r.upstream_request_id.clone());
+    let complete: Vec<bool> = rows.iter().map(|r| r.complete).collect();
+    let admitted: Vec<bool> = rows.iter().map(|r| r.admitted).collect();
+    let outcome: Vec<String> = rows.iter().map(|r| r.outcome.clone()).collect();
+    let front = col(&|r| r.front.clone());
+    let project = col(&|r| r.project.clone());
+    let session = col(&|r| r.session.clone());
+    let inserted = tx
+        .query(
+            r#"INSERT INTO requests (ts_ms, "user", operation, model, base_model, profile_arn, status,
+                   input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
+                   latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted, outcome,
+                   front, project, session, replica)
+               SELECT *, $23::text FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                   $6::text[], $7::int[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
+                   $12::float8[], $13::bigint[], $14::bigint[], $15::text[], $16::text[], $17::bool[],
+                   $18::bool[], $19::text[], $20::text[], $21::text[], $22::text[])
+               ON CONFLICT (request_id) DO NOTHING
+               RETURNING request_id"#,
+            &[
+                &ts, &user, &operation, &model, &base_model, &profile, &status, &input, &output,
+                &cache_read, &cache_write, &cost, &latency, &ttfb, &request_id, &upstream_id,
+                &complete, &admitted, &outcome, &front, &project, &session, &replica,
+            ],
+        )
+        .await
+        .context("inserting ledger rows")?;
+    let new: std::collections::HashSet<String> =
+        inserted.iter().map(|r| r.get::<_, String>(0)).collect();
+    let mut days: BTreeMap<DayKey, DaySums> = BTreeMap::new();
+    for r in rows.iter().filter(|r| new.contains(&r.request_id)) {
+        let key = (
+            day_of(r.ts_ms),
+            r.user.clone().unwrap_or_default(),
+            r.base_model
+                .clone()
+                .or_else(|| r.model.clone())
+                .unwrap_or_default(),
+            r.profile_arn.clone().unwrap_or_default(),
+            r.project.clone().unwrap_or_default(),
+            r.session.clone().unwrap_or_default(),
+            r.front.clone().unwrap_or_default(),
+        );
+        let (unpriced, incomplete, error) = classify(r);
+        let s = days.entry(key).or_default();
+        s.requests += 1;
+        s.input += n(r.usage.input_tokens);
+        s.output += n(r.usage.output_tokens);
+        s.cache_read += n(r.usage.cache_read_tokens);
+        s.cache_write += n(r.usage.cache_write_tokens);
+        s.cost += r.cost_usd.unwrap_or(0.0);
+        s.unpriced += i64::from(unpriced);
+        s.incomplete += i64::from(incomplete);
+        s.errors += i64::from(error);
+    }
+    if !days.is_empty() {
+        let k = |i: usize| -> Vec<String> {
+            days.keys()
+                .map(|key| match i {
+                    0 => key.0.clone(),
+                    1 => key.1.clone(),
+                    2 => key.2.clone(),
+                    3 => key.3.clone(),
+                    4 => key.4.clone(),
+                    5 => key.5.clone(),
+                    _ => key.6.clone(),
+                })
+                .collect()
+        };
+        let v = |f: &dyn Fn(&DaySums) -> i64| days.values().map(f).collect::<Vec<i64>>();
+        let costs: Vec<f64> = days.values().map(|s| s.cost).collect();
+        tx.execute(
+            r#"INSERT INTO usage_daily (day, "user", model, profile, project, session, front, replica,
+                   requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                   cost_usd, unpriced, incomplete, errors)
+               SELECT d, u, m, p, pr, s, f, $8::text, rq, i, o, cr, cw, c, up, inc, e
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                   $7::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],
+                   $14::float8[], $15::bigint[], $16::bigint[], $17::bigint[])
+                   AS t(d, u, m, p, pr, s, f, rq, i, o, cr, cw, c, up, inc, e)
+               ON CONFLICT (day, "user", model, profile, project, session, front, replica) DO UPDATE SET
+                   requests = usage_daily.requests + excluded.requests,
+                   input_tokens = usage_daily.input_tokens + excluded.input_tokens,
+                   output_tokens = usage_daily.output_tokens + excluded.output_tokens,
+                   cache_read_tokens = usage_daily.cache_read_tokens + excluded.cache_read_tokens,
+                   cache_write_tokens = usage_daily.cache_write_tokens + excluded.cache_write_tokens,
+                   cost_usd = usage_daily.cost_usd + excluded.cost_usd,
+                   unpriced = usage_daily.unpriced + excluded.unpriced,
+                   incomplete = usage_daily.incomplete + excluded.incomplete,
+                   errors = usage_daily.errors + excluded.errors"#,
+            &[
+                &k(0),
+                &k(1),
+                &k(2),
+                &k(3),
+                &k(4),
+                &k(5),
+                &k(6),
+                &replica,
+                &v(&|s| s.requests),
+                &v(&|s| s.input),
+                &v(&|s| s.output),
+                &v(&|s| s.cache_read),
+                &v(&|s| s.cache_write),
+                &costs,
+                &v(&|s| s.unpriced),
+                &v(&|s| s.incomplete),
+                &v(&|s| s.errors),
+            ],
+        )
+        .await
+        .context("rolling up ledger rows")?;
+    }
+    Ok(new.len() as u64)
+}
+
+/// Rows read from the SQLite ledger and moved per transaction.
+const IMPORT_BATCH: usize = 5_000;
+
+/// What [`import_sqlite`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Imported {
+    /// Rows read from the SQLite ledger.
+    pub read: u64,
+    /// Rows that were not in PostgreSQL yet.
+    pub inserted: u64,
+}
+
+/// Moves every row of the SQLite ledger at `path` into the database, in batches, each request
+/// id once: a second run inserts nothing.
+pub async fn import_sqlite(client: &mut Client, path: &Path) -> anyhow::Result<Imported> {
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open {}", path.display()))?;
+    let has = |column: &str| -> anyhow::Result<bool> {
+        Ok(conn
+            .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = ?1")?
+            .exists([column])?)
+    };
+    let opt = |c: &str| -> anyhow::Result<String> {
+        Ok(if has(c)? {
+            c.to_string()
+        } else {
+            "NULL".to_string()
+        })
+    };
+    let admitted = if has("admitted")? { "admitted" } else { "1" };
+    let sql = format!(
+        "SELECT id, ts_ms, user, operation, model, base_model, profile_arn, status, input_tokens,
+                output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, latency_ms, ttfb_ms,
+                request_id, upstream_request_id, complete, {admitted}, outcome, {front}, {project}, {session}
+         FROM requests WHERE id > ?1 ORDER BY id LIMIT {IMPORT_BATCH}",
+        front = opt("front")?,
+        project = opt("project")?,
+        session = opt("session")?,
+    );
+    let mut stmt = conn.prepare(&sql).context("reading the SQLite ledger")?;
+    let mut after = 0i64;
+    let mut done = Imported::default();
+    loop {
+        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        let mut rows = stmt.query([after])?;
+        while let Some(r) = rows.next()? {
+            after = r.get(0)?;
+            let u = |i: usize| -> rusqlite::Result<u64> {
+                Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
+            };
+            batch.push(Record {
+                ts_ms: r.get(1)?,
+                user: r.get(2)?,
+                operation: r.get(3)?,
+                model: r.get(4)?,
+                base_model: r.get(5)?,
+                profile_arn: r.get(6)?,
+                status: u16::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
+                usage: crate::domain::Usage {
+                    input_tokens: u(8)?,
+                    output_tokens: u(9)?,
+                    cache_read_tokens: u(10)?,
+                    cache_write_tokens: u(11)?,
+                },
+                cost_usd: r.get(12)?,
+                latency_ms: u(13)?,
+                ttfb_ms: r
+                    .get::<_, Option<i64>>(14)?
+                    .map(|v| u64::try_from(v).unwrap_or(0)),
+                request_id: r.get(15)?,
+                upstream_request_id: r.get(16)?,
+                complete: r.get(17)?,
+                admitted: r.get(18)?,
+                outcome: r.get(19)?,
+                front: r.get(20)?,
+                project: r.get(21)?,
+                session: r.get(22)?,
+            });
+        }
+        drop(rows);
+        if batch.is_empty() {
+            return Ok(done);
+        }
+        done.read += batch.len() as u64;
+        done.inserted += insert_rows(client, "import", &batch).await?;
+    }
+}

@@ -1,0 +1,167 @@
+//! The PostgreSQL store's schema and import, against a real PostgreSQL: `store migrate` from
+//! several processes at once, and `store import-sqlite` run twice moving each row once.
+
+use crate::common;
+
+use common::pg::Db;
+use common::*;
+
+fn config_with(fake: &FakeBedrock, db: &Db) -> String {
+    format!("{}\n{}", db.store_table(), two_user_config(fake, ""))
+}
+
+#[tokio::test]
+async fn migrate_from_three_processes_at_once_applies_each_version_once() {
+    let fake = FakeBedrock::start().await;
+    let db = Db::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gate.toml");
+    std::fs::write(&path, config_with(&fake, &db)).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    let runs = futures_util::future::join_all((0..3).map(|_| {
+        let path = path.clone();
+        let dir = dir.path().to_path_buf();
+        async move { run(&dir, &["store", "migrate", "-c", &path]).await }
+    }))
+    .await;
+    for r in &runs {
+        assert!(r.ok, "{r}");
+    }
+    let applied = runs
+        .iter()
+        .filter(|r| r.stdout.contains("applied schema version"))
+        .count();
+    assert_eq!(applied, 1, "one process applies, the others find it done");
+    let client = db.client().await;
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [1]);
+    // Again: nothing to do.
+    let again = run(dir.path(), &["store", "migrate", "-c", &path]).await;
+    assert!(again.ok && again.stdout.contains("up to date"), "{again}");
+    assert!(!again.stdout.contains("password"));
+}
+
+#[tokio::test]
+async fn import_sqlite_twice_moves_each_row_once_with_its_rollup() {
+    // A real ledger: calls of both users through the fake, then the proxy stopped.
+    let fake = FakeBedrock::start().await;
+    let mut proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    for _ in 0..3 {
+        assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
+    }
+    assert_eq!(converse(&proxy, SONNET, BOB_KEY).await.status, 200);
+    assert_eq!(converse(&proxy, HAIKU, BOB_KEY).await.status, 403);
+    let r = post(
+        &proxy,
+        &format!("/model/{SONNET}/invoke-with-response-stream"),
+        ALICE_KEY,
+        INVOKE_BODY,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    ledger_with(&proxy, 6).await;
+    assert!(proxy.terminate().success());
+    let sqlite = proxy.ledger_path();
+    let rows = ledger(&proxy);
+    assert_eq!(rows.len(), 6);
+
+    let db = Db::create().await;
+    let path = proxy.dir.path().join("store.toml");
+    std::fs::write(&path, config_with(&fake, &db)).unwrap();
+    let args = [
+        "store",
+        "import-sqlite",
+        sqlite.to_str().unwrap(),
+        "-c",
+        path.to_str().unwrap(),
+    ];
+    let first = run(proxy.dir.path(), &args).await;
+    assert!(first.ok, "{first}");
+    assert!(first.stdout.contains("6 were new"), "{first}");
+    let second = run(proxy.dir.path(), &args).await;
+    assert!(second.ok, "{second}");
+    assert!(
+        second.stdout.contains("0 were new") && second.stdout.contains("6 already there"),
+        "{second}"
+    );
+
+    let client = db.client().await;
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM requests", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 6);
+    let distinct: i64 = client
+        .query_one("SELECT count(DISTINCT request_id) FROM requests", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(distinct, 6);
+    // The rollup holds what the rows hold, once.
+    let sums = client
+        .query_one(
+            "SELECT sum(requests)::bigint, sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+                    sum(errors)::bigint
+             FROM usage_daily",
+            &[],
+        )
+        .await
+        .unwrap();
+    let want_input: i64 = rows.iter().map(|r| r.tokens.0).sum();
+    let want_output: i64 = rows.iter().map(|r| r.tokens.1).sum();
+    assert_eq!(sums.get::<_, i64>(0), 6);
+    assert_eq!(sums.get::<_, i64>(1), want_input);
+    assert_eq!(sums.get::<_, i64>(2), want_output);
+    assert_eq!(sums.get::<_, i64>(3), 1, "the 403 is an error");
+    let per_user: Vec<(String, i64)> = client
+        .query(
+            r#"SELECT "user", sum(requests)::bigint FROM usage_daily GROUP BY "user" ORDER BY 1"#,
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(per_user, [("alice".to_string(), 4), ("bob".to_string(), 2)]);
+}
+
+#[tokio::test]
+async fn a_store_url_with_a_password_never_shows_it() {
+    let fake = FakeBedrock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gate.toml");
+    // Nothing listens on port 9: the connection fails, and the error names the URL.
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\nurl = \"postgres://gate:hunter2-secret@127.0.0.1:9/gate?sslmode=disable\"\n{}",
+            two_user_config(&fake, "")
+        ),
+    )
+    .unwrap();
+    let r = run(
+        dir.path(),
+        &["store", "migrate", "-c", path.to_str().unwrap()],
+    )
+    .await;
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("postgres://gate:*****@127.0.0.1:9"),
+        "{r}"
+    );
+    assert!(
+        !r.stderr.contains("hunter2") && !r.stdout.contains("hunter2"),
+        "{r}"
+    );
+}
