@@ -376,6 +376,13 @@ pub struct ServeOptions {
 pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Result<()>)> {
     let (config, sha256) = crate::reload::read_config(&opts.config_path)
         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    if let Some(store) = &config.store {
+        anyhow::bail!(
+            "[store] url ({}) is set, but serving on PostgreSQL is not in this build yet: `store migrate` \
+             and `store import-sqlite` are; leave [store] out to serve on the SQLite ledger",
+            store.redacted_url()
+        );
+    }
     let listen = opts.listen.unwrap_or(config.listen);
     let sdk = crate::upstream::sdk_config(&config.aws).await;
     let upstream = Upstream::from_sdk(&sdk, config.timeouts.connect)?;
