@@ -153,6 +153,9 @@ pub enum Outcome {
     UpstreamIdle,
     /// Cut at the end of the shutdown grace period, or refused because the proxy was stopping.
     Shutdown,
+    /// On its way to or from Bedrock when the proxy process died; written at the next start
+    /// from the call's sent marker (Bedrock may have run and billed it; its usage is unknown).
+    Interrupted,
     /// Refused by the proxy itself; the name is the refusal's (see `Reason::name`).
     Refused(&'static str),
     /// Bedrock answered with an error (a 4xx/5xx, or an exception frame that ended a stream):
@@ -168,6 +171,7 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::UpstreamIdle => "upstream_idle",
             Outcome::Shutdown => "shutdown",
+            Outcome::Interrupted => "interrupted",
             Outcome::Refused(name) | Outcome::UpstreamFailed(name) => name,
         }
     }

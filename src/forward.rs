@@ -4,8 +4,11 @@
 //! encode.
 //!
 //! Shutdown is checked first, so a request whose body arrived after the grace period is never
-//! sent. From the send on, Bedrock may have run (and billed) the call; the record says so. This
-//! phase never retries anything that may have reached the model.
+//! sent. Before the send, the call's sent marker is committed to the ledger (see `observe` and
+//! `meter::ledger`): from the send on, Bedrock may have run (and billed) the call, and a crash
+//! from then on leaves it recorded as `interrupted` rather than not at all. This phase never
+//! sends a call before its marker is committed (or given up on after the ledger's bounded
+//! wait), and never retries anything that may have reached the model.
 
 use std::time::{Duration, Instant};
 
@@ -52,6 +55,14 @@ pub async fn forward(
         body: std::mem::take(&mut call.body),
         credentials,
     };
+    if let Some(marker) = crate::observe::sent_marker(info) {
+        let committed = state.meter.ledger.sent(marker).committed();
+        tokio::select! {
+            biased;
+            () = state.shutdown.cancelled() => return Err(shutting_down()),
+            _ = committed => {}
+        }
+    }
     info.sent = true;
     let upstream = tokio::select! {
         biased;

@@ -7,7 +7,15 @@
 //! client went away while the proxy waited on Bedrock, or shutdown), by its own `Drop`. So every
 //! request is recorded once, whatever happens to it. Callers the proxy could not identify get a
 //! log line and a metric but no ledger row: they cost nothing, and anyone on the network could
-//! otherwise fill the disk. This module never blocks a request (the ledger only queues).
+//! otherwise fill the disk.
+//!
+//! The ledger commits each row before the request's answer ends: [`Recorder::finish`] and
+//! [`Recorder::answered`] hand back the row's [`Receipt`], and whoever ends the answer (the
+//! response body, see `stream`, or the front for an answer read whole) waits on it first.
+//! Before a call is sent, [`sent_marker`] says what to write ahead of it (see `forward`), so a
+//! crash between send and row leaves an `interrupted` row at the next start. This module
+//! never blocks a request itself (the ledger only queues; the waiting is done by the caller,
+//! bounded by the ledger's `COMMIT_WAIT`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +26,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::domain::{Front, Labels, Op, Outcome, Usage};
 use crate::meter::Meter;
-use crate::meter::ledger::Record;
+use crate::meter::ledger::{Receipt, Record, Sent};
 use crate::meter::prices::Price;
 use crate::refusal::{Reason, Refusal};
 use crate::state::AppState;
@@ -49,6 +57,9 @@ pub struct RequestInfo {
     pub admitted: bool,
     /// Handed to the upstream client: from here on Bedrock may have run (and billed) it.
     pub sent: bool,
+    /// Its sent marker was queued (see [`sent_marker`]): its row must be written, and replaces
+    /// the marker.
+    pub marked: bool,
     /// Bedrock's error type when it answered 4xx/5xx.
     pub upstream_error: Option<&'static str>,
 }
@@ -70,6 +81,26 @@ impl RequestInfo {
     fn op(&self) -> Op {
         self.operation.unwrap_or(Op::Unknown)
     }
+}
+
+/// The marker to commit before `info`'s call goes to Bedrock, and notes that it was made; `None`
+/// for a caller the proxy could not identify (no row, so no marker either).
+pub fn sent_marker(info: &mut RequestInfo) -> Option<Sent> {
+    let user = info.user.clone()?;
+    info.marked = true;
+    Some(Sent {
+        ts_ms: info.started_ms,
+        request_id: info.request_id.clone(),
+        user,
+        front: info.front.map(|f| f.name().to_string()),
+        project: info.labels.project.clone(),
+        session: info.labels.session.clone(),
+        operation: info.op().name().to_string(),
+        model: info.model.clone(),
+        base_model: info.base_model.clone(),
+        profile_arn: info.profile.clone(),
+        admitted: info.admitted,
+    })
 }
 
 /// How a response ended, as the body relay saw it.
@@ -136,14 +167,14 @@ impl Recorder {
     }
 
     /// Bedrock's answer was read whole and answered with `status` (an error, a count): it
-    /// carried no usage, and that is all of it.
-    pub fn answered(mut self, status: http::StatusCode) {
+    /// carried no usage, and that is all of it. Send the answer once the receipt resolves.
+    pub fn answered(mut self, status: http::StatusCode) -> Receipt {
         self.info.status = status.as_u16();
         let outcome = self
             .info
             .upstream_error
             .map_or(Outcome::Complete, Outcome::UpstreamFailed);
-        self.record(0, Usage::default(), true, outcome);
+        self.record(0, Usage::default(), true, outcome)
     }
 
     /// Ends a request that got no answer from Bedrock. One that was sent may have run anyway
@@ -154,20 +185,28 @@ impl Recorder {
         self.record(0, Usage::default(), complete, outcome);
     }
 
-    /// The response ended (or was cut) as `ending` says.
-    pub fn finish(mut self, ending: Ending) {
+    /// The response ended (or was cut) as `ending` says. End the answer once the receipt
+    /// resolves.
+    pub fn finish(mut self, ending: Ending) -> Receipt {
         self.record(
             ending.bytes_out,
             ending.usage,
             ending.complete,
             ending.outcome,
-        );
+        )
     }
 
-    /// The one place a request is written down.
-    fn record(&mut self, bytes_out: u64, usage: Usage, complete: bool, outcome: Outcome) {
+    /// The one place a request is written down. The receipt resolves once its row is
+    /// committed (at once when it gets none).
+    fn record(
+        &mut self,
+        bytes_out: u64,
+        usage: Usage,
+        complete: bool,
+        outcome: Outcome,
+    ) -> Receipt {
         if !std::mem::replace(&mut self.armed, false) || self.info.operation == Some(Op::Health) {
-            return;
+            return Receipt::none();
         }
         let info = std::mem::take(&mut self.info);
         let op = info.op();
@@ -223,7 +262,7 @@ impl Recorder {
             info.ttfb.map(|d| d.as_secs_f64()),
         );
         let Some(user) = info.user else {
-            return;
+            return Receipt::none();
         };
         // Attribute to the start time, as the ledger does, so a restart rebuilds the same sums.
         let at = Utc
@@ -238,10 +277,10 @@ impl Recorder {
             .unwrap_or("-");
         meter.metrics.usage(&user, model, &usage, cost);
         // The ledger grows with admitted work: past a cap per user and minute, refusals the
-        // proxy made itself are counted, not written.
-        if refused_locally && !meter.refusals.allow(&user, info.started_ms) {
+        // proxy made itself are counted, not written (never one with a marker to replace).
+        if refused_locally && !info.marked && !meter.refusals.allow(&user, info.started_ms) {
             meter.metrics.refusal_not_recorded(&user);
-            return;
+            return Receipt::none();
         }
         meter.ledger.record(Record {
             ts_ms: info.started_ms,
@@ -263,7 +302,8 @@ impl Recorder {
             complete,
             admitted: info.admitted,
             outcome: outcome.to_string(),
-        });
+            marked: info.marked,
+        })
     }
 }
 

@@ -400,7 +400,12 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         .ledger
         .clone()
         .unwrap_or_else(|| config.ledger.resolve(&opts.config_path));
-    let meter = Meter::open(&ledger_path, config.ledger.flush_interval)?;
+    if config.ledger.flush_interval_ignored {
+        tracing::warn!(
+            "ledger.flush_interval_ms no longer has an effect: each row is committed before its answer ends; remove it"
+        );
+    }
+    let meter = Meter::open(&ledger_path, config.ledger.synchronous)?;
     let store = crate::signin::sessions::SessionStore::open(&ledger_path)?;
     let signin = crate::signin::SignInState::new(store);
     let state = AppState::new(

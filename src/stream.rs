@@ -11,6 +11,11 @@
 //! its end anyway, so the relay keeps reading it in a task of its own, under the same idle and
 //! shutdown limits, sending nothing anywhere, and records the whole usage with outcome
 //! `client_gone`. Only a body that is not metered (control-plane reads) ends with the client.
+//!
+//! The one thing it holds back is the end: once Bedrock's body has ended, the last piece (and
+//! the end of the body) waits until the request's ledger row is committed, so a client never
+//! has a whole answer whose row a crash could still lose. With a `Content-Length` the last
+//! piece is the end, so it is the piece that waits.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,6 +29,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::domain::{Outcome, Usage};
 use crate::meter::Meter;
+use crate::meter::ledger::Receipt;
 use crate::meter::usage::UsageMeter;
 use crate::observe::{Ending, Recorder};
 
@@ -93,6 +99,13 @@ pub struct Limits {
     pub idle: Duration,
 }
 
+/// The end of a response, waiting for its ledger row.
+struct Closing {
+    /// The last piece for the client, if any.
+    last: Option<Frame<Bytes>>,
+    committed: Pin<Box<dyn Future<Output = bool> + Send>>,
+}
+
 /// The upstream body on its way to the client; see the module doc.
 pub struct Relay<B, E>(Option<Flow<B, E>>)
 where
@@ -111,6 +124,8 @@ struct Flow<B, E> {
     bytes_out: u64,
     /// The encoder ended the response: nothing more is sent.
     done: bool,
+    /// The response is over upstream and recorded; its end waits here for the commit.
+    closing: Option<Closing>,
     /// Resolves when the shutdown grace period is over; the stream is then cut and recorded.
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown_token: CancellationToken,
@@ -155,6 +170,7 @@ where
             operation,
             bytes_out: 0,
             done: false,
+            closing: None,
             shutdown: Box::pin(shutdown.clone().cancelled_owned()),
             shutdown_token: shutdown,
             timer: Box::pin(tokio::time::sleep(first)),
@@ -168,7 +184,8 @@ where
 }
 
 impl<B, E> Flow<B, E> {
-    fn finish(&mut self, outcome: Outcome) {
+    /// Records the request (the first time only); the receipt says when its row is committed.
+    fn finish(&mut self, outcome: Outcome) -> Receipt {
         if let Some((recorder, usage)) = self.end.take() {
             let ended = outcome == Outcome::Complete;
             // Read after the client left: however it ended, the client did not get it
@@ -198,8 +215,21 @@ impl<B, E> Flow<B, E> {
                 usage,
                 complete,
                 outcome,
-            });
+            })
+        } else {
+            Receipt::none()
         }
+    }
+
+    /// The response ended: records it and holds `last` (and the end) until the row is
+    /// committed.
+    fn close(&mut self, last: Option<Frame<Bytes>>) {
+        self.done = true;
+        let receipt = self.finish(Outcome::Complete);
+        self.closing = Some(Closing {
+            last,
+            committed: Box::pin(receipt.committed()),
+        });
     }
 
     /// Counts bytes on their way to the client.
@@ -305,6 +335,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
         let this = self.get_mut();
+        if let Some(closing) = this.closing.as_mut() {
+            if closing.committed.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let last = this.closing.take().and_then(|c| c.last);
+            return Poll::Ready(last.map(Ok));
+        }
         if this.end.is_some() && this.shutdown.as_mut().poll(cx).is_ready() {
             this.finish(Outcome::Shutdown);
             return Poll::Ready(Some(Err(
@@ -329,7 +366,11 @@ where
                     let usage = this.end.as_mut().and_then(|(_, u)| u.as_mut());
                     let encoded = this.encoder.encode(data, usage);
                     let mut out = encoded.out.filter(|o| !o.is_empty());
-                    let upstream_ended = !encoded.ended && this.inner.is_end_stream();
+                    // A body with a length is over at its last byte, whether or not the
+                    // upstream has said so yet (HTTP/2 may end the stream in a later frame).
+                    let upstream_ended = !encoded.ended
+                        && (this.inner.is_end_stream()
+                            || this.inner.size_hint().exact() == Some(0));
                     if upstream_ended && let Some(tail) = this.encoder.end() {
                         out = Some(match out {
                             Some(o) => [o, tail].concat().into(),
@@ -338,8 +379,9 @@ where
                     }
                     let out = out.map(|o| this.sent(o));
                     if encoded.ended || upstream_ended {
-                        this.done = true;
-                        this.finish(Outcome::Complete);
+                        this.close(out);
+                        // Polls the commit, which registers the wake-up.
+                        return Pin::new(this).poll_frame(cx);
                     }
                     match out {
                         Some(frame) => return Poll::Ready(Some(Ok(frame))),
@@ -353,9 +395,8 @@ where
                 }
                 Poll::Ready(None) => {
                     let tail = this.encoder.end().map(|t| this.sent(t));
-                    this.done = true;
-                    this.finish(Outcome::Complete);
-                    return Poll::Ready(tail.map(Ok));
+                    this.close(tail);
+                    return Pin::new(this).poll_frame(cx);
                 }
                 Poll::Pending => {
                     if this.end.is_none() {
@@ -393,7 +434,8 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        // Not before the row is committed: the end is what the client waits for.
+        self.done && self.closing.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -412,6 +454,6 @@ impl<B, E> Drop for Flow<B, E> {
         } else {
             Outcome::ClientGone
         };
-        self.finish(outcome);
+        let _ = self.finish(outcome);
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use crate::arn::{BedrockArn, ModelRef, ResourceKind};
 use crate::auth::KeyHash;
+use crate::meter::ledger::Synchronous;
 use crate::meter::prices::{Price, PriceEntry, Prices, Rates, Special, Tier};
 use raw::RawConfig;
 
@@ -90,14 +91,16 @@ pub struct Attribution {
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_LEDGER_PATH: &str = "bedrock-gate.db";
 
-/// Where and how often usage rows are written.
+/// Where usage rows are written and how hard each commit is synced.
 #[derive(Debug, Clone)]
 pub struct LedgerSettings {
     /// As written; a relative path is relative to the config file's directory.
     pub path: String,
-    /// Longest time a finished request waits before its row is committed; also the most a
-    /// crash can lose.
-    pub flush_interval: Duration,
+    /// `full`: a committed row survives a power loss; `normal`: a crash of the process.
+    pub synchronous: Synchronous,
+    /// The config still sets `ledger.flush_interval_ms`, which no longer does anything (rows
+    /// are committed as they come); `serve` says so once at start.
+    pub flush_interval_ignored: bool,
 }
 
 impl LedgerSettings {
@@ -862,16 +865,16 @@ impl Config {
         if ledger_path.is_empty() {
             return Err(ConfigError::new("ledger.path", "must not be empty"));
         }
-        let flush_ms = raw.ledger.flush_interval_ms.unwrap_or(1000);
-        if !(10..=60_000).contains(&flush_ms) {
-            return Err(ConfigError::new(
-                "ledger.flush_interval_ms",
-                "must be between 10 and 60000",
-            ));
-        }
+        let synchronous = match raw.ledger.synchronous.as_deref() {
+            None => Synchronous::default(),
+            Some(s) => Synchronous::parse(s).ok_or_else(|| {
+                ConfigError::new("ledger.synchronous", "must be \"full\" or \"normal\"")
+            })?,
+        };
         let ledger = LedgerSettings {
             path: ledger_path,
-            flush_interval: Duration::from_millis(flush_ms),
+            synchronous,
+            flush_interval_ignored: raw.ledger.flush_interval_ms.is_some(),
         };
         let mut overrides = Vec::new();
         for (model, price) in file_prices {

@@ -212,7 +212,10 @@ pub struct RawUserLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawLedger {
     pub path: Option<String>,
+    /// No longer used (each row is committed before its answer ends); still accepted so
+    /// configs that set it load, and a start-up warning says it has no effect.
     pub flush_interval_ms: Option<u64>,
+    pub synchronous: Option<String>,
 }
 
 /// One model's price: the regional rate, optionally the Global rate (`.global`) and rates of

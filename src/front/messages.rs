@@ -798,7 +798,7 @@ pub async fn respond(answered: Answered, recorder: Recorder, enc: Encoding<'_>) 
     if op == RuntimeOp::CountTokens {
         let body = read_small(incoming, idle).await;
         let resp = count_tokens_response(head.status, &head.headers, &body, &request_id);
-        recorder.answered(resp.status());
+        recorder.answered(resp.status()).committed().await;
         return resp;
     }
     if !readable {
@@ -812,7 +812,7 @@ pub async fn respond(answered: Answered, recorder: Recorder, enc: Encoding<'_>) 
             "Bedrock refused a Messages call"
         );
         let resp = upstream_error_response(&e, &request_id);
-        recorder.answered(resp.status());
+        recorder.answered(resp.status()).committed().await;
         return resp;
     }
 

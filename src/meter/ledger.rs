@@ -1,16 +1,32 @@
-//! The ledger: one SQLite row per request, written in batches off the request path.
+//! The ledger: one SQLite row per request, committed before the request's answer ends.
 //!
-//! The request path only does a non-blocking `try_send` of a finished [`Record`] into a
-//! bounded channel, which wakes nothing; a writer thread wakes every `flush_interval` (or
-//! early, once [`WAKE_AT_PENDING`] rows wait) and commits what has arrived, [`MAX_BATCH`] rows
-//! per transaction. The database runs in WAL mode with
-//! `synchronous = NORMAL`: a committed batch survives a crash of the process, so a crash loses
-//! at most the rows of the last interval. [`Ledger::close`] (called on SIGTERM) drains and
-//! commits everything before the process exits. This module never blocks a request.
+//! The request path does a non-blocking `try_send` of a finished [`Record`] into a bounded
+//! channel and gets a [`Receipt`] back. A writer thread sleeps on the channel and commits as
+//! soon as something arrives, together with whatever queued while it was committing the last
+//! batch (a group commit, [`MAX_BATCH`] rows per transaction at most), then wakes every receipt
+//! of the batch. The response body holds back its end until its receipt resolves (see
+//! `stream`), so a call whose answer a client has read whole is on disk: a crash or `kill -9`
+//! loses no answered call. The database runs in WAL mode with `synchronous` as
+//! `ledger.synchronous` says: `full` syncs the log at every commit (rows survive a power
+//! loss), `normal` leaves that to the checkpoint (rows survive a crash of the process).
+//!
+//! A call is also written down *before* it is sent to Bedrock: [`Ledger::sent`] commits a
+//! [`Sent`] marker (request id, user, model, profile, time) in the `sent` table, and the call
+//! goes out once it is committed. The call's row deletes its marker in the same transaction
+//! that inserts the row, so at any moment a call Bedrock may have seen has exactly one of the
+//! two. At the next start, [`recover_interrupted`] turns every marker left by a crash into a
+//! row with outcome `interrupted` (incomplete: Bedrock may have run and billed it); one
+//! `serve` per ledger file, since a second one would take the first one's calls in flight for
+//! a crash's.
+//!
+//! [`Ledger::close`] (called on SIGTERM) drains and commits everything before the process
+//! exits. This module never blocks a request: a full queue drops the row (counted and logged)
+//! and a receipt waits at most [`COMMIT_WAIT`], so a stalled disk slows answers down by that
+//! much, never holds them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,14 +34,48 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rusqlite::{Connection, OpenFlags, params};
 
-use crate::domain::Usage;
+use crate::domain::{Outcome, Usage};
 
 /// Rows waiting in memory at most; beyond this a row is dropped and counted, never blocking.
 const CHANNEL_CAPACITY: usize = 65_536;
 /// Rows per transaction at most.
 const MAX_BATCH: usize = 2_048;
-/// Queued rows at which a request wakes the writer before its interval is up.
-const WAKE_AT_PENDING: usize = 8_192;
+/// Longest a [`Receipt`] waits for its commit; past it the answer goes on (and a warning says
+/// its row is not on disk yet).
+pub const COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// How soon a batch whose commit failed is tried again when nothing new arrives.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// How hard SQLite syncs a commit (`ledger.synchronous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// Sync the WAL at every commit: a committed row survives a power loss. Each group commit
+    /// then waits for the disk (milliseconds, tens of them on a busy disk), and every answer
+    /// waits for its group.
+    Full,
+    /// Sync at checkpoints only: a committed row is in the OS's hands and survives a crash or
+    /// `kill -9` of the process, not a crash of the machine.
+    #[default]
+    Normal,
+}
+
+impl Synchronous {
+    /// The value `ledger.synchronous` spells it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Synchronous::Full => "full",
+            Synchronous::Normal => "normal",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Synchronous> {
+        match s {
+            "full" => Some(Synchronous::Full),
+            "normal" => Some(Synchronous::Normal),
+            _ => None,
+        }
+    }
+}
 
 /// One finished request, as the ledger stores it.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,14 +108,85 @@ pub struct Record {
     pub complete: bool,
     /// Passed the budget and rate-limit check; only these count in the rate window.
     pub admitted: bool,
-    /// `complete`, `client_gone`, `upstream_error`, `upstream_idle`, `shutdown`, or the error type of a refusal.
+    /// `complete`, `client_gone`, `upstream_error`, `upstream_idle`, `shutdown`,
+    /// `interrupted` (written at start for a call a crash cut, see [`recover_interrupted`]), or
+    /// the error type of a refusal.
     pub outcome: String,
+    /// A [`Sent`] marker was written for this request; the row replaces it.
+    pub marked: bool,
+}
+
+/// A call about to go to Bedrock, written (and committed) before it is sent; see the module
+/// doc. What it holds is what an `interrupted` row can say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sent {
+    /// Request start, Unix milliseconds (the row's `ts_ms`).
+    pub ts_ms: i64,
+    pub request_id: String,
+    pub user: String,
+    pub front: Option<String>,
+    pub project: Option<String>,
+    pub session: Option<String>,
+    pub operation: String,
+    pub model: Option<String>,
+    pub base_model: Option<String>,
+    pub profile_arn: Option<String>,
+    pub admitted: bool,
+}
+
+/// What the writer commits.
+enum Entry {
+    Row(Box<Record>),
+    Sent(Box<Sent>),
+}
+
+/// An entry on its way to the database, with the receipt to wake once it is there.
+struct Queued {
+    entry: Entry,
+    at: Instant,
+    ack: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 enum Msg {
-    Row(Box<Record>, Instant),
+    Entry(Queued),
     Flush(SyncSender<()>),
     Close(SyncSender<()>),
+}
+
+/// Resolves once a queued row or marker is committed; see [`Receipt::committed`].
+#[derive(Debug)]
+pub struct Receipt(Option<tokio::sync::oneshot::Receiver<()>>);
+
+impl Receipt {
+    /// Nothing was queued, so there is nothing to wait for.
+    pub fn none() -> Receipt {
+        Receipt(None)
+    }
+
+    /// The entry was dropped: resolves at once, uncommitted.
+    fn lost() -> Receipt {
+        let (_, rx) = tokio::sync::oneshot::channel();
+        Receipt(Some(rx))
+    }
+
+    /// Waits until the entry is committed, at most [`COMMIT_WAIT`]. False when it was not: the
+    /// queue was full or closed, the writes keep failing, or the disk is that slow.
+    pub async fn committed(self) -> bool {
+        let Some(rx) = self.0 else {
+            return true;
+        };
+        match tokio::time::timeout(COMMIT_WAIT, rx).await {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                tracing::warn!(
+                    wait_secs = COMMIT_WAIT.as_secs(),
+                    "a ledger commit took longer than the wait; the answer goes on without it"
+                );
+                false
+            }
+        }
+    }
 }
 
 /// Counters the metrics exporter reads.
@@ -83,8 +204,6 @@ pub struct LedgerStats {
 /// Handle to the ledger writer.
 pub struct Ledger {
     tx: SyncSender<Msg>,
-    /// The writer thread, to unpark for a flush, a close or a filling queue.
-    writer: std::thread::Thread,
     thread: Mutex<Option<JoinHandle<()>>>,
     pub stats: Arc<LedgerStats>,
     path: PathBuf,
@@ -126,10 +245,24 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_user_ts ON requests (user, ts_ms);
+CREATE TABLE IF NOT EXISTS sent (
+    request_id  TEXT PRIMARY KEY,
+    ts_ms       INTEGER NOT NULL,
+    user        TEXT NOT NULL,
+    front       TEXT,
+    project     TEXT,
+    session     TEXT,
+    operation   TEXT NOT NULL,
+    model       TEXT,
+    base_model  TEXT,
+    profile_arn TEXT,
+    admitted    INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
 
-/// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+/// Schema version written to `PRAGMA user_version`. Version 4 added the `sent` table, which
+/// [`SCHEMA`] creates on an older ledger.
+const SCHEMA_VERSION: i64 = 4;
 
 /// Brings an older ledger up to [`SCHEMA_VERSION`], keeping its rows.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
@@ -153,8 +286,13 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 
-/// Opens (creating if needed) a ledger database for writing.
+/// Opens (creating if needed) a ledger database for writing, with the default sync.
 pub fn open_db(path: &Path) -> anyhow::Result<Connection> {
+    open_db_with(path, Synchronous::default())
+}
+
+/// Opens (creating if needed) a ledger database for writing, syncing commits as `sync` says.
+pub fn open_db_with(path: &Path, sync: Synchronous) -> anyhow::Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -162,7 +300,7 @@ pub fn open_db(path: &Path) -> anyhow::Result<Connection> {
         Connection::open(path).with_context(|| format!("cannot open ledger {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "synchronous", sync.name())?;
     conn.execute_batch(SCHEMA)
         .context("cannot create the ledger schema")?;
     migrate(&conn).context("cannot upgrade the ledger schema")?;
@@ -189,10 +327,10 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn write_batch(conn: &mut Connection, batch: &[(Box<Record>, Instant)]) -> rusqlite::Result<()> {
+fn write_batch(conn: &mut Connection, batch: &[Queued]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
-        let mut stmt = tx.prepare_cached(
+        let mut insert = tx.prepare_cached(
             "INSERT INTO requests (ts_ms, user, operation, model, base_model, profile_arn, status,
                 input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
                 latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted, outcome,
@@ -200,42 +338,95 @@ fn write_batch(conn: &mut Connection, batch: &[(Box<Record>, Instant)]) -> rusql
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
                 ?20, ?21, ?22)",
         )?;
-        for (r, _) in batch {
-            stmt.execute(params![
-                r.ts_ms,
-                r.user,
-                r.operation,
-                r.model,
-                r.base_model,
-                r.profile_arn,
-                r.status,
-                to_i64(r.usage.input_tokens),
-                to_i64(r.usage.output_tokens),
-                to_i64(r.usage.cache_read_tokens),
-                to_i64(r.usage.cache_write_tokens),
-                r.cost_usd,
-                to_i64(r.latency_ms),
-                r.ttfb_ms.map(to_i64),
-                r.request_id,
-                r.upstream_request_id,
-                r.complete,
-                r.admitted,
-                r.outcome,
-                r.front,
-                r.project,
-                r.session,
-            ])?;
+        let mut unmark = tx.prepare_cached("DELETE FROM sent WHERE request_id = ?1")?;
+        let mut mark = tx.prepare_cached(
+            "INSERT OR REPLACE INTO sent (request_id, ts_ms, user, front, project, session,
+                operation, model, base_model, profile_arn, admitted)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
+        for q in batch {
+            match &q.entry {
+                Entry::Row(r) => {
+                    insert.execute(params![
+                        r.ts_ms,
+                        r.user,
+                        r.operation,
+                        r.model,
+                        r.base_model,
+                        r.profile_arn,
+                        r.status,
+                        to_i64(r.usage.input_tokens),
+                        to_i64(r.usage.output_tokens),
+                        to_i64(r.usage.cache_read_tokens),
+                        to_i64(r.usage.cache_write_tokens),
+                        r.cost_usd,
+                        to_i64(r.latency_ms),
+                        r.ttfb_ms.map(to_i64),
+                        r.request_id,
+                        r.upstream_request_id,
+                        r.complete,
+                        r.admitted,
+                        r.outcome,
+                        r.front,
+                        r.project,
+                        r.session,
+                    ])?;
+                    // In the row's own transaction: never a row and its marker, never neither.
+                    if r.marked {
+                        unmark.execute([&r.request_id])?;
+                    }
+                }
+                Entry::Sent(m) => {
+                    mark.execute(params![
+                        m.request_id,
+                        m.ts_ms,
+                        m.user,
+                        m.front,
+                        m.project,
+                        m.session,
+                        m.operation,
+                        m.model,
+                        m.base_model,
+                        m.profile_arn,
+                        m.admitted,
+                    ])?;
+                }
+            }
         }
     }
     tx.commit()
 }
 
+/// Turns every [`Sent`] marker a crash left (a call that was on its way to or from Bedrock
+/// when the process died) into a row with outcome `interrupted`: status 0 (the client got no
+/// answer), no tokens, cost unknown, incomplete. A marker whose request already has a row is
+/// only removed, so a request never has two. Returns how many rows it wrote. Run it at start,
+/// before the writer takes new calls.
+pub fn recover_interrupted(conn: &mut Connection) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let n = tx.execute(
+        "INSERT INTO requests (ts_ms, user, operation, model, base_model, profile_arn, status,
+            input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
+            latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted, outcome,
+            front, project, session)
+         SELECT s.ts_ms, s.user, s.operation, s.model, s.base_model, s.profile_arn, 0, 0, 0, 0, 0,
+            NULL, 0, NULL, s.request_id, NULL, 0, s.admitted, ?1, s.front, s.project, s.session
+         FROM sent s
+         WHERE NOT EXISTS (SELECT 1 FROM requests r
+                           WHERE r.ts_ms = s.ts_ms AND r.request_id = s.request_id)
+         ORDER BY s.ts_ms",
+        [Outcome::Interrupted.name()],
+    )?;
+    tx.execute("DELETE FROM sent", [])?;
+    tx.commit()?;
+    Ok(n)
+}
+
 struct Writer {
     conn: Connection,
     rx: Receiver<Msg>,
-    interval: Duration,
     stats: Arc<LedgerStats>,
-    batch: Vec<(Box<Record>, Instant)>,
+    batch: Vec<Queued>,
 }
 
 impl Writer {
@@ -243,80 +434,98 @@ impl Writer {
         if self.batch.is_empty() {
             return;
         }
-        let oldest = self.batch.iter().map(|(_, t)| *t).min();
-        // A failed write is retried with the next batch rather than dropped; only a batch that
-        // keeps failing while memory fills is at risk, and that is logged loudly.
+        let oldest = self.batch.iter().map(|q| q.at).min();
+        let rows = self
+            .batch
+            .iter()
+            .filter(|q| matches!(q.entry, Entry::Row(_)))
+            .count();
+        // A failed write is retried (the receipts keep waiting, up to their bound) rather than
+        // dropped; only a batch that keeps failing while memory fills is at risk, and that is
+        // logged loudly.
         match write_batch(&mut self.conn, &self.batch) {
             Ok(()) => {
-                let n = self.batch.len();
-                self.stats.pending.fetch_sub(n as i64, Ordering::Relaxed);
-                self.stats.written.fetch_add(n as u64, Ordering::Relaxed);
+                self.stats.pending.fetch_sub(rows as i64, Ordering::Relaxed);
+                self.stats.written.fetch_add(rows as u64, Ordering::Relaxed);
                 if let Some(t) = oldest {
                     self.stats.last_lag_us.store(
                         u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX),
                         Ordering::Relaxed,
                     );
                 }
-                self.batch.clear();
+                for q in self.batch.drain(..) {
+                    if let Some(ack) = q.ack {
+                        let _ = ack.send(());
+                    }
+                }
             }
             Err(e) => {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, rows = self.batch.len(), "ledger write failed; will retry");
+                tracing::error!(error = %e, entries = self.batch.len(), "ledger write failed; will retry");
                 if self.batch.len() > CHANNEL_CAPACITY {
-                    let lost = self.batch.len();
-                    self.stats.pending.fetch_sub(lost as i64, Ordering::Relaxed);
-                    self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-                    tracing::error!(
-                        rows = lost,
-                        "ledger rows dropped after repeated write failures"
-                    );
+                    self.stats.pending.fetch_sub(rows as i64, Ordering::Relaxed);
+                    self.stats.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+                    tracing::error!(rows, "ledger rows dropped after repeated write failures");
+                    // Dropping the receipts' senders tells their waiters.
                     self.batch.clear();
                 }
             }
         }
     }
 
-    /// Sleeps a flush interval at a time (or until [`Ledger`] unparks it for a flush, a close
-    /// or a filling queue), then takes everything queued and commits it. Rows are queued
-    /// without waking this thread, so a request costs no context switch here.
+    /// Sleeps until something arrives, then commits it with everything that queued while the
+    /// last commit ran: one transaction (and one sync) for a whole group, so the rate of
+    /// commits falls as the rate of requests rises.
     fn run(mut self) {
         loop {
-            std::thread::park_timeout(self.interval);
-            loop {
-                match self.rx.try_recv() {
-                    Ok(Msg::Row(r, t)) => {
-                        self.batch.push((r, t));
+            let first = if self.batch.is_empty() {
+                match self.rx.recv() {
+                    Ok(msg) => Some(msg),
+                    Err(_) => return,
+                }
+            } else {
+                // A batch whose commit failed: try again soon even if nothing new comes.
+                match self.rx.recv_timeout(RETRY_AFTER) {
+                    Ok(msg) => Some(msg),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.commit();
+                        return;
+                    }
+                }
+            };
+            let mut next = first;
+            while let Some(msg) = next {
+                match msg {
+                    Msg::Entry(q) => {
+                        self.batch.push(q);
                         if self.batch.len() >= MAX_BATCH {
                             self.commit();
                         }
                     }
                     // Everything queued before the flush is in the batch by now.
-                    Ok(Msg::Flush(ack)) => {
+                    Msg::Flush(ack) => {
                         self.commit();
                         let _ = ack.send(());
                     }
-                    Ok(Msg::Close(ack)) => {
+                    Msg::Close(ack) => {
                         self.drain();
                         self.commit();
                         let _ = ack.send(());
                         return;
                     }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        self.commit();
-                        return;
-                    }
                 }
+                next = self.rx.try_recv().ok();
             }
             self.commit();
         }
     }
 
-    /// Takes every row still queued (at close).
+    /// Takes every entry still queued (at close).
     fn drain(&mut self) {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
-                Msg::Row(r, t) => self.batch.push((r, t)),
+                Msg::Entry(q) => self.batch.push(q),
                 Msg::Flush(ack) | Msg::Close(ack) => {
                     let _ = ack.send(());
                 }
@@ -327,14 +536,13 @@ impl Writer {
 
 impl Ledger {
     /// Opens the database and starts the writer thread.
-    pub fn open(path: &Path, flush_interval: Duration) -> anyhow::Result<Ledger> {
-        let conn = open_db(path)?;
+    pub fn open(path: &Path, sync: Synchronous) -> anyhow::Result<Ledger> {
+        let conn = open_db_with(path, sync)?;
         let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
         let stats = Arc::new(LedgerStats::default());
         let writer = Writer {
             conn,
             rx,
-            interval: flush_interval,
             stats: stats.clone(),
             batch: Vec::new(),
         };
@@ -343,7 +551,6 @@ impl Ledger {
             .spawn(move || writer.run())
             .context("cannot start the ledger writer")?;
         Ok(Ledger {
-            writer: thread.thread().clone(),
             tx,
             thread: Mutex::new(Some(thread)),
             stats,
@@ -355,28 +562,49 @@ impl Ledger {
         &self.path
     }
 
-    /// Queues a row without blocking. A full queue drops the row, counts it and logs.
-    pub fn record(&self, record: Record) {
-        match self.tx.try_send(Msg::Row(Box::new(record), Instant::now())) {
-            Ok(()) => {
-                let pending = self.stats.pending.fetch_add(1, Ordering::Relaxed) + 1;
-                // A burst faster than the interval: commit early rather than fill the queue.
-                if pending >= WAKE_AT_PENDING as i64 {
-                    self.writer.unpark();
-                }
+    fn queue(&self, entry: Entry) -> Result<Receipt, ()> {
+        let (ack, receipt) = tokio::sync::oneshot::channel();
+        let msg = Msg::Entry(Queued {
+            entry,
+            at: Instant::now(),
+            ack: Some(ack),
+        });
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(Receipt(Some(receipt))),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Err(()),
+        }
+    }
+
+    /// Queues a row without blocking; the receipt resolves once it is committed. A full queue
+    /// drops the row, counts it and logs (and its receipt resolves at once, uncommitted).
+    pub fn record(&self, record: Record) -> Receipt {
+        match self.queue(Entry::Row(Box::new(record))) {
+            Ok(receipt) => {
+                self.stats.pending.fetch_add(1, Ordering::Relaxed);
+                receipt
             }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(()) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("ledger queue full or closed; a usage row was dropped");
+                Receipt::lost()
             }
         }
+    }
+
+    /// Queues the marker of a call about to be sent; send it once the receipt resolves (see
+    /// the module doc). A full queue loses the marker (logged), never the call.
+    pub fn sent(&self, sent: Sent) -> Receipt {
+        self.queue(Entry::Sent(Box::new(sent)))
+            .unwrap_or_else(|()| {
+                tracing::error!("ledger queue full or closed; a sent marker was dropped");
+                Receipt::lost()
+            })
     }
 
     /// Commits every row queued so far; blocks until done (call from a blocking context).
     pub fn flush(&self) {
         let (ack, done) = sync_channel(1);
         if self.tx.send(Msg::Flush(ack)).is_ok() {
-            self.writer.unpark();
             let _ = done.recv();
         }
     }
@@ -385,7 +613,6 @@ impl Ledger {
     pub fn close(&self) {
         let (ack, done) = sync_channel(1);
         if self.tx.send(Msg::Close(ack)).is_ok() {
-            self.writer.unpark();
             let _ = done.recv();
         }
         if let Ok(mut t) = self.thread.lock()
@@ -479,6 +706,7 @@ mod tests {
             complete: true,
             admitted: true,
             outcome: "complete".into(),
+            marked: false,
         }
     }
 
@@ -486,11 +714,10 @@ mod tests {
     fn rows_survive_close_and_totals_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.db");
-        let ledger = Ledger::open(&path, Duration::from_secs(3600)).unwrap();
+        let ledger = Ledger::open(&path, Synchronous::Normal).unwrap();
         ledger.record(record("alice", 1_000, 10, Some(0.5)));
         ledger.record(record("alice", 2_000, 20, None));
         ledger.record(record("bob", 500, 1, Some(0.25)));
-        // The interval is an hour: only close() can have written these.
         ledger.close();
         let conn = open_read_only(&path).unwrap();
         let mut t = totals_since(&conn, 900).unwrap();
@@ -523,7 +750,7 @@ mod tests {
         )
         .unwrap();
         drop(old);
-        let ledger = Ledger::open(&path, Duration::from_secs(60)).unwrap();
+        let ledger = Ledger::open(&path, Synchronous::Normal).unwrap();
         ledger.record(record("bob", 10, 1, None));
         ledger.close();
         let conn = open_read_only(&path).unwrap();
@@ -550,11 +777,114 @@ mod tests {
         );
     }
 
-    #[test]
-    fn flush_commits_without_waiting_for_the_interval() {
+    #[tokio::test]
+    async fn a_receipt_resolves_once_its_row_is_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.db");
-        let ledger = Ledger::open(&path, Duration::from_secs(3600)).unwrap();
+        let ledger = Ledger::open(&path, Synchronous::Full).unwrap();
+        let receipts: Vec<Receipt> = (0..100)
+            .map(|i| ledger.record(record("alice", i, 1, Some(0.0))))
+            .collect();
+        for r in receipts {
+            assert!(r.committed().await);
+        }
+        // Another connection sees them all, with no flush or close.
+        let conn = open_read_only(&path).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 100);
+        ledger.close();
+        let late = ledger.record(record("alice", 1, 1, None));
+        assert!(!late.committed().await, "a closed ledger commits nothing");
+    }
+
+    fn sent(id: &str, ts_ms: i64) -> Sent {
+        Sent {
+            ts_ms,
+            request_id: id.into(),
+            user: "alice".into(),
+            front: Some("anthropic".into()),
+            project: Some("p".into()),
+            session: None,
+            operation: "Messages".into(),
+            model: Some("m".into()),
+            base_model: Some("m".into()),
+            profile_arn: Some("arn".into()),
+            admitted: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn markers_left_by_a_crash_become_interrupted_rows_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let ledger = Ledger::open(&path, Synchronous::Normal).unwrap();
+        for (id, ts) in [("done", 10), ("cut", 20), ("cut2", 30)] {
+            assert!(ledger.sent(sent(id, ts)).committed().await);
+        }
+        // `done` finished: its row replaces its marker.
+        let mut row = record("alice", 10, 5, Some(0.1));
+        row.request_id = "done".into();
+        row.marked = true;
+        assert!(ledger.record(row).committed().await);
+        // The process dies here: nothing more is written.
+        drop(ledger);
+
+        let mut conn = open_db(&path).unwrap();
+        // A marker whose row made it (written by an older build that kept both) stays one row.
+        conn.execute(
+            "INSERT INTO sent (request_id, ts_ms, user, operation, admitted) VALUES ('done', 10, 'alice', 'Messages', 1)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(recover_interrupted(&mut conn).unwrap(), 2);
+        assert_eq!(
+            recover_interrupted(&mut conn).unwrap(),
+            0,
+            "markers are gone"
+        );
+        type Seen = (String, String, i64, bool, Option<f64>, Option<String>);
+        let rows: Vec<Seen> = conn
+            .prepare(
+                "SELECT request_id, outcome, status, complete, cost_usd, project FROM requests ORDER BY ts_ms",
+            )
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            [
+                ("done".into(), "complete".into(), 200, true, Some(0.1), None),
+                (
+                    "cut".into(),
+                    "interrupted".into(),
+                    0,
+                    false,
+                    None,
+                    Some("p".into())
+                ),
+                (
+                    "cut2".into(),
+                    "interrupted".into(),
+                    0,
+                    false,
+                    None,
+                    Some("p".into())
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn flush_commits_what_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let ledger = Ledger::open(&path, Synchronous::Normal).unwrap();
         for i in 0..100 {
             ledger.record(record("alice", i, 1, Some(0.0)));
         }

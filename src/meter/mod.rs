@@ -3,7 +3,8 @@
 //!
 //! - [`usage`]: exact token counts from headers, JSON and event streams, inline.
 //! - [`prices`]: USD per million tokens; cost estimation that never guesses.
-//! - [`ledger`]: the SQLite ledger, written in batches off the request path.
+//! - [`ledger`]: the SQLite ledger, group-committed off the request path; each answer's end
+//!   waits for its row.
 //! - [`limits`]: per-user monthly budget and per-minute rate accounting.
 //! - [`metrics`]: Prometheus exposition for the admin listener.
 //! - [`report`]: the `usage` command's queries and formats.
@@ -16,11 +17,10 @@ pub mod report;
 pub mod usage;
 
 use std::path::Path;
-use std::time::Duration;
 
 use chrono::Utc;
 
-use ledger::Ledger;
+use ledger::{Ledger, Synchronous};
 use limits::{Accounts, Month};
 use metrics::Metrics;
 
@@ -69,17 +69,26 @@ impl RefusalCap {
 }
 
 impl Meter {
-    /// Opens the ledger and rebuilds budget and rate counters from it.
-    pub fn open(path: &Path, flush_interval: Duration) -> anyhow::Result<Meter> {
+    /// Opens the ledger, records the calls a crash interrupted (see
+    /// [`ledger::recover_interrupted`]) and rebuilds budget and rate counters from it. Only
+    /// `serve` opens a meter: it must be the one process taking calls on this ledger.
+    pub fn open(path: &Path, sync: Synchronous) -> anyhow::Result<Meter> {
         let now = Utc::now();
         let month = Month::of(now);
-        let conn = ledger::open_db(path)?;
+        let mut conn = ledger::open_db_with(path, sync)?;
+        let interrupted = ledger::recover_interrupted(&mut conn)?;
+        if interrupted > 0 {
+            tracing::warn!(
+                calls = interrupted,
+                "calls that were in flight when the proxy last stopped without closing the ledger are recorded as `interrupted`"
+            );
+        }
         let totals = ledger::totals_since(&conn, month.start().timestamp_millis())?;
         let recent = ledger::recent(&conn, now.timestamp_millis() - 60_000)?;
         drop(conn);
         let rebuilt = totals.len();
         let accounts = Accounts::rebuild(month, totals, recent);
-        let ledger = Ledger::open(path, flush_interval)?;
+        let ledger = Ledger::open(path, sync)?;
         tracing::info!(ledger = %path.display(), users_with_usage = rebuilt, "ledger open; counters rebuilt for {month}");
         Ok(Meter {
             ledger,

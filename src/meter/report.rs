@@ -71,10 +71,11 @@ pub struct Row {
     pub cost_usd: f64,
     /// Requests with tokens but no price: their cost is missing from `cost_usd`.
     pub unpriced_requests: u64,
-    /// Streams cut before their usage was complete.
+    /// Calls whose usage was not all seen: streams cut before their end, and calls a crash of
+    /// the proxy interrupted (outcome `interrupted`; Bedrock may have billed them).
     pub incomplete_requests: u64,
     /// Requests that did not get a 200, or that Bedrock ended with an error (an exception
-    /// frame, a broken or silent stream).
+    /// frame, a broken or silent stream). An interrupted call is incomplete, not an error.
     pub error_requests: u64,
 }
 
@@ -102,9 +103,9 @@ pub fn query(
         "SELECT {key} AS k, count(*), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
                 sum(cache_write_tokens), total(cost_usd),
                 sum(CASE WHEN cost_usd IS NULL AND (input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) > 0 THEN 1 ELSE 0 END),
-                sum(CASE WHEN complete = 0 AND status = 200 THEN 1 ELSE 0 END),
-                sum(CASE WHEN status <> 200
-                          OR outcome NOT IN ('complete', 'client_gone', 'shutdown') THEN 1 ELSE 0 END)
+                sum(CASE WHEN complete = 0 AND (status = 200 OR outcome = 'interrupted') THEN 1 ELSE 0 END),
+                sum(CASE WHEN (status <> 200 AND outcome <> 'interrupted')
+                          OR outcome NOT IN ('complete', 'client_gone', 'shutdown', 'interrupted') THEN 1 ELSE 0 END)
          FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2 GROUP BY k ORDER BY total(cost_usd) DESC, k",
         key = by.column(labelled)
     );
@@ -319,13 +320,14 @@ mod tests {
             complete: true,
             admitted: true,
             outcome: "complete".into(),
+            marked: false,
         }
     }
 
     fn db() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.db");
-        let l = Ledger::open(&path, std::time::Duration::from_secs(60)).unwrap();
+        let l = Ledger::open(&path, crate::meter::ledger::Synchronous::Normal).unwrap();
         l.record(rec("alice", "2026-11-01", "m1", 10, Some(1.0)));
         l.record(rec("alice", "2026-11-02", "m2", 20, Some(2.0)));
         l.record(rec("bob", "2026-11-02", "m1", 5, None));
@@ -333,6 +335,31 @@ mod tests {
         l.close();
         let c = open_read_only(&path).unwrap();
         (dir, c)
+    }
+
+    #[test]
+    fn an_interrupted_call_is_incomplete_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let l = Ledger::open(&path, crate::meter::ledger::Synchronous::Normal).unwrap();
+        let mut cut = rec("alice", "2026-11-01", "m1", 0, None);
+        cut.usage = Usage::default();
+        cut.status = 0;
+        cut.complete = false;
+        cut.outcome = "interrupted".into();
+        l.record(cut);
+        l.record(rec("alice", "2026-11-01", "m1", 10, Some(1.0)));
+        l.close();
+        let c = open_read_only(&path).unwrap();
+        let rows = query(&c, 0, i64::MAX, GroupBy::User).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].requests, 2);
+        assert_eq!(rows[0].incomplete_requests, 1);
+        assert_eq!(rows[0].error_requests, 0);
+        assert_eq!(
+            rows[0].unpriced_requests, 0,
+            "no tokens, so nothing unpriced"
+        );
     }
 
     #[test]

@@ -519,6 +519,7 @@ pub async fn import_sqlite(client: &mut Client, path: &Path) -> anyhow::Result<I
                 front: r.get(20)?,
                 project: r.get(21)?,
                 session: r.get(22)?,
+                marked: false,
             });
         }
         drop(rows);
