@@ -17,6 +17,7 @@ mod billing;
 mod billing_fakes;
 mod claude_code;
 mod cli;
+mod crash;
 mod faults;
 mod fronts;
 mod hangup;

@@ -202,6 +202,17 @@ impl Proxy {
         Self::launch(dir, args, &[]).await
     }
 
+    /// Kills this proxy with SIGKILL, as a crash would (nothing is flushed or closed), and
+    /// starts a new one on the same directory (config and ledger).
+    pub async fn kill9(mut self, args: &[&str]) -> Proxy {
+        // `Child::kill` is SIGKILL on Unix.
+        self.child.kill().expect("SIGKILL");
+        let status = self.child.wait().expect("wait");
+        assert!(!status.success(), "killed, not exited: {status:?}");
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        Self::launch(dir, args, &[]).await
+    }
+
     async fn launch(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let config_path = dir.path().join("bedrock-gate.toml");
         let mut cmd = command(dir.path());
