@@ -19,6 +19,9 @@
 //! `serve` per ledger file, since a second one would take the first one's calls in flight for
 //! a crash's.
 //!
+//! Checkpoints (copying the WAL into the database file, and syncing it) run on a thread of
+//! their own every [`CHECKPOINT_EVERY`], so no commit waits for one.
+//!
 //! [`Ledger::close`] (called on SIGTERM) drains and commits everything before the process
 //! exits. This module never blocks a request: a full queue drops the row (counted and logged)
 //! and a receipt waits at most [`COMMIT_WAIT`], so a stalled disk slows answers down by that
@@ -45,6 +48,11 @@ const MAX_BATCH: usize = 2_048;
 pub const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How soon a batch whose commit failed is tried again when nothing new arrives.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// How often the checkpoint thread copies the WAL into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// WAL pages past which the writer checkpoints itself, should the checkpoint thread fall
+/// behind; SQLite's default is 1,000.
+const WRITER_CHECKPOINT_PAGES: i64 = 20_000;
 
 /// How hard SQLite syncs a commit (`ledger.synchronous`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -205,6 +213,9 @@ pub struct LedgerStats {
 pub struct Ledger {
     tx: SyncSender<Msg>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Checkpoints off the writer thread, so a commit (and the answers waiting on it) never
+    /// pays for copying the WAL and syncing the database file; stops when its sender drops.
+    checkpointer: Mutex<Option<(SyncSender<()>, JoinHandle<()>)>>,
     pub stats: Arc<LedgerStats>,
     path: PathBuf,
 }
@@ -538,6 +549,8 @@ impl Ledger {
     /// Opens the database and starts the writer thread.
     pub fn open(path: &Path, sync: Synchronous) -> anyhow::Result<Ledger> {
         let conn = open_db_with(path, sync)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+        let checkpointer = spawn_checkpointer(path)?;
         let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
         let stats = Arc::new(LedgerStats::default());
         let writer = Writer {
@@ -553,6 +566,7 @@ impl Ledger {
         Ok(Ledger {
             tx,
             thread: Mutex::new(Some(thread)),
+            checkpointer: Mutex::new(Some(checkpointer)),
             stats,
             path: path.to_path_buf(),
         })
@@ -620,7 +634,37 @@ impl Ledger {
         {
             let _ = t.join();
         }
+        if let Ok(mut c) = self.checkpointer.lock()
+            && let Some((stop, t)) = c.take()
+        {
+            drop(stop);
+            let _ = t.join();
+        }
     }
+}
+
+/// Starts the thread that checkpoints the WAL every [`CHECKPOINT_EVERY`] on a connection of
+/// its own. A passive checkpoint never waits for the writer, nor the writer for it.
+fn spawn_checkpointer(path: &Path) -> anyhow::Result<(SyncSender<()>, JoinHandle<()>)> {
+    let conn =
+        Connection::open(path).with_context(|| format!("cannot open ledger {}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let (stop, stopped) = sync_channel::<()>(1);
+    let checkpoint = move || {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "ledger checkpoint failed; the writer will do it");
+        }
+    };
+    let thread = std::thread::Builder::new()
+        .name("ledger-checkpoint".into())
+        .spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+                checkpoint();
+            }
+            checkpoint();
+        })
+        .context("cannot start the ledger checkpoint thread")?;
+    Ok((stop, thread))
 }
 
 /// Per-user totals read back from the ledger (to rebuild counters after a restart).
