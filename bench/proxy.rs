@@ -132,13 +132,18 @@ control_endpoint = "http://{upstream}"
 
 [ledger]
 path = "{ledger}"
+{synchronous}
 
 [users.bench]
 keys = ["sha256:{hash}"]
 
 [users.bench.models]
 "#,
-        ledger = ledger.display()
+        ledger = ledger.display(),
+        // To measure what each sync level costs: `full` (the default) or `normal`.
+        synchronous = std::env::var("BENCH_LEDGER_SYNCHRONOUS")
+            .map(|v| format!("synchronous = \"{v}\""))
+            .unwrap_or_default(),
     );
     for (model, arn) in models {
         s.push_str(&format!("\"{model}\" = \"{arn}\"\n"));

@@ -1246,6 +1246,19 @@ mod tests {
     }
 
     #[test]
+    fn ledger_sync_level_and_the_retired_flush_interval() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.ledger.synchronous, Synchronous::Normal);
+        assert!(!c.ledger.flush_interval_ignored);
+        let c =
+            Config::parse("[ledger]\nsynchronous = \"full\"\nflush_interval_ms = 1000").unwrap();
+        assert_eq!(c.ledger.synchronous, Synchronous::Full);
+        assert!(c.ledger.flush_interval_ignored, "an old config still loads");
+        let e = err("[ledger]\nsynchronous = \"off\"");
+        assert_eq!(e.path, "ledger.synchronous");
+    }
+
+    #[test]
     fn a_key_written_as_a_string_is_never_echoed() {
         for text in [
             "[users.a]\nkeys = \"bgk_secret_value_1\"",
