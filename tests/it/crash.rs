@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::Method;
@@ -28,7 +28,7 @@ enum Seen {
     },
 }
 
-async fn call(client: HttpClient, url: String, streaming: bool) -> Seen {
+async fn call(client: HttpClient, url: String, streaming: bool, whole: Arc<AtomicUsize>) -> Seen {
     let req = request(
         Method::POST,
         &format!("{url}/v1/messages"),
@@ -49,11 +49,14 @@ async fn call(client: HttpClient, url: String, streaming: bool) -> Seen {
         .unwrap_or_default()
         .to_string();
     let ok = resp.status() == 200;
-    let whole = resp.into_body().collect().await.is_ok() && ok;
+    let read = resp.into_body().collect().await.is_ok() && ok;
+    if read {
+        whole.fetch_add(1, Ordering::Relaxed);
+    }
     Seen::Answer {
         id,
         streaming,
-        whole,
+        whole: read,
     }
 }
 
@@ -115,7 +118,8 @@ async fn kill_9_under_load_loses_no_answered_call_and_records_the_interrupted_on
     // One call of each kind first: what Bedrock serves for it, as the ledger records it.
     let mut served = HashMap::new();
     for streaming in [false, true] {
-        let Seen::Answer { id, whole, .. } = call(client.clone(), proxy.url(), streaming).await
+        let Seen::Answer { id, whole, .. } =
+            call(client.clone(), proxy.url(), streaming, Arc::default()).await
         else {
             panic!("warm-up call got no answer");
         };
@@ -131,27 +135,34 @@ async fn kill_9_under_load_loses_no_answered_call_and_records_the_interrupted_on
     let warm = rows(&proxy).len();
     let warm_received = fake.received().len();
 
-    // Open loop: a call every 2.5 ms (400 a second, half of them streams), for 2 s; the proxy
-    // is killed after 1.2 s, a moment after the hanging calls went out.
+    // Open loop: a call every 2.5 ms (400 a second, half of them streams) until the crash; the
+    // proxy is killed once 300 calls were answered (under a second on a quiet machine), a
+    // moment after the hanging calls went out.
     const HANGING: usize = 5;
+    const BEFORE_CRASH: usize = 300;
     let url = proxy.url();
     let stop = Arc::new(AtomicBool::new(false));
+    let whole = Arc::new(AtomicUsize::new(0));
     let load = {
-        let (client, url, stop) = (client.clone(), url.clone(), stop.clone());
+        let (client, url, stop, whole) = (client.clone(), url.clone(), stop.clone(), whole.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_micros(2_500));
             let started = Instant::now();
             let mut calls = Vec::new();
             let mut i = 0usize;
-            while started.elapsed() < Duration::from_secs(2) && !stop.load(Ordering::Relaxed) {
+            while started.elapsed() < Duration::from_secs(10) && !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
-                calls.push(tokio::spawn(call(client.clone(), url.clone(), i % 2 == 1)));
+                let c = call(client.clone(), url.clone(), i % 2 == 1, whole.clone());
+                calls.push(tokio::spawn(c));
                 i += 1;
             }
             calls
         })
     };
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    eventually("calls answered under load", || async {
+        (whole.load(Ordering::Relaxed) >= BEFORE_CRASH).then_some(())
+    })
+    .await;
     let hanging: Vec<_> = (0..HANGING)
         .map(|_| tokio::spawn(hanging_call(client.clone(), url.clone())))
         .collect();
@@ -165,6 +176,8 @@ async fn kill_9_under_load_loses_no_answered_call_and_records_the_interrupted_on
     })
     .await;
     let proxy = proxy.kill9(&[]).await;
+    // A few more calls meet the dead port, then the load stops.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     stop.store(true, Ordering::Relaxed);
 
     let mut seen = Vec::new();
@@ -225,15 +238,7 @@ async fn kill_9_under_load_loses_no_answered_call_and_records_the_interrupted_on
         rows.len(),
     );
 
-    assert!(
-        answered.len() > 200,
-        "the load ran before the crash: {}",
-        answered.len()
-    );
-    assert!(
-        received > answered.len(),
-        "calls were in flight at the crash"
-    );
+    assert!(answered.len() >= BEFORE_CRASH);
     // Every call a client read a whole answer to is in the ledger, complete, with its tokens.
     let lost: Vec<&String> = answered
         .keys()
