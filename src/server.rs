@@ -171,7 +171,7 @@ async fn handle(
     let config = &live.config;
     if parts.method == http::Method::GET && parts.uri.path() == "/healthz" {
         info.operation = Some(Op::Health);
-        return Ok(Handled::Local(health(live)));
+        return Ok(Handled::Local(health(live, &state.meter)));
     }
     // Who is calling comes first, so every identified request gets its row, even one whose
     // path no front serves.
@@ -344,10 +344,20 @@ fn spawn_session_poll(state: Arc<AppState>) {
     });
 }
 
-/// `GET /healthz`: the proxy is up, with the live config's identity. Needs no key.
-fn health(live: &Live) -> Response {
+/// `GET /healthz`: the proxy is up, with the live config's identity and, on PostgreSQL,
+/// whether the store takes rows (`degraded` while they wait in the spool). Needs no key.
+fn health(live: &Live, meter: &Meter) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let store = meter
+        .store
+        .as_ref()
+        .map(|h| (h.degraded.load(Relaxed), h.spool_bytes.load(Relaxed)));
     let body = serde_json::json!({
-        "status": "ok",
+        "status": if store.as_ref().is_some_and(|s| s.0) { "degraded" } else { "ok" },
+        "store": store.map(|(degraded, spool_bytes)| serde_json::json!({
+            "degraded": degraded,
+            "spool_bytes": spool_bytes,
+        })),
         "users": live.config.users.len(),
         "config_generation": live.generation,
         "config_sha256": live.sha256,
@@ -376,13 +386,6 @@ pub struct ServeOptions {
 pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Result<()>)> {
     let (config, sha256) = crate::reload::read_config(&opts.config_path)
         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
-    if let Some(store) = &config.store {
-        anyhow::bail!(
-            "[store] url ({}) is set, but serving on PostgreSQL is not in this build yet: `store migrate` \
-             and `store import-sqlite` are; leave [store] out to serve on the SQLite ledger",
-            store.redacted_url()
-        );
-    }
     let listen = opts.listen.unwrap_or(config.listen);
     let sdk = crate::upstream::sdk_config(&config.aws).await;
     let upstream = Upstream::from_sdk(&sdk, config.timeouts.connect)?;
@@ -405,7 +408,20 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
             "ledger.flush_interval_ms no longer has an effect: each row is committed before its answer ends; remove it"
         );
     }
-    let meter = Meter::open(&ledger_path, config.ledger.synchronous)?;
+    let meter = match &config.store {
+        Some(store) => {
+            let replica = store.replica_name(listen);
+            let health = std::sync::Arc::new(crate::store::writer::Health::default());
+            Meter::open_store(
+                store,
+                &crate::config::dir_of(&opts.config_path),
+                replica,
+                health,
+            )
+            .await?
+        }
+        None => Meter::open(&ledger_path, config.ledger.synchronous)?,
+    };
     let store = crate::signin::sessions::SessionStore::open(&ledger_path)?;
     let signin = crate::signin::SignInState::new(store);
     let state = AppState::new(

@@ -293,8 +293,25 @@ fn store_settings(raw: raw::RawStore) -> Result<crate::store::Settings, ConfigEr
             ));
         }
     };
-    crate::store::Settings::new(url, raw.password_file, raw.ca_file, on_unavailable)
-        .map_err(|e| ConfigError::new("store.url", e))
+    let mut settings =
+        crate::store::Settings::new(url, raw.password_file, raw.ca_file, on_unavailable)
+            .map_err(|e| ConfigError::new("store.url", e))?;
+    if let Some(r) = raw.replica {
+        if r.is_empty() || r.len() > 128 || r.chars().any(char::is_control) {
+            return Err(ConfigError::new(
+                "store.replica",
+                "1 to 128 characters, no control characters",
+            ));
+        }
+        settings.replica = Some(r);
+    }
+    if let Some(p) = raw.spool_path {
+        if p.is_empty() {
+            return Err(ConfigError::new("store.spool_path", "empty; name a file"));
+        }
+        settings.spool_path = p;
+    }
+    Ok(settings)
 }
 
 /// `[auth]`, and the master key it names once read (only when some user has an access key id).

@@ -68,6 +68,10 @@ pub struct RawStore {
     pub ca_file: Option<String>,
     /// `"open"` or `"closed"`: admission while the store cannot be reached.
     pub on_unavailable: Option<String>,
+    /// This replica's stable name in the rows it writes.
+    pub replica: Option<String>,
+    /// Where rows wait while the store is away (relative to the config).
+    pub spool_path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -86,7 +86,7 @@ impl Synchronous {
 }
 
 /// One finished request, as the ledger stores it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     /// Request start, Unix milliseconds.
     pub ts_ms: i64,
@@ -126,7 +126,7 @@ pub struct Record {
 
 /// A call about to go to Bedrock, written (and committed) before it is sent; see the module
 /// doc. What it holds is what an `interrupted` row can say.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Sent {
     /// Request start, Unix milliseconds (the row's `ts_ms`).
     pub ts_ms: i64,
@@ -433,8 +433,44 @@ pub fn recover_interrupted(conn: &mut Connection) -> rusqlite::Result<usize> {
     Ok(n)
 }
 
+/// Where the writer commits: the SQLite file, or PostgreSQL (with its spool).
+enum Sink {
+    Sqlite(Connection),
+    Postgres(Box<crate::store::writer::PgSink>),
+}
+
+impl Sink {
+    fn write(&mut self, batch: &[Queued]) -> anyhow::Result<()> {
+        match self {
+            Sink::Sqlite(conn) => Ok(write_batch(conn, batch)?),
+            Sink::Postgres(pg) => {
+                use crate::store::writer::Entry as E;
+                let entries: Vec<E> = batch
+                    .iter()
+                    .map(|q| match &q.entry {
+                        Entry::Row(r) => E::Row((**r).clone()),
+                        Entry::Sent(m) => E::Mark((**m).clone()),
+                    })
+                    .collect();
+                pg.write(&entries)
+            }
+        }
+    }
+
+    /// Entries wait in the PostgreSQL spool: the writer retries them on its own.
+    fn has_spooled(&self) -> bool {
+        matches!(self, Sink::Postgres(pg) if pg.has_spooled())
+    }
+
+    fn replay(&mut self) {
+        if let Sink::Postgres(pg) = self {
+            pg.replay();
+        }
+    }
+}
+
 struct Writer {
-    conn: Connection,
+    sink: Sink,
     rx: Receiver<Msg>,
     stats: Arc<LedgerStats>,
     batch: Vec<Queued>,
@@ -454,7 +490,7 @@ impl Writer {
         // A failed write is retried (the receipts keep waiting, up to their bound) rather than
         // dropped; only a batch that keeps failing while memory fills is at risk, and that is
         // logged loudly.
-        match write_batch(&mut self.conn, &self.batch) {
+        match self.sink.write(&self.batch) {
             Ok(()) => {
                 self.stats.pending.fetch_sub(rows as i64, Ordering::Relaxed);
                 self.stats.written.fetch_add(rows as u64, Ordering::Relaxed);
@@ -472,7 +508,7 @@ impl Writer {
             }
             Err(e) => {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, entries = self.batch.len(), "ledger write failed; will retry");
+                tracing::error!(error = %format!("{e:#}"), entries = self.batch.len(), "ledger write failed; will retry");
                 if self.batch.len() > CHANNEL_CAPACITY {
                     self.stats.pending.fetch_sub(rows as i64, Ordering::Relaxed);
                     self.stats.dropped.fetch_add(rows as u64, Ordering::Relaxed);
@@ -489,7 +525,17 @@ impl Writer {
     /// commits falls as the rate of requests rises.
     fn run(mut self) {
         loop {
-            let first = if self.batch.is_empty() {
+            let first = if self.batch.is_empty() && self.sink.has_spooled() {
+                // The spool waits for the database: try it every second, traffic or not.
+                match self.rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(msg) => Some(msg),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.sink.replay();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else if self.batch.is_empty() {
                 match self.rx.recv() {
                     Ok(msg) => Some(msg),
                     Err(_) => return,
@@ -552,9 +598,29 @@ impl Ledger {
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
         let checkpointer = spawn_checkpointer(path)?;
         let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
+        Self::start(Sink::Sqlite(conn), Some(checkpointer), path, tx, rx)
+    }
+
+    /// Starts the writer on PostgreSQL (with its spool); `spool_path` also stands in for the
+    /// file path of [`Ledger::path`].
+    pub fn open_postgres(
+        sink: crate::store::writer::PgSink,
+        spool_path: &Path,
+    ) -> anyhow::Result<Ledger> {
+        let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
+        Self::start(Sink::Postgres(Box::new(sink)), None, spool_path, tx, rx)
+    }
+
+    fn start(
+        sink: Sink,
+        checkpointer: Option<(SyncSender<()>, JoinHandle<()>)>,
+        path: &Path,
+        tx: SyncSender<Msg>,
+        rx: Receiver<Msg>,
+    ) -> anyhow::Result<Ledger> {
         let stats = Arc::new(LedgerStats::default());
         let writer = Writer {
-            conn,
+            sink,
             rx,
             stats: stats.clone(),
             batch: Vec::new(),
@@ -566,7 +632,7 @@ impl Ledger {
         Ok(Ledger {
             tx,
             thread: Mutex::new(Some(thread)),
-            checkpointer: Mutex::new(Some(checkpointer)),
+            checkpointer: Mutex::new(checkpointer),
             stats,
             path: path.to_path_buf(),
         })

@@ -28,6 +28,8 @@ use metrics::Metrics;
 #[derive(Debug)]
 pub struct Meter {
     pub ledger: Ledger,
+    /// The PostgreSQL store's state, when the ledger is there.
+    pub store: Option<std::sync::Arc<crate::store::writer::Health>>,
     pub accounts: Accounts,
     pub metrics: Metrics,
     /// How many refusals each user had written this minute.
@@ -69,6 +71,62 @@ impl RefusalCap {
 }
 
 impl Meter {
+    /// Opens the ledger in PostgreSQL: migrates the schema (under its lock), records the calls
+    /// this replica had in flight when it last died as `interrupted`, rebuilds the counters from
+    /// the rollup, and starts the writer with its spool. `dir` is the config's directory.
+    pub async fn open_store(
+        settings: &crate::store::Settings,
+        dir: &Path,
+        replica: String,
+        health: std::sync::Arc<crate::store::writer::Health>,
+    ) -> anyhow::Result<Meter> {
+        use crate::store::pg;
+        let now = Utc::now();
+        let month = Month::of(now);
+        let mut client = pg::connect(settings, dir).await?;
+        let applied = pg::migrate(&mut client).await?;
+        if !applied.is_empty() {
+            tracing::info!(versions = ?applied, "store schema migrated");
+        }
+        let interrupted = pg::recover_interrupted(&mut client, &replica).await?;
+        if interrupted > 0 {
+            tracing::warn!(
+                calls = interrupted,
+                replica = %replica,
+                "calls this replica had in flight when it last stopped without closing the ledger are recorded as `interrupted`"
+            );
+        }
+        let day = month.start().format("%Y-%m-%d").to_string();
+        let totals = pg::totals_since_day(&client, &day).await?;
+        let recent = pg::recent(&client, now.timestamp_millis() - 60_000).await?;
+        drop(client);
+        let rebuilt = totals.len();
+        let accounts = Accounts::rebuild(month, totals, recent);
+        let spool_path = dir.join(&settings.spool_path);
+        let health_handle = health.clone();
+        let (s, d, p, r) = (
+            settings.clone(),
+            dir.to_path_buf(),
+            spool_path.clone(),
+            replica.clone(),
+        );
+        // The sink owns a runtime of its own for the writer thread, so it is made off this one.
+        let sink = tokio::task::spawn_blocking(move || {
+            crate::store::writer::PgSink::open(s, &d, &p, r, health)
+        })
+        .await??;
+        let ledger = Ledger::open_postgres(sink, &spool_path)?;
+        let store = Some(health_handle);
+        tracing::info!(store = %settings.redacted_url(), replica = %replica, users_with_usage = rebuilt, "ledger open in the store; counters rebuilt for {month}");
+        Ok(Meter {
+            ledger,
+            store,
+            accounts,
+            metrics: Metrics::new(),
+            refusals: RefusalCap::default(),
+        })
+    }
+
     /// Opens the ledger, records the calls a crash interrupted (see
     /// [`ledger::recover_interrupted`]) and rebuilds budget and rate counters from it. Only
     /// `serve` opens a meter: it must be the one process taking calls on this ledger.
@@ -92,6 +150,7 @@ impl Meter {
         tracing::info!(ledger = %path.display(), users_with_usage = rebuilt, "ledger open; counters rebuilt for {month}");
         Ok(Meter {
             ledger,
+            store: None,
             accounts,
             metrics: Metrics::new(),
             refusals: RefusalCap::default(),

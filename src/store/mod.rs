@@ -8,6 +8,7 @@
 
 pub mod pg;
 pub mod spool;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 
@@ -34,7 +35,15 @@ pub struct Settings {
     /// `ca_file`: PEM roots to trust for the server's certificate, besides the webpki roots.
     pub ca_file: Option<String>,
     pub on_unavailable: OnUnavailable,
+    /// `replica`: this process's name in the rows it writes; stable across restarts, so a
+    /// restarted replica finds the calls it had in flight. Default: the host name and port.
+    pub replica: Option<String>,
+    /// `spool_path`, relative to the config file.
+    pub spool_path: String,
 }
+
+/// The spool file when `[store] spool_path` says nothing.
+pub const DEFAULT_SPOOL: &str = "bedrock-gate.spool";
 
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,6 +52,8 @@ impl std::fmt::Debug for Settings {
             .field("password_file", &self.password_file)
             .field("ca_file", &self.ca_file)
             .field("on_unavailable", &self.on_unavailable)
+            .field("replica", &self.replica)
+            .field("spool_path", &self.spool_path)
             .finish()
     }
 }
@@ -68,6 +79,21 @@ impl Settings {
             password_file,
             ca_file,
             on_unavailable,
+            replica: None,
+            spool_path: DEFAULT_SPOOL.to_string(),
+        })
+    }
+
+    /// This replica's name: `replica`, else `HOST:PORT` of the main listener.
+    pub fn replica_name(&self, listen: std::net::SocketAddr) -> String {
+        self.replica.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| "bedrock-gate".to_string());
+            format!("{host}:{}", listen.port())
         })
     }
 

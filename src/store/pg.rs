@@ -306,7 +306,12 @@ pub async fn insert_rows(
     Ok(new)
 }
 
-async fn insert_in(tx: &impl GenericClient, replica: &str, rows: &[Record]) -> anyhow::Result<u64> {
+/// [`insert_rows`] inside a transaction the caller holds.
+pub async fn insert_in(
+    tx: &impl GenericClient,
+    replica: &str,
+    rows: &[Record],
+) -> anyhow::Result<u64> {
     let col = |f: &dyn Fn(&Record) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
     let ts: Vec<i64> = rows.iter().map(|r| r.ts_ms).collect();
     let user = col(&|r| r.user.clone());
@@ -437,6 +442,155 @@ async fn insert_in(tx: &impl GenericClient, replica: &str, rows: &[Record]) -> a
         .context("rolling up ledger rows")?;
     }
     Ok(new.len() as u64)
+}
+
+/// Writes the markers of calls about to be sent (see `meter::ledger::Sent`).
+pub async fn insert_marks(
+    tx: &impl GenericClient,
+    replica: &str,
+    marks: &[&crate::meter::ledger::Sent],
+) -> anyhow::Result<()> {
+    if marks.is_empty() {
+        return Ok(());
+    }
+    let text = |f: &dyn Fn(&crate::meter::ledger::Sent) -> Option<String>| {
+        marks.iter().map(|m| f(m)).collect::<Vec<_>>()
+    };
+    let id: Vec<String> = marks.iter().map(|m| m.request_id.clone()).collect();
+    let ts: Vec<i64> = marks.iter().map(|m| m.ts_ms).collect();
+    let user: Vec<String> = marks.iter().map(|m| m.user.clone()).collect();
+    let op: Vec<String> = marks.iter().map(|m| m.operation.clone()).collect();
+    let admitted: Vec<bool> = marks.iter().map(|m| m.admitted).collect();
+    tx.execute(
+        r#"INSERT INTO sent (request_id, ts_ms, "user", front, project, session, operation, model,
+               base_model, profile_arn, admitted, replica)
+           SELECT i, t, u, f, p, s, o, m, b, pa, a, $11::text
+           FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+               $7::text[], $8::text[], $9::text[], $12::text[], $10::bool[])
+               AS x(i, t, u, f, p, s, o, m, b, pa, a)
+           ON CONFLICT (request_id) DO NOTHING"#,
+        &[
+            &id,
+            &ts,
+            &user,
+            &text(&|m| m.front.clone()),
+            &text(&|m| m.project.clone()),
+            &text(&|m| m.session.clone()),
+            &op,
+            &text(&|m| m.model.clone()),
+            &text(&|m| m.base_model.clone()),
+            &admitted,
+            &replica,
+            &text(&|m| m.profile_arn.clone()),
+        ],
+    )
+    .await
+    .context("writing sent markers")?;
+    Ok(())
+}
+
+/// Turns the markers `replica` left (calls in flight when it last died) into `interrupted`
+/// rows, rolled up like any row; a marker whose call has a row is only removed. Run at start.
+pub async fn recover_interrupted(client: &mut Client, replica: &str) -> anyhow::Result<u64> {
+    let tx = client.transaction().await?;
+    let left = tx
+        .query(
+            r#"SELECT s.request_id, s.ts_ms, s."user", s.front, s.project, s.session, s.operation,
+                      s.model, s.base_model, s.profile_arn, s.admitted
+               FROM sent s WHERE s.replica = $1
+                 AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.request_id = s.request_id)
+               ORDER BY s.ts_ms"#,
+            &[&replica],
+        )
+        .await?;
+    let rows: Vec<Record> = left
+        .iter()
+        .map(|r| Record {
+            ts_ms: r.get(1),
+            user: Some(r.get(2)),
+            front: r.get(3),
+            project: r.get(4),
+            session: r.get(5),
+            operation: r.get(6),
+            model: r.get(7),
+            base_model: r.get(8),
+            profile_arn: r.get(9),
+            status: 0,
+            usage: crate::domain::Usage::default(),
+            cost_usd: None,
+            latency_ms: 0,
+            ttfb_ms: None,
+            request_id: r.get(0),
+            upstream_request_id: None,
+            complete: false,
+            admitted: r.get(10),
+            outcome: crate::domain::Outcome::Interrupted.name().to_string(),
+            marked: true,
+        })
+        .collect();
+    let n = insert_in(&tx, replica, &rows).await?;
+    tx.execute("DELETE FROM sent WHERE replica = $1", &[&replica])
+        .await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Each user's totals since the start of `day` (`YYYY-MM-DD`), from the rollup: what the
+/// budget counters start from.
+pub async fn totals_since_day(
+    client: &Client,
+    day: &str,
+) -> anyhow::Result<Vec<(String, crate::meter::ledger::Totals)>> {
+    let rows = client
+        .query(
+            r#"SELECT "user", sum(requests)::bigint, sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+                      sum(cache_read_tokens)::bigint, sum(cache_write_tokens)::bigint,
+                      sum(cost_usd)::float8, sum(unpriced)::bigint
+               FROM usage_daily WHERE day >= $1 AND "user" <> '' GROUP BY "user""#,
+            &[&day],
+        )
+        .await?;
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                crate::meter::ledger::Totals {
+                    requests: u(r.get(1)),
+                    usage: crate::domain::Usage {
+                        input_tokens: u(r.get(2)),
+                        output_tokens: u(r.get(3)),
+                        cache_read_tokens: u(r.get(4)),
+                        cache_write_tokens: u(r.get(5)),
+                    },
+                    cost_usd: r.get(6),
+                    unpriced: u(r.get(7)),
+                },
+            )
+        })
+        .collect())
+}
+
+/// (user, start ms, tokens) of each admitted request at or after `since_ms`: the rate window.
+pub async fn recent(client: &Client, since_ms: i64) -> anyhow::Result<Vec<(String, i64, u64)>> {
+    let rows = client
+        .query(
+            r#"SELECT "user", ts_ms, input_tokens + output_tokens + cache_read_tokens + cache_write_tokens
+               FROM requests WHERE ts_ms >= $1 AND "user" IS NOT NULL AND admitted"#,
+            &[&since_ms],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+            )
+        })
+        .collect())
 }
 
 /// Rows read from the SQLite ledger and moved per transaction.

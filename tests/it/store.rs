@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use common::pg::Db;
+use common::pg::{self, Db};
 use common::*;
 
 fn config_with(fake: &FakeBedrock, db: &Db) -> String {
@@ -163,5 +163,162 @@ async fn a_store_url_with_a_password_never_shows_it() {
     assert!(
         !r.stderr.contains("hunter2") && !r.stdout.contains("hunter2"),
         "{r}"
+    );
+}
+
+async fn count(db: &Db, sql: &str) -> i64 {
+    db.client().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn serve_on_postgres_records_every_call_once_and_rebuilds_its_counters_after_a_restart() {
+    const N: usize = 200;
+    let fake = FakeBedrock::start().await;
+    let db = Db::create().await;
+    let proxy = Proxy::start(&config_with(&fake, &db)).await;
+    let url = proxy.url();
+    let statuses = concurrently(N, 32, |i| {
+        let url = url.clone();
+        async move {
+            let key = if i % 2 == 0 { ALICE_KEY } else { BOB_KEY };
+            send(request(
+                http::Method::POST,
+                &format!("{url}/model/{SONNET}/converse"),
+                &[("authorization", &format!("Bearer {key}"))],
+                CONVERSE_BODY,
+            ))
+            .await
+            .status
+        }
+    })
+    .await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    // Every answer ended only once its row was committed: all are there now.
+    assert_eq!(count(&db, "SELECT count(*) FROM requests").await, N as i64);
+    assert_eq!(
+        count(&db, "SELECT count(DISTINCT request_id) FROM requests").await,
+        N as i64
+    );
+    assert_eq!(
+        count(&db, "SELECT sum(requests)::bigint FROM usage_daily").await,
+        N as i64
+    );
+    assert_eq!(
+        count(&db, "SELECT sum(input_tokens)::bigint FROM usage_daily").await,
+        9 * N as i64
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM sent").await, 0);
+    let before = send(request(
+        http::Method::GET,
+        &format!("{}/usage", proxy.url()),
+        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+        "",
+    ))
+    .await
+    .json();
+    assert_eq!(before["requests"], N as u64 / 2);
+
+    let proxy2 = proxy.restart(&[]).await;
+    let after = send(request(
+        http::Method::GET,
+        &format!("{}/usage", proxy2.url()),
+        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+        "",
+    ))
+    .await
+    .json();
+    assert_eq!(after["requests"], before["requests"], "{after}");
+    assert_eq!(after["cost_usd"], before["cost_usd"], "{after}");
+    let health = send(request(
+        http::Method::GET,
+        &format!("{}/healthz", proxy2.url()),
+        &[],
+        "",
+    ))
+    .await
+    .json();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["store"]["degraded"], false, "{health}");
+}
+
+#[tokio::test]
+async fn the_database_going_away_mid_load_loses_nothing_and_writes_nothing_twice() {
+    const N: usize = 300;
+    let fake = FakeBedrock::start().await;
+    let db = Db::create().await;
+    let relay = pg::Relay::start(db.addr()).await;
+    let config = format!(
+        "{}\n{}",
+        db.store_table_via(&relay),
+        two_user_config(&fake, "")
+    );
+    let proxy = Proxy::start(&config).await;
+    let url = proxy.url();
+    let load = tokio::spawn(concurrently(N, 16, move |_| {
+        let url = url.clone();
+        async move {
+            send(request(
+                http::Method::POST,
+                &format!("{url}/model/{SONNET}/converse"),
+                &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+                CONVERSE_BODY,
+            ))
+            .await
+            .status
+        }
+    }));
+    eventually("some rows reached the database", || async {
+        (count(&db, "SELECT count(*) FROM requests").await > 20).then_some(())
+    })
+    .await;
+    relay.cut();
+    let during = eventually("the proxy says the store is degraded", || async {
+        let h = send(request(
+            http::Method::GET,
+            &format!("{}/healthz", proxy.url()),
+            &[],
+            "",
+        ))
+        .await
+        .json();
+        (h["status"] == "degraded").then_some(h)
+    })
+    .await;
+    assert!(
+        during["store"]["spool_bytes"].as_u64().unwrap() > 0,
+        "{during}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    relay.restore();
+    let statuses = load.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every request answered while the database was away: {:?}",
+        statuses.iter().filter(|s| **s != 200).count()
+    );
+    let rows = eventually("every row in the database after the replay", || async {
+        let n = count(&db, "SELECT count(*) FROM requests").await;
+        (n >= N as i64).then_some(n)
+    })
+    .await;
+    assert_eq!(rows, N as i64);
+    assert_eq!(
+        count(&db, "SELECT count(DISTINCT request_id) FROM requests").await,
+        N as i64
+    );
+    assert_eq!(
+        count(&db, "SELECT sum(requests)::bigint FROM usage_daily").await,
+        N as i64,
+        "each row rolled up once"
+    );
+    let spool = proxy.dir.path().join("bedrock-gate.spool");
+    eventually("the spool is emptied", || async {
+        (std::fs::metadata(&spool).map(|m| m.len()).unwrap_or(0) == 0).then_some(())
+    })
+    .await;
+    eprintln!(
+        "store outage run: sent {N}, answered 200: {}, rows {rows}, spool at its fullest {} bytes",
+        statuses.iter().filter(|s| **s == 200).count(),
+        during["store"]["spool_bytes"]
     );
 }

@@ -56,3 +56,75 @@ pub async fn connect(url: &str) -> Client {
     tokio::spawn(conn);
     client
 }
+
+/// A TCP relay in front of the database that a test can cut (every connection dropped, new
+/// ones refused) and restore: the database going away as a network sees it.
+pub struct Relay {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    pub async fn start(target: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (up2, cut2) = (up.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cut_rx = cut2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Relay { port, up, cut }
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Db {
+    /// The database's host:port.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        let rest = self.url.split_once('@').map_or("", |(_, r)| r);
+        let hostport = rest.split('/').next().unwrap_or("");
+        hostport
+            .parse()
+            .expect("the test cluster listens on an IP:port")
+    }
+
+    /// This database through `relay`, for `[store] url`.
+    pub fn store_table_via(&self, relay: &Relay) -> String {
+        let url = self.url.replacen(
+            &self.addr().to_string(),
+            &format!("127.0.0.1:{}", relay.port),
+            1,
+        );
+        format!("[store]\nurl = \"{url}\"\n")
+    }
+}
