@@ -102,6 +102,14 @@ fn latency(value: &str, via: &str) -> Result<Option<Special>, Refusal> {
 
 /// What the `X-Amzn-Bedrock-*` headers of a runtime call ask for.
 pub fn from_headers(headers: &HeaderMap, asked: &mut Asked) -> Result<(), Refusal> {
+    // Every value is forwarded, so a second one could carry what the first does not say.
+    for name in [SERVICE_TIER, LATENCY, GUARDRAIL_ID, GUARDRAIL_VERSION, TRACE] {
+        if headers.get_all(name).iter().count() > 1 {
+            return Err(Refusal::invalid(format!(
+                "The `{name}` header is given more than once; send it once."
+            )));
+        }
+    }
     let text = |name: &str| {
         headers.get(name).map(|v| {
             std::str::from_utf8(v.as_bytes())
@@ -153,13 +161,6 @@ pub fn from_headers(headers: &HeaderMap, asked: &mut Asked) -> Result<(), Refusa
     Ok(())
 }
 
-/// The Converse fields that choose a billing option (as JSON object keys, quoted).
-const CONVERSE_FIELDS: [&[u8]; 3] = [
-    b"\"serviceTier\"",
-    b"\"performanceConfig\"",
-    b"\"guardrailConfig\"",
-];
-
 #[derive(serde::Deserialize)]
 struct ConverseOptions {
     #[serde(rename = "serviceTier")]
@@ -175,15 +176,23 @@ struct PerformanceConfig {
     latency: Option<String>,
 }
 
-/// What a Converse (or ConverseStream) body asks for. The body is only parsed when one of the
-/// field names occurs in it, so an ordinary call costs one scan.
+/// What a Converse (or ConverseStream) body asks for. The body is always parsed as JSON (a
+/// scan for the field names would miss an escaped name, or one split across chunks), and one
+/// that does not parse, or names a field twice, is refused: what Bedrock would read in it
+/// cannot be known, so it is not forwarded.
 pub fn from_converse(body: &Payload, asked: &mut Asked) -> Result<(), Refusal> {
-    if !CONVERSE_FIELDS.iter().any(|f| body.contains(f)) {
-        return Ok(());
-    }
-    // Bedrock validates the body itself; one this cannot read asks for nothing it can see.
-    let Ok(options) = serde_json::from_slice::<ConverseOptions>(&body.to_bytes()) else {
-        return Ok(());
+    let options = match serde_json::from_slice::<ConverseOptions>(&body.to_bytes()) {
+        Ok(o) => o,
+        Err(e) => {
+            let what = if e.to_string().starts_with("duplicate field") {
+                "names a field twice"
+            } else {
+                "is not a JSON object"
+            };
+            return Err(Refusal::invalid(format!(
+                "The Converse request body {what}; send one JSON object with each field once."
+            )));
+        }
     };
     if let Some(value) = options.service_tier {
         let text = match &value {

@@ -617,3 +617,38 @@ async fn an_http2_client_that_ignores_goaway_does_not_hold_shutdown() {
     drop(sender);
     conn_task.abort();
 }
+
+#[tokio::test]
+async fn billing_options_cannot_slip_past_the_check_in_another_spelling() {
+    // Found in review: each of these reached Bedrock before, with priority asked for and not
+    // allowed. A duplicate field (Bedrock reads the last), an escaped field name, a body that
+    // is not JSON, and a repeated header (every value is forwarded).
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let converse_path = format!("/model/{SONNET}/converse");
+    let msgs = r#""messages":[{"role":"user","content":[{"text":"hi"}]}]"#;
+    for body in [
+        format!(
+            r#"{{{msgs},"serviceTier":{{"type":"default"}},"serviceTier":{{"type":"priority"}}}}"#
+        ),
+        format!(r#"{{{msgs},"service\u0054ier":{{"type":"priority"}}}}"#),
+        format!(r#"{{{msgs},"serviceTier":{{"type":"priority"}}"#),
+    ] {
+        let r = post(&proxy, &converse_path, ALICE_KEY, &body).await;
+        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+    }
+    let r = invoke_with(
+        &proxy,
+        ALICE_KEY,
+        &[
+            ("x-amzn-bedrock-service-tier", "default"),
+            ("x-amzn-bedrock-service-tier", "priority"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(r.message().contains("more than once"), "{}", r.message());
+    assert!(fake.received().is_empty(), "nothing reached Bedrock");
+    // An ordinary call still goes through.
+    assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
+}
