@@ -103,7 +103,13 @@ fn latency(value: &str, via: &str) -> Result<Option<Special>, Refusal> {
 /// What the `X-Amzn-Bedrock-*` headers of a runtime call ask for.
 pub fn from_headers(headers: &HeaderMap, asked: &mut Asked) -> Result<(), Refusal> {
     // Every value is forwarded, so a second one could carry what the first does not say.
-    for name in [SERVICE_TIER, LATENCY, GUARDRAIL_ID, GUARDRAIL_VERSION, TRACE] {
+    for name in [
+        SERVICE_TIER,
+        LATENCY,
+        GUARDRAIL_ID,
+        GUARDRAIL_VERSION,
+        TRACE,
+    ] {
         if headers.get_all(name).iter().count() > 1 {
             return Err(Refusal::invalid(format!(
                 "The `{name}` header is given more than once; send it once."

@@ -118,13 +118,16 @@ fn add_key_pair(name: &str, config_path: &std::path::Path) -> anyhow::Result<()>
     if !d.has_user(name) {
         anyhow::bail!("no user `{name}` in {}", config_path.display());
     }
-    let (master, source) = match std::env::var(MASTER_KEY_ENV) {
-        Ok(text) => (
+    // The order `serve` reads it in (config::Auth::load_master_key): the file the config
+    // names, else the environment, else a new file.
+    let named = d.master_key_file();
+    let (master, source) = match (named, std::env::var(MASTER_KEY_ENV).ok()) {
+        (None, Some(text)) => (
             MasterKey::parse(&text).map_err(|e| anyhow::anyhow!("{MASTER_KEY_ENV}: {e}"))?,
             MASTER_KEY_ENV.to_string(),
         ),
-        Err(_) => {
-            let file = match d.master_key_file() {
+        (named, _) => {
+            let file = match named {
                 Some(f) => f,
                 None => {
                     d.set_master_key_file(DEFAULT_MASTER_KEY_FILE)?;

@@ -136,15 +136,13 @@ impl Settings {
 }
 
 /// `scheme://user:password@host…` → `scheme://user:*****@host…`; also a `password=` query
-/// parameter.
+/// parameter. The user part ends at the first `@`, as the driver reads it (a password may
+/// hold `/` or `?`), so a password never survives whatever it contains.
 fn redact(url: &str) -> String {
     let mut out = url.to_string();
     if let Some(scheme_end) = out.find("://") {
         let rest_start = scheme_end + 3;
-        let authority_end = out[rest_start..]
-            .find(['/', '?'])
-            .map_or(out.len(), |i| rest_start + i);
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+        if let Some(at) = out[rest_start..].find('@') {
             let userinfo = &out[rest_start..rest_start + at];
             if let Some(colon) = userinfo.find(':') {
                 out.replace_range(rest_start + colon + 1..rest_start + at, "*****");
@@ -180,6 +178,11 @@ mod tests {
             "postgres://gate@db/gate?password=*****&sslmode=disable"
         );
         assert_eq!(redact("postgres://db/gate"), "postgres://db/gate");
+        // Found in review: a password with `/` or `?` (base64 often has them).
+        assert_eq!(
+            redact("postgres://gate:ab/cd?e+f==@db:5432/gate"),
+            "postgres://gate:*****@db:5432/gate"
+        );
         let s = Settings::new(
             "postgres://gate:s3cret@db/gate".into(),
             None,

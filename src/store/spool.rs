@@ -34,7 +34,19 @@ impl Spool {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open the spool {}", path.display()))?;
-        let bytes = file.metadata()?.len();
+        // A crash in the middle of an append leaves a torn last line; cut it off, or the next
+        // append would glue itself to it.
+        let content = std::fs::read(path)?;
+        let whole = content
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        if whole < content.len() {
+            tracing::warn!(spool = %path.display(), bytes = content.len() - whole, "cutting a spool line torn by a crash");
+            file.set_len(whole as u64)?;
+            file.sync_all()?;
+        }
+        let bytes = whole as u64;
         Ok(Spool {
             path: path.to_path_buf(),
             file,
@@ -66,13 +78,20 @@ impl Spool {
         }
         if self.bytes + buf.len() as u64 > self.max_bytes {
             anyhow::bail!(
-                "the spool {} is full ({} bytes, store.spool_max_bytes)",
+                "the spool {} is full ({} bytes)",
                 self.path.display(),
                 self.max_bytes
             );
         }
-        self.file.write_all(&buf)?;
-        self.file.sync_data()?;
+        if let Err(e) = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data())
+        {
+            // Take back a partial write, so the spool stays whole lines.
+            let _ = self.file.set_len(self.bytes);
+            return Err(e.into());
+        }
         self.bytes += buf.len() as u64;
         Ok(())
     }
@@ -82,10 +101,10 @@ impl Spool {
     pub fn read_all<T: DeserializeOwned>(&mut self) -> anyhow::Result<Vec<T>> {
         self.file.seek(SeekFrom::Start(0))?;
         let mut out = Vec::new();
-        let mut lines = BufReader::new(&self.file).lines().peekable();
+        let mut lines = BufReader::new(&self.file).split(b'\n').peekable();
         while let Some(line) = lines.next() {
             let line = line?;
-            match serde_json::from_str(&line) {
+            match serde_json::from_slice(&line) {
                 Ok(item) => out.push(item),
                 Err(_) if lines.peek().is_none() => {
                     tracing::warn!(spool = %self.path.display(), "skipping a spool line cut short by a crash");
@@ -158,6 +177,9 @@ mod tests {
             .unwrap();
         let mut s = Spool::open(&path, 64).unwrap();
         assert_eq!(s.read_all::<E>().unwrap(), [e("a", 1)]);
+        // The torn line is gone, so a new entry is a line of its own.
+        s.append(&[e("c", 3)]).unwrap();
+        assert_eq!(s.read_all::<E>().unwrap(), [e("a", 1), e("c", 3)]);
         let before = s.len();
         let err = s.append(&[e("x".repeat(80).as_str(), 1)]).unwrap_err();
         assert!(err.to_string().contains("full"), "{err}");

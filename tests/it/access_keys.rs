@@ -531,3 +531,45 @@ async fn a_config_with_access_key_ids_needs_the_master_key() {
         r.stderr
     );
 }
+
+#[tokio::test]
+async fn keys_add_uses_the_master_key_serve_uses_even_with_the_variable_set() {
+    // Found in review: with the config naming its key file, `keys add --sigv4` in a shell that
+    // also exports BEDROCK_GATE_SIGV4_MASTER_KEY used the variable while serve used the file,
+    // and every signature failed.
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let (_, _, _) = add_pair(&proxy).await; // creates and names the file
+    let config = proxy.config_path.to_str().unwrap();
+    let mut cmd = command(proxy.dir.path());
+    cmd.env("BEDROCK_GATE_SIGV4_MASTER_KEY", master_key())
+        .args(["keys", "add", "alice", "--sigv4", "-c", config]);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines = stdout.lines();
+    let id = lines
+        .next()
+        .unwrap()
+        .strip_prefix("AWS_ACCESS_KEY_ID=")
+        .unwrap();
+    let secret = lines
+        .next()
+        .unwrap()
+        .strip_prefix("AWS_SECRET_ACCESS_KEY=")
+        .unwrap();
+    let client = sdk_client(&proxy, id, secret);
+    eventually("the pair works against the running proxy", || async {
+        client
+            .converse()
+            .model_id(SONNET)
+            .messages(hello())
+            .send()
+            .await
+            .ok()
+    })
+    .await;
+}
