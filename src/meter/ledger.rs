@@ -19,6 +19,15 @@
 //! `serve` per ledger file, since a second one would take the first one's calls in flight for
 //! a crash's.
 //!
+//! Every row is also added to its line in `usage_daily` (one per UTC day, user, model,
+//! profile, project, session and front) in the transaction that inserts it, so budgets at start
+//! and reports read rollups whose size grows with days and people, not with calls. The rows stay
+//! for detail. What keeps the two in step, and so what this module must never do: insert into
+//! `requests` other than through [`put_row`] (the writer and [`recover_interrupted`] both use
+//! it), update or delete a row of `requests` (rows are append-only; a change would leave its
+//! rollup wrong), or classify a row other than by [`classify`] and its SQL twins. A ledger from
+//! before the rollups is rolled up once, in one statement, by [`migrate`] on first open.
+//!
 //! Checkpoints (copying the WAL into the database file, and syncing it) run on a thread of
 //! their own every [`CHECKPOINT_EVERY`], so no commit waits for one.
 //!
@@ -272,29 +281,200 @@ CREATE TABLE IF NOT EXISTS sent (
 ";
 
 /// Schema version written to `PRAGMA user_version`. Version 4 added the `sent` table, which
-/// [`SCHEMA`] creates on an older ledger.
-const SCHEMA_VERSION: i64 = 4;
+/// [`SCHEMA`] creates on an older ledger; version 5 added the `usage_daily` rollups, which
+/// [`migrate`] creates and fills from the rows already there.
+const SCHEMA_VERSION: i64 = 5;
 
-/// Brings an older ledger up to [`SCHEMA_VERSION`], keeping its rows.
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+/// One line per (UTC day, user, model, profile, project, session, front): the sums of that
+/// day's rows, so that budgets at start and reports read a few thousand lines, not a month of
+/// rows. The writer keeps it in step with `requests` in the same transaction as the rows (see
+/// [`put_row`]); a NULL label is `''` here and the report prints it as it prints NULL.
+const ROLLUP_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS usage_daily (
+    day                TEXT NOT NULL,
+    "user"             TEXT NOT NULL,
+    model              TEXT NOT NULL,
+    profile            TEXT NOT NULL,
+    project            TEXT NOT NULL,
+    session            TEXT NOT NULL,
+    front              TEXT NOT NULL,
+    requests           INTEGER NOT NULL,
+    input_tokens       INTEGER NOT NULL,
+    output_tokens      INTEGER NOT NULL,
+    cache_read_tokens  INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    cost_usd           REAL NOT NULL,
+    unpriced           INTEGER NOT NULL,
+    incomplete         INTEGER NOT NULL,
+    errors             INTEGER NOT NULL,
+    PRIMARY KEY (day, "user", model, profile, project, session, front)
+) WITHOUT ROWID;
+"#;
+
+/// The first schema version with `usage_daily`.
+const ROLLUP_VERSION: i64 = 5;
+
+/// How one row counts beyond its sums: the report's `unpriced`, `incomplete` and `errors`
+/// columns. [`classify`] decides it for the writer; [`UNPRICED_SQL`], [`INCOMPLETE_SQL`] and
+/// [`ERROR_SQL`] say the same over a `requests` row for the migration and for reports on raw
+/// rows. A test checks that the two agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Class {
+    /// Tokens but no price: its cost is missing from the sums.
+    pub unpriced: bool,
+    /// Not all usage seen: a stream cut before its end, or a call a crash interrupted.
+    pub incomplete: bool,
+    /// Not a 200, or Bedrock ended it with an error. An interrupted call is incomplete, not an
+    /// error; a client gone or a shutdown is neither Bedrock's error.
+    pub error: bool,
+}
+
+/// Classifies one row; see [`Class`]. Change it together with the three `_SQL` twins below.
+pub fn classify(
+    status: u16,
+    complete: bool,
+    outcome: &str,
+    tokens: u64,
+    cost_usd: Option<f64>,
+) -> Class {
+    let interrupted = outcome == Outcome::Interrupted.name();
+    Class {
+        unpriced: cost_usd.is_none() && tokens > 0,
+        incomplete: !complete && (status == 200 || interrupted),
+        error: (status != 200 && !interrupted)
+            || !matches!(
+                outcome,
+                "complete" | "client_gone" | "shutdown" | "interrupted"
+            ),
+    }
+}
+
+/// [`classify`]'s `unpriced`, as SQL over a `requests` row.
+pub(crate) const UNPRICED_SQL: &str = "cost_usd IS NULL AND (input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) > 0";
+/// [`classify`]'s `incomplete`, as SQL over a `requests` row.
+pub(crate) const INCOMPLETE_SQL: &str =
+    "complete = 0 AND (status = 200 OR outcome = 'interrupted')";
+/// [`classify`]'s `error`, as SQL over a `requests` row.
+pub(crate) const ERROR_SQL: &str = "(status <> 200 AND outcome <> 'interrupted') \
+     OR outcome NOT IN ('complete', 'client_gone', 'shutdown', 'interrupted')";
+
+/// A row's UTC day as `usage_daily` keys it: SQL over a `requests` row's `ts_ms` (`''` for a
+/// time SQLite cannot print). The writer binds the row's time in its place ([`UPSERT_SQL`]), so
+/// the writer and the migration compute the day with the same expression.
+macro_rules! day_sql {
+    ($ts:literal) => {
+        concat!(
+            "coalesce(strftime('%Y-%m-%d', ",
+            $ts,
+            " / 1000, 'unixepoch'), '')"
+        )
+    };
+}
+pub(crate) const DAY_SQL: &str = day_sql!("ts_ms");
+
+/// Adds one row to its `usage_daily` line ([`put_row`]).
+const UPSERT_SQL: &str = concat!(
+    "INSERT INTO usage_daily (day, \"user\", model, profile, project, session, front,
+        requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+        cost_usd, unpriced, incomplete, errors)
+     VALUES (",
+    day_sql!("?1"),
+    ", ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+     ON CONFLICT (day, \"user\", model, profile, project, session, front) DO UPDATE SET
+        requests = requests + excluded.requests,
+        input_tokens = input_tokens + excluded.input_tokens,
+        output_tokens = output_tokens + excluded.output_tokens,
+        cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
+        cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,
+        cost_usd = cost_usd + excluded.cost_usd,
+        unpriced = unpriced + excluded.unpriced,
+        incomplete = incomplete + excluded.incomplete,
+        errors = errors + excluded.errors"
+);
+
+/// The UTC day of `ts_ms` as [`DAY_SQL`] prints it, `YYYY-MM-DD`, for the bounds of a range of
+/// days; `''` outside the years 0000 to 9999, which no range of a report reaches.
+pub fn day_of(ts_ms: i64) -> String {
+    use chrono::Datelike as _;
+    chrono::DateTime::from_timestamp(ts_ms / 1000, 0)
+        .filter(|d| (0..=9999).contains(&d.year()))
+        .map(|d| d.format("%Y-%m-%d").to_string())
+        .unwrap_or_default()
+}
+
+/// Whether `conn`'s ledger has rollups (a ledger not yet opened by a `serve` of version 5 or
+/// later has only rows).
+pub fn rolled_up(conn: &Connection) -> rusqlite::Result<bool> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    Ok(version >= ROLLUP_VERSION)
+}
+
+/// Brings an older ledger up to [`SCHEMA_VERSION`], keeping its rows, in one transaction: a
+/// crash during it leaves the old version, to be upgraded again at the next start.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version = |c: &Connection| -> rusqlite::Result<i64> {
+        c.query_row("PRAGMA user_version", [], |r| r.get(0))
+    };
+    if version(conn)? >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    // Immediate: a second process opening the ledger waits here, then finds it upgraded.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version = version(&tx)?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
     let has = |column: &str| -> rusqlite::Result<bool> {
-        conn.prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = ?1")?
+        tx.prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = ?1")?
             .exists([column])
     };
     // Version 1 had no `admitted`; its rows predate refusal tracking in the rate window.
     if version < 2 && !has("admitted")? {
-        conn.execute_batch("ALTER TABLE requests ADD COLUMN admitted INTEGER NOT NULL DEFAULT 1")?;
+        tx.execute_batch("ALTER TABLE requests ADD COLUMN admitted INTEGER NOT NULL DEFAULT 1")?;
     }
     // Version 2 had one front (Bedrock-native) and no labels.
     if version < 3 {
         for column in ["front", "project", "session"] {
             if !has(column)? {
-                conn.execute_batch(&format!("ALTER TABLE requests ADD COLUMN {column} TEXT"))?;
+                tx.execute_batch(&format!("ALTER TABLE requests ADD COLUMN {column} TEXT"))?;
             }
         }
     }
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+    // Version 4 had no rollups: roll every row up once, in one statement. It is the writer's
+    // `put_row` in SQL: the same key, and `classify` as its `_SQL` twins. Rollups an older build
+    // left behind (it ran on this ledger after a newer one, and set the version back) miss that
+    // build's rows, so they are rebuilt, not kept.
+    if version < ROLLUP_VERSION {
+        let rows: i64 = tx.query_row("SELECT coalesce(max(id), 0) FROM requests", [], |r| {
+            r.get(0)
+        })?;
+        if rows > 0 {
+            tracing::info!(
+                rows,
+                "upgrading the ledger: rolling its rows up into usage_daily once (a few seconds per million rows)"
+            );
+        }
+        tx.execute_batch(ROLLUP_SCHEMA)?;
+        tx.execute("DELETE FROM usage_daily", [])?;
+        tx.execute(
+            &format!(
+                "INSERT INTO usage_daily (day, \"user\", model, profile, project, session, front,
+                    requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                    cost_usd, unpriced, incomplete, errors)
+                 SELECT {DAY_SQL}, coalesce(user, ''), coalesce(base_model, model, ''),
+                    coalesce(profile_arn, ''), coalesce(project, ''), coalesce(session, ''),
+                    coalesce(front, ''), count(*), sum(input_tokens), sum(output_tokens),
+                    sum(cache_read_tokens), sum(cache_write_tokens), total(cost_usd),
+                    sum(CASE WHEN {UNPRICED_SQL} THEN 1 ELSE 0 END),
+                    sum(CASE WHEN {INCOMPLETE_SQL} THEN 1 ELSE 0 END),
+                    sum(CASE WHEN {ERROR_SQL} THEN 1 ELSE 0 END)
+                 FROM requests GROUP BY 1, 2, 3, 4, 5, 6, 7"
+            ),
+            [],
+        )?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()
 }
 
 /// Opens (creating if needed) a ledger database for writing, with the default sync.
@@ -307,14 +487,14 @@ pub fn open_db_with(path: &Path, sync: Synchronous) -> anyhow::Result<Connection
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let conn =
+    let mut conn =
         Connection::open(path).with_context(|| format!("cannot open ledger {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", sync.name())?;
     conn.execute_batch(SCHEMA)
         .context("cannot create the ledger schema")?;
-    migrate(&conn).context("cannot upgrade the ledger schema")?;
+    migrate(&mut conn).context("cannot upgrade the ledger schema")?;
     Ok(conn)
 }
 
@@ -338,17 +518,73 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// Inserts one row and adds it to its `usage_daily` line, in the caller's transaction: the
+/// only way a row reaches `requests` (the writer and [`recover_interrupted`] both use it), so
+/// the rollups never miss a row nor count one twice.
+fn put_row(tx: &rusqlite::Transaction<'_>, r: &Record) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO requests (ts_ms, user, operation, model, base_model, profile_arn, status,
+            input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
+            latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted, outcome,
+            front, project, session)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+            ?20, ?21, ?22)",
+    )?
+    .execute(params![
+        r.ts_ms,
+        r.user,
+        r.operation,
+        r.model,
+        r.base_model,
+        r.profile_arn,
+        r.status,
+        to_i64(r.usage.input_tokens),
+        to_i64(r.usage.output_tokens),
+        to_i64(r.usage.cache_read_tokens),
+        to_i64(r.usage.cache_write_tokens),
+        r.cost_usd,
+        to_i64(r.latency_ms),
+        r.ttfb_ms.map(to_i64),
+        r.request_id,
+        r.upstream_request_id,
+        r.complete,
+        r.admitted,
+        r.outcome,
+        r.front,
+        r.project,
+        r.session,
+    ])?;
+    let u = &r.usage;
+    let tokens = u
+        .input_tokens
+        .saturating_add(u.output_tokens)
+        .saturating_add(u.cache_read_tokens)
+        .saturating_add(u.cache_write_tokens);
+    let class = classify(r.status, r.complete, &r.outcome, tokens, r.cost_usd);
+    let label = |v: &Option<String>| v.as_deref().unwrap_or("").to_string();
+    tx.prepare_cached(UPSERT_SQL)?.execute(params![
+        r.ts_ms,
+        label(&r.user),
+        label(&r.base_model.clone().or_else(|| r.model.clone())),
+        label(&r.profile_arn),
+        label(&r.project),
+        label(&r.session),
+        label(&r.front),
+        to_i64(u.input_tokens),
+        to_i64(u.output_tokens),
+        to_i64(u.cache_read_tokens),
+        to_i64(u.cache_write_tokens),
+        r.cost_usd.unwrap_or(0.0),
+        class.unpriced,
+        class.incomplete,
+        class.error,
+    ])?;
+    Ok(())
+}
+
 fn write_batch(conn: &mut Connection, batch: &[Queued]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO requests (ts_ms, user, operation, model, base_model, profile_arn, status,
-                input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
-                latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted, outcome,
-                front, project, session)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-                ?20, ?21, ?22)",
-        )?;
         let mut unmark = tx.prepare_cached("DELETE FROM sent WHERE request_id = ?1")?;
         let mut mark = tx.prepare_cached(
             "INSERT OR REPLACE INTO sent (request_id, ts_ms, user, front, project, session,
@@ -358,30 +594,7 @@ fn write_batch(conn: &mut Connection, batch: &[Queued]) -> rusqlite::Result<()> 
         for q in batch {
             match &q.entry {
                 Entry::Row(r) => {
-                    insert.execute(params![
-                        r.ts_ms,
-                        r.user,
-                        r.operation,
-                        r.model,
-                        r.base_model,
-                        r.profile_arn,
-                        r.status,
-                        to_i64(r.usage.input_tokens),
-                        to_i64(r.usage.output_tokens),
-                        to_i64(r.usage.cache_read_tokens),
-                        to_i64(r.usage.cache_write_tokens),
-                        r.cost_usd,
-                        to_i64(r.latency_ms),
-                        r.ttfb_ms.map(to_i64),
-                        r.request_id,
-                        r.upstream_request_id,
-                        r.complete,
-                        r.admitted,
-                        r.outcome,
-                        r.front,
-                        r.project,
-                        r.session,
-                    ])?;
+                    put_row(&tx, r)?;
                     // In the row's own transaction: never a row and its marker, never neither.
                     if r.marked {
                         unmark.execute([&r.request_id])?;
@@ -415,22 +628,46 @@ fn write_batch(conn: &mut Connection, batch: &[Queued]) -> rusqlite::Result<()> 
 /// before the writer takes new calls.
 pub fn recover_interrupted(conn: &mut Connection) -> rusqlite::Result<usize> {
     let tx = conn.transaction()?;
-    let n = tx.execute(
-        "INSERT INTO requests (ts_ms, user, operation, model, base_model, profile_arn, status,
-            input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
-            latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted, outcome,
-            front, project, session)
-         SELECT s.ts_ms, s.user, s.operation, s.model, s.base_model, s.profile_arn, 0, 0, 0, 0, 0,
-            NULL, 0, NULL, s.request_id, NULL, 0, s.admitted, ?1, s.front, s.project, s.session
-         FROM sent s
-         WHERE NOT EXISTS (SELECT 1 FROM requests r
-                           WHERE r.ts_ms = s.ts_ms AND r.request_id = s.request_id)
-         ORDER BY s.ts_ms",
-        [Outcome::Interrupted.name()],
-    )?;
+    let cut: Vec<Record> = tx
+        .prepare(
+            "SELECT s.ts_ms, s.user, s.operation, s.model, s.base_model, s.profile_arn,
+                s.request_id, s.admitted, s.front, s.project, s.session
+             FROM sent s
+             WHERE NOT EXISTS (SELECT 1 FROM requests r
+                               WHERE r.ts_ms = s.ts_ms AND r.request_id = s.request_id)
+             ORDER BY s.ts_ms",
+        )?
+        .query_map([], |r| {
+            Ok(Record {
+                ts_ms: r.get(0)?,
+                user: r.get(1)?,
+                operation: r.get(2)?,
+                model: r.get(3)?,
+                base_model: r.get(4)?,
+                profile_arn: r.get(5)?,
+                request_id: r.get(6)?,
+                admitted: r.get(7)?,
+                front: r.get(8)?,
+                project: r.get(9)?,
+                session: r.get(10)?,
+                status: 0,
+                usage: Usage::default(),
+                cost_usd: None,
+                latency_ms: 0,
+                ttfb_ms: None,
+                upstream_request_id: None,
+                complete: false,
+                outcome: Outcome::Interrupted.name().to_string(),
+                marked: false,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for r in &cut {
+        put_row(&tx, r)?;
+    }
     tx.execute("DELETE FROM sent", [])?;
     tx.commit()?;
-    Ok(n)
+    Ok(cut.len())
 }
 
 /// Where the writer commits: the SQLite file, or PostgreSQL (with its spool).
@@ -746,15 +983,28 @@ fn from_i64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// Totals per user for requests at or after `since_ms`.
+/// Milliseconds in a UTC day.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Totals per user for requests at or after `since_ms`: from `usage_daily` when `since_ms` is
+/// the start of a UTC day (a month's start is), from the rows otherwise.
 pub fn totals_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<(String, Totals)>> {
-    let mut stmt = conn.prepare(
-        "SELECT user, count(*), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
-                sum(cache_write_tokens), total(cost_usd),
-                sum(CASE WHEN cost_usd IS NULL AND (input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) > 0 THEN 1 ELSE 0 END)
-         FROM requests WHERE ts_ms >= ?1 AND user IS NOT NULL GROUP BY user",
-    )?;
-    let rows = stmt.query_map([since_ms], |r| {
+    let from_rollups = since_ms.rem_euclid(DAY_MS) == 0 && rolled_up(conn)?;
+    let sql = if from_rollups {
+        "SELECT \"user\", sum(requests), sum(input_tokens), sum(output_tokens),
+                sum(cache_read_tokens), sum(cache_write_tokens), total(cost_usd), sum(unpriced)
+         FROM usage_daily WHERE day >= ?1 AND \"user\" <> '' GROUP BY \"user\""
+            .to_string()
+    } else {
+        format!(
+            "SELECT user, count(*), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
+                    sum(cache_write_tokens), total(cost_usd),
+                    sum(CASE WHEN {UNPRICED_SQL} THEN 1 ELSE 0 END)
+             FROM requests WHERE ts_ms >= ?1 AND user IS NOT NULL GROUP BY user"
+        )
+    };
+    let mut stmt = conn.prepare(&sql)?;
+    let map = |r: &rusqlite::Row<'_>| {
         Ok((
             r.get::<_, String>(0)?,
             Totals {
@@ -769,8 +1019,14 @@ pub fn totals_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<(S
                 unpriced: from_i64(r.get(7)?),
             },
         ))
-    })?;
-    rows.collect()
+    };
+    let rows = if from_rollups {
+        stmt.query_map([day_of(since_ms)], map)?
+            .collect::<rusqlite::Result<_>>()
+    } else {
+        stmt.query_map([since_ms], map)?.collect()
+    };
+    rows
 }
 
 /// (user, start ms, tokens) of each admitted request at or after `since_ms`, for rate
@@ -873,6 +1129,18 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
+        let rolled: (i64, i64) = conn
+            .query_row(
+                "SELECT sum(requests), sum(input_tokens) FROM usage_daily",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            rolled,
+            (2, 2),
+            "the old row is rolled up, the new one added"
+        );
         let labels: Vec<(Option<String>, Option<String>)> = conn
             .prepare("SELECT front, session FROM requests ORDER BY id")
             .unwrap()
@@ -988,6 +1256,249 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// Rows of every kind the rollups must count: interrupted, refused, unpriced, cut streams,
+    /// Bedrock errors, NULL labels, two days, one key shared by several rows.
+    fn assorted() -> Vec<Record> {
+        let day = 1_764_547_200_000; // 2025-12-01T00:00:00Z
+        let mut rows = Vec::new();
+        let base = |ts, cost| record("alice", day + ts, 10, cost);
+        rows.push(base(1, Some(0.5)));
+        rows.push(base(2, Some(0.25)));
+        rows.push(base(3, None)); // unpriced
+        let mut free = base(4, None);
+        free.usage = Usage::default(); // no tokens: not unpriced
+        rows.push(free);
+        let mut cut = base(5, Some(0.125));
+        cut.complete = false;
+        cut.outcome = "client_gone".into(); // cut stream: incomplete, no error
+        rows.push(cut);
+        let mut idle = base(6, Some(0.125));
+        idle.complete = false;
+        idle.outcome = "upstream_idle".into(); // incomplete and an error
+        rows.push(idle);
+        let mut refused = base(7, None);
+        refused.status = 429;
+        refused.usage = Usage::default();
+        refused.admitted = false;
+        refused.complete = false;
+        refused.outcome = "ThrottlingException".into();
+        rows.push(refused);
+        let mut failed = base(8, None);
+        failed.status = 500;
+        failed.usage = Usage::default();
+        failed.outcome = "InternalServerException".into();
+        rows.push(failed);
+        let mut exception = base(9, Some(1.5));
+        exception.outcome = "upstream_error".into(); // a 200 that ended with an exception frame
+        rows.push(exception);
+        let mut shut = base(10, Some(2.0));
+        shut.complete = false;
+        shut.outcome = "shutdown".into();
+        rows.push(shut);
+        let mut anon = base(11, None);
+        anon.user = None;
+        anon.front = None;
+        anon.model = None;
+        anon.base_model = None;
+        anon.status = 403;
+        anon.usage = Usage::default();
+        anon.outcome = "AccessDeniedException".into();
+        rows.push(anon);
+        let mut labelled = base(DAY_MS + 12, Some(4.0));
+        labelled.base_model = None; // the requested model stands in
+        labelled.model = Some("us.m".into());
+        labelled.project = Some("apollo".into());
+        labelled.session = Some("s1".into());
+        labelled.profile_arn = Some("arn:p".into());
+        labelled.front = Some("anthropic".into());
+        rows.push(labelled.clone());
+        labelled.ts_ms += 1;
+        rows.push(labelled);
+        let mut bob = record("bob", day + DAY_MS + 14, 3, Some(0.0625));
+        bob.usage.cache_read_tokens = 7;
+        bob.usage.cache_write_tokens = 5;
+        rows.push(bob);
+        rows
+    }
+
+    type Line = (
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        Vec<i64>,
+        f64,
+    );
+
+    fn rollups(conn: &Connection) -> Vec<Line> {
+        conn.prepare(
+            "SELECT day, \"user\", model, profile, project, session, front, requests, input_tokens,
+                output_tokens, cache_read_tokens, cache_write_tokens, unpriced, incomplete, errors,
+                cost_usd
+             FROM usage_daily ORDER BY 1, 2, 3, 4, 5, 6, 7",
+        )
+        .unwrap()
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                (7..15).map(|i| r.get(i)).collect::<Result<_, _>>()?,
+                r.get(15)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_writer_and_the_migration_roll_up_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        // Written by this build: the writer's upserts, and a crash's marker recovered at start.
+        let written = dir.path().join("written.db");
+        let ledger = Ledger::open(&written, Synchronous::Normal).unwrap();
+        for r in assorted() {
+            ledger.record(r);
+        }
+        let mut marker = sent("cut-by-a-crash", 1_764_547_200_000 + 20);
+        marker.project = None;
+        assert!(ledger.sent(marker).committed().await);
+        ledger.close();
+        let mut conn = open_db(&written).unwrap();
+        assert_eq!(recover_interrupted(&mut conn).unwrap(), 1);
+
+        // The same rows in a version 4 ledger, rolled up by the migration.
+        let old = dir.path().join("old.db");
+        let v4 = Connection::open(&old).unwrap();
+        v4.execute_batch(SCHEMA).unwrap();
+        v4.pragma_update(None, "user_version", 4).unwrap();
+        v4.execute("ATTACH DATABASE ?1 AS w", [written.to_str().unwrap()])
+            .unwrap();
+        v4.execute_batch("INSERT INTO requests SELECT * FROM w.requests; DETACH DATABASE w;")
+            .unwrap();
+        assert!(!rolled_up(&v4).unwrap());
+        drop(v4);
+        let migrated = open_db(&old).unwrap();
+        assert!(rolled_up(&migrated).unwrap());
+
+        let by_writer = rollups(&conn);
+        assert_eq!(by_writer, rollups(&migrated));
+        assert_eq!(by_writer.len(), 5, "{by_writer:#?}");
+        let requests: i64 = by_writer.iter().map(|l| l.7[0]).sum();
+        assert_eq!(requests, 15);
+        // Each row's class, by the function and by its SQL twins.
+        let sql = format!(
+            "SELECT status, complete, outcome,
+                input_tokens + output_tokens + cache_read_tokens + cache_write_tokens, cost_usd,
+                {UNPRICED_SQL}, {INCOMPLETE_SQL}, {ERROR_SQL} FROM requests"
+        );
+        let mut stmt = conn.prepare(&sql).unwrap();
+        let seen: Vec<(Class, Class)> = stmt
+            .query_map([], |r| {
+                let by_fn = classify(
+                    r.get(0)?,
+                    r.get(1)?,
+                    &r.get::<_, String>(2)?,
+                    from_i64(r.get(3)?),
+                    r.get(4)?,
+                );
+                let by_sql = Class {
+                    unpriced: r.get(5)?,
+                    incomplete: r.get(6)?,
+                    error: r.get(7)?,
+                };
+                Ok((by_fn, by_sql))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(seen.len(), 15);
+        for (by_fn, by_sql) in &seen {
+            assert_eq!(by_fn, by_sql);
+        }
+        for class in [
+            Class {
+                unpriced: true,
+                ..Class::default()
+            },
+            Class {
+                incomplete: true,
+                ..Class::default()
+            },
+            Class {
+                incomplete: true,
+                error: true,
+                ..Class::default()
+            },
+            Class {
+                error: true,
+                ..Class::default()
+            },
+        ] {
+            assert!(seen.iter().any(|(c, _)| *c == class), "no row is {class:?}");
+        }
+    }
+
+    #[test]
+    fn month_totals_from_rollups_match_the_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let ledger = Ledger::open(&path, Synchronous::Normal).unwrap();
+        for r in assorted() {
+            ledger.record(r);
+        }
+        ledger.close();
+        let conn = open_db(&path).unwrap();
+        let since = 1_764_547_200_000;
+        let sorted = |mut t: Vec<(String, Totals)>| {
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            t
+        };
+        let from_rollups = sorted(totals_since(&conn, since).unwrap());
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        let from_rows = sorted(totals_since(&conn, since).unwrap());
+        assert_eq!(from_rollups, from_rows);
+        assert_eq!(from_rollups.len(), 2);
+        assert_eq!(
+            from_rollups[0].1.requests, 12,
+            "the unidentified call is no one's"
+        );
+    }
+
+    #[test]
+    fn day_of_matches_sqlite() {
+        let conn = Connection::open_in_memory().unwrap();
+        for ts in [
+            0,
+            -1,
+            -1_500,
+            999,
+            86_399_999,
+            86_400_000,
+            1_764_547_200_000,
+            253_402_300_799_999,
+            253_402_300_800_000,
+            -62_167_219_200_001,
+        ] {
+            let sql: String = conn
+                .query_row(
+                    &format!("SELECT {DAY_SQL} FROM (SELECT ?1 AS ts_ms)"),
+                    [ts],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(day_of(ts), sql, "{ts}");
+        }
     }
 
     #[test]

@@ -127,9 +127,12 @@ impl Meter {
         })
     }
 
-    /// Opens the ledger, records the calls a crash interrupted (see
-    /// [`ledger::recover_interrupted`]) and rebuilds budget and rate counters from it. Only
-    /// `serve` opens a meter: it must be the one process taking calls on this ledger.
+    /// Opens the ledger (upgrading it first, which rolls an older ledger's rows up once), records
+    /// the calls a crash interrupted (see [`ledger::recover_interrupted`]) and rebuilds budget
+    /// and rate counters from it: the month's spend from the `usage_daily` rollups (the month
+    /// starts on a day boundary, so its rollups hold exactly its rows), the last minute's calls
+    /// from the rows (indexed by time, and a minute's worth at most). Only `serve` opens a meter:
+    /// it must be the one process taking calls on this ledger.
     pub fn open(path: &Path, sync: Synchronous) -> anyhow::Result<Meter> {
         let now = Utc::now();
         let month = Month::of(now);
