@@ -1,10 +1,17 @@
 //! The `usage` report: per user, model, profile, day, project, Claude Code session or front,
 //! from the ledger, as a table, CSV or JSON. Read-only; safe to run while `serve` writes, and on
 //! a ledger older than the labels (its rows count as unlabelled).
+//!
+//! A range of whole UTC days (what the CLI always asks for) is answered from the ledger's
+//! `usage_daily` rollups, a few lines per user and day, so a month costs the same with 10 M rows
+//! as with 10 k; any other range, or a ledger no `serve` of schema version 5 has opened yet,
+//! from the rows. Both give the same report: a rollup's `''` prints as the NULL it stands for.
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use rusqlite::Connection;
 use serde::Serialize;
+
+use crate::meter::ledger::{DAY_MS, ERROR_SQL, INCOMPLETE_SQL, UNPRICED_SQL, day_of, rolled_up};
 
 /// What rows are grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -35,6 +42,20 @@ impl GroupBy {
             // Written before there were labels, or a second front.
             (GroupBy::Project | GroupBy::Session, false) => "'-'",
             (GroupBy::Front, false) => "'bedrock'",
+        }
+    }
+
+    /// The grouping expression over `usage_daily`, printing `''` as [`GroupBy::column`] prints
+    /// NULL.
+    fn rollup_column(self) -> &'static str {
+        match self {
+            GroupBy::User => "CASE \"user\" WHEN '' THEN '(unidentified)' ELSE \"user\" END",
+            GroupBy::Model => "CASE model WHEN '' THEN '-' ELSE model END",
+            GroupBy::Profile => "CASE profile WHEN '' THEN '-' ELSE profile END",
+            GroupBy::Day => "day",
+            GroupBy::Project => "CASE project WHEN '' THEN '-' ELSE project END",
+            GroupBy::Session => "CASE session WHEN '' THEN '-' ELSE session END",
+            GroupBy::Front => "CASE front WHEN '' THEN 'bedrock' ELSE front END",
         }
     }
 
@@ -87,7 +108,21 @@ pub fn day_start_ms(s: &str) -> Result<i64, String> {
     Ok(Utc.from_utc_datetime(&t).timestamp_millis())
 }
 
-const DAY_MS: i64 = 86_400_000;
+/// The `[since, until)` range as `usage_daily` days, when it is whole UTC days and the ledger
+/// has rollups.
+fn rollup_days(
+    conn: &Connection,
+    since_ms: i64,
+    until_ms: i64,
+) -> rusqlite::Result<Option<(String, String)>> {
+    let whole = since_ms.rem_euclid(DAY_MS) == 0 && until_ms.rem_euclid(DAY_MS) == 0;
+    let (since, until) = (day_of(since_ms), day_of(until_ms));
+    // `''` is a day too far for SQLite to print: leave those ranges to the rows.
+    if !whole || since.is_empty() || until.is_empty() || !rolled_up(conn)? {
+        return Ok(None);
+    }
+    Ok(Some((since, until)))
+}
 
 /// Rows with `since_ms <= ts < until_ms`, most expensive first.
 pub fn query(
@@ -96,22 +131,8 @@ pub fn query(
     until_ms: i64,
     by: GroupBy,
 ) -> rusqlite::Result<Vec<Row>> {
-    let labelled = conn
-        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'project'")?
-        .exists([])?;
-    let sql = format!(
-        "SELECT {key} AS k, count(*), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
-                sum(cache_write_tokens), total(cost_usd),
-                sum(CASE WHEN cost_usd IS NULL AND (input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) > 0 THEN 1 ELSE 0 END),
-                sum(CASE WHEN complete = 0 AND (status = 200 OR outcome = 'interrupted') THEN 1 ELSE 0 END),
-                sum(CASE WHEN (status <> 200 AND outcome <> 'interrupted')
-                          OR outcome NOT IN ('complete', 'client_gone', 'shutdown', 'interrupted') THEN 1 ELSE 0 END)
-         FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2 GROUP BY k ORDER BY total(cost_usd) DESC, k",
-        key = by.column(labelled)
-    );
-    let mut stmt = conn.prepare(&sql)?;
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
-    let rows = stmt.query_map([since_ms, until_ms], |r| {
+    let map = |r: &rusqlite::Row<'_>| {
         Ok(Row {
             key: r.get(0)?,
             requests: n(r.get(1)?),
@@ -124,7 +145,34 @@ pub fn query(
             incomplete_requests: n(r.get(8)?),
             error_requests: n(r.get(9)?),
         })
-    })?;
+    };
+    if let Some((since, until)) = rollup_days(conn, since_ms, until_ms)? {
+        let sql = format!(
+            "SELECT {key} AS k, sum(requests), sum(input_tokens), sum(output_tokens),
+                    sum(cache_read_tokens), sum(cache_write_tokens), total(cost_usd),
+                    sum(unpriced), sum(incomplete), sum(errors)
+             FROM usage_daily WHERE day >= ?1 AND day < ?2
+             GROUP BY k ORDER BY total(cost_usd) DESC, k",
+            key = by.rollup_column()
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map([since, until], map)?;
+        return rows.collect();
+    }
+    let labelled = conn
+        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'project'")?
+        .exists([])?;
+    let sql = format!(
+        "SELECT {key} AS k, count(*), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
+                sum(cache_write_tokens), total(cost_usd),
+                sum(CASE WHEN {UNPRICED_SQL} THEN 1 ELSE 0 END),
+                sum(CASE WHEN {INCOMPLETE_SQL} THEN 1 ELSE 0 END),
+                sum(CASE WHEN {ERROR_SQL} THEN 1 ELSE 0 END)
+         FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2 GROUP BY k ORDER BY total(cost_usd) DESC, k",
+        key = by.column(labelled)
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map([since_ms, until_ms], map)?;
     rows.collect()
 }
 
@@ -135,16 +183,25 @@ pub fn daily_costs(
     since_ms: i64,
     until_ms: i64,
 ) -> rusqlite::Result<std::collections::BTreeMap<(String, String), f64>> {
-    let mut stmt = conn.prepare(
-        "SELECT strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch') AS d, user, total(cost_usd)
-         FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2 AND user IS NOT NULL GROUP BY d, user",
-    )?;
-    let rows = stmt.query_map([since_ms, until_ms], |r| {
+    let map = |r: &rusqlite::Row<'_>| {
         Ok((
             (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
             r.get::<_, f64>(2)?,
         ))
-    })?;
+    };
+    if let Some((since, until)) = rollup_days(conn, since_ms, until_ms)? {
+        let mut stmt = conn.prepare(
+            "SELECT day, \"user\", total(cost_usd) FROM usage_daily
+             WHERE day >= ?1 AND day < ?2 AND \"user\" <> '' GROUP BY day, \"user\"",
+        )?;
+        let rows = stmt.query_map([since, until], map)?;
+        return rows.collect();
+    }
+    let mut stmt = conn.prepare(
+        "SELECT strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch') AS d, user, total(cost_usd)
+         FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2 AND user IS NOT NULL GROUP BY d, user",
+    )?;
+    let rows = stmt.query_map([since_ms, until_ms], map)?;
     rows.collect()
 }
 
@@ -434,6 +491,67 @@ mod tests {
         assert_eq!(costs[&("2026-11-02".to_string(), "alice".to_string())], 2.0);
         assert_eq!(costs[&("2026-11-02".to_string(), "bob".to_string())], 0.0);
         assert_eq!(costs.len(), 4);
+    }
+
+    #[test]
+    fn whole_days_from_rollups_read_as_the_rows_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let l = Ledger::open(&path, crate::meter::ledger::Synchronous::Normal).unwrap();
+        l.record(rec("alice", "2026-11-01", "m1", 10, Some(1.0)));
+        l.record(rec("alice", "2026-11-02", "m2", 20, Some(2.0)));
+        l.record(rec("bob", "2026-11-02", "m1", 5, None));
+        l.record(rec("bob", "2026-10-31", "m1", 7, Some(9.0)));
+        let mut anon = rec("x", "2026-11-03", "m1", 0, None);
+        anon.user = None;
+        anon.front = None;
+        anon.session = None;
+        anon.profile_arn = None;
+        anon.base_model = None;
+        anon.model = None;
+        anon.status = 403;
+        anon.usage = Usage::default();
+        anon.outcome = "AccessDeniedException".into();
+        l.record(anon);
+        let mut cut = rec("alice", "2026-11-03", "m2", 3, Some(0.5));
+        cut.complete = false;
+        cut.outcome = "upstream_idle".into();
+        l.record(cut);
+        l.close();
+        let conn = crate::meter::ledger::open_db(&path).unwrap();
+        let since = day_start_ms("2026-11-01").unwrap();
+        let until = until_exclusive_ms("2026-11-30").unwrap();
+        let all = [
+            GroupBy::User,
+            GroupBy::Model,
+            GroupBy::Profile,
+            GroupBy::Day,
+            GroupBy::Project,
+            GroupBy::Session,
+            GroupBy::Front,
+        ];
+        let read = |conn: &Connection| {
+            let reports: Vec<Vec<Row>> = all
+                .iter()
+                .map(|&by| query(conn, since, until, by).unwrap())
+                .collect();
+            (reports, daily_costs(conn, since, until).unwrap())
+        };
+        let from_rollups = read(&conn);
+        assert!(from_rollups.0[0].iter().any(|r| r.key == "(unidentified)"));
+        assert!(from_rollups.0[1].iter().any(|r| r.key == "-"));
+        assert!(from_rollups.0[6].iter().any(|r| r.key == "bedrock"));
+        // The same ledger as a version 4 one: the rows are read instead.
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        assert_eq!(from_rollups, read(&conn));
+        for (by, rows) in all.iter().zip(&from_rollups.0) {
+            let table = render(rows, *by, Format::Table, "2026-11-01", "2026-11-30");
+            let raw = query(&conn, since, until, *by).unwrap();
+            assert_eq!(
+                table,
+                render(&raw, *by, Format::Table, "2026-11-01", "2026-11-30")
+            );
+        }
     }
 
     #[test]
