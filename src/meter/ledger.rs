@@ -291,22 +291,22 @@ const SCHEMA_VERSION: i64 = 5;
 /// [`put_row`]); a NULL label is `''` here and the report prints it as it prints NULL.
 const ROLLUP_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS usage_daily (
-    day                TEXT NOT NULL,
-    "user"             TEXT NOT NULL,
-    model              TEXT NOT NULL,
-    profile            TEXT NOT NULL,
-    project            TEXT NOT NULL,
-    session            TEXT NOT NULL,
-    front              TEXT NOT NULL,
+    day                TEXT NOT NULL,  -- UTC day of the row's ts_ms, 'YYYY-MM-DD'
+    "user"             TEXT NOT NULL,  -- '' when the row has no user
+    model              TEXT NOT NULL,  -- coalesce(base_model, model, '')
+    profile            TEXT NOT NULL,  -- coalesce(profile_arn, '')
+    project            TEXT NOT NULL,  -- coalesce(project, '')
+    session            TEXT NOT NULL,  -- coalesce(session, '')
+    front              TEXT NOT NULL,  -- coalesce(front, '')
     requests           INTEGER NOT NULL,
     input_tokens       INTEGER NOT NULL,
     output_tokens      INTEGER NOT NULL,
     cache_read_tokens  INTEGER NOT NULL,
     cache_write_tokens INTEGER NOT NULL,
-    cost_usd           REAL NOT NULL,
-    unpriced           INTEGER NOT NULL,
-    incomplete         INTEGER NOT NULL,
-    errors             INTEGER NOT NULL,
+    cost_usd           REAL NOT NULL,    -- total(cost_usd)
+    unpriced           INTEGER NOT NULL, -- rows with tokens > 0 and cost_usd NULL
+    incomplete         INTEGER NOT NULL, -- the report's incomplete_requests rule
+    errors             INTEGER NOT NULL, -- the report's error_requests rule
     PRIMARY KEY (day, "user", model, profile, project, session, front)
 ) WITHOUT ROWID;
 "#;
@@ -1020,13 +1020,11 @@ pub fn totals_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<(S
             },
         ))
     };
-    let rows = if from_rollups {
-        stmt.query_map([day_of(since_ms)], map)?
-            .collect::<rusqlite::Result<_>>()
+    if from_rollups {
+        stmt.query_map([day_of(since_ms)], map)?.collect()
     } else {
         stmt.query_map([since_ms], map)?.collect()
-    };
-    rows
+    }
 }
 
 /// (user, start ms, tokens) of each admitted request at or after `since_ms`, for rate
