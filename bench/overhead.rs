@@ -184,6 +184,10 @@ fn main() {
     if run("max") {
         bench.max_throughput();
     }
+    // Not part of the default run: it writes a 10 M-row ledger (a few GB, a few minutes).
+    if only.split(',').any(|p| p.trim() == "ledger_scale") {
+        bench.ledger_scale();
+    }
     bench.shutdown();
 
     bench.notes.push(if bench.max_other < QUIET_CORES {
@@ -743,6 +747,162 @@ impl Bench {
         }
     }
 
+    /// A team's month: a ledger with [`SCALE_ROWS`] rows in the current month, written with the
+    /// version 4 schema (no rollups), as a ledger from before them is. Measures the first
+    /// `serve` on it (which upgrades it: the rollup migration), a second start (ready on a
+    /// version 5 ledger), and `usage` for the whole month by user, day and session. Before the
+    /// upgrade, one `usage` shows what reading the rows costs.
+    fn ledger_scale(&mut self) {
+        let phase = format!(
+            "ledger_scale ({} M rows this month)",
+            SCALE_ROWS / 1_000_000
+        );
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target"))
+            .expect("tempdir under target/");
+        let ledger = dir.path().join("ledger.db");
+        let now = chrono::Utc::now();
+        let (first, last, built) = build_v4_ledger(&ledger, now);
+        let size = std::fs::metadata(&ledger).map(|m| m.len()).unwrap_or(0);
+        eprintln!(
+            "overhead: ledger_scale: {SCALE_ROWS} rows written in {:.1} s ({})",
+            built.as_secs_f64(),
+            mb(size)
+        );
+        let models: Vec<(&str, &str)> = vec![(SONNET, FAST_PROFILE)];
+
+        // Reading the rows, as every build before the rollups did.
+        let config_dir = tempfile::tempdir().expect("tempdir");
+        let config = config_dir.path().join("bedrock-gate.toml");
+        std::fs::write(&config, proxy::config(self.fake.addr, &models, &ledger))
+            .expect("write config");
+        let usage = |by: Option<&str>| -> (Duration, String) {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bedrock-gate"));
+            cmd.env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("HOME", config_dir.path())
+                .args(["usage", "--config"])
+                .arg(&config)
+                .args(["--since", &first, "--until", &last]);
+            if let Some(by) = by {
+                cmd.args(["--by", by]);
+            }
+            let t = Instant::now();
+            let out = cmd.output().expect("run bedrock-gate usage");
+            let took = t.elapsed();
+            assert!(
+                out.status.success(),
+                "usage failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (took, String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let (before, before_out) = usage(None);
+
+        // First start: the v4 -> v5 migration rolls the rows up, then counters are rebuilt.
+        let (mut proxy, first_start) = self.start_and_probe(&models, &ledger);
+        let log = proxy.stderr();
+        proxy.terminate();
+        let migrated = log.contains("rolling its rows up");
+        // Second start: a version 5 ledger, counters from the rollups.
+        let (mut proxy, ready) = self.start_and_probe(&models, &ledger);
+        let mut runs: Vec<(String, Duration)> = Vec::new();
+        let mut after_out = String::new();
+        for by in [None, Some("user"), Some("day"), Some("session")] {
+            // Best of three: the first run pays for reading the file into the page cache.
+            let mut best = Duration::MAX;
+            for _ in 0..3 {
+                let (took, out) = usage(by);
+                best = best.min(took);
+                if by.is_none() {
+                    after_out = out;
+                }
+            }
+            runs.push((
+                by.map_or("default (by user)".into(), |b| format!("--by {b}")),
+                best,
+            ));
+        }
+        proxy.terminate();
+        let lines: i64 = rusqlite::Connection::open_with_flags(
+            &ledger,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|c| c.query_row("SELECT count(*) FROM usage_daily", [], |r| r.get(0)))
+        .unwrap_or(-1);
+
+        let secs = |d: Duration| format!("{:.3} s", d.as_secs_f64());
+        self.rows.push(
+            Row::new(
+                &phase,
+                "first `serve` on the v4 ledger → /healthz (v4→v5 migration included)",
+            )
+            .through(secs(first_start))
+            .target("once per ledger", Verdict::of(migrated)),
+        );
+        self.rows.push(
+            Row::new(&phase, "v4→v5 migration (first start − second start)")
+                .through(secs(first_start.saturating_sub(ready))),
+        );
+        self.rows.push(
+            Row::new(&phase, "`serve` start → /healthz answers")
+                .through(secs(ready))
+                .target("< 1 s", Verdict::of(ready < Duration::from_secs(1))),
+        );
+        self.rows.push(
+            Row::new(
+                &phase,
+                "`usage` for the month, from the rows (before the migration)",
+            )
+            .through(secs(before)),
+        );
+        for (what, took) in &runs {
+            self.rows.push(
+                Row::new(&phase, &format!("`usage` for the month, {what}"))
+                    .through(secs(*took))
+                    .target("< 0.5 s", Verdict::of(*took < Duration::from_millis(500))),
+            );
+        }
+        let same = before_out == after_out;
+        self.rows.push(
+            Row::new(&phase, "`usage` output from rollups = from the rows")
+                .through(if same { "identical" } else { "differs" })
+                .target("byte-for-byte", Verdict::of(same)),
+        );
+        self.notes.push(format!(
+            "ledger_scale: {SCALE_ROWS} rows ({SCALE_USERS} users, {} models, {SCALE_SESSIONS} \
+             sessions, {first} to {last}) written in {:.0} s with the version 4 schema, {}; \
+             {lines} usage_daily lines after the migration; `usage` run with `--since {first} \
+             --until {last}`",
+            SCALE_MODELS.len(),
+            built.as_secs_f64(),
+            mb(size)
+        ));
+        if !same {
+            eprintln!("before:\n{before_out}\nafter:\n{after_out}");
+        }
+    }
+
+    /// Starts `serve` on `ledger` and returns it with the time from spawn until `/healthz`
+    /// answered 200.
+    fn start_and_probe(
+        &self,
+        models: &[(&str, &str)],
+        ledger: &std::path::Path,
+    ) -> (Proxy, Duration) {
+        let t = Instant::now();
+        let proxy = Proxy::start_on(self.fake.addr, models, Some(ledger));
+        loop {
+            if healthz(proxy.addr) {
+                return (proxy, t.elapsed());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(600),
+                "serve never answered /healthz"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// SIGTERM, a clean exit, and one ledger row per request sent through.
     fn shutdown(&mut self) {
         let (_, hwm) = sys::memory(self.proxy.pid()).unwrap_or_default();
@@ -797,6 +957,151 @@ impl Bench {
             self.fake.counters.unsigned.load(Ordering::Relaxed),
         ));
     }
+}
+
+/// Rows the `ledger_scale` phase writes into the current month.
+const SCALE_ROWS: u64 = 10_000_000;
+const SCALE_USERS: u64 = 200;
+const SCALE_SESSIONS: u64 = 20_000;
+/// (model, USD per million input tokens, per million output tokens); `None`: unpriced.
+const SCALE_MODELS: [(&str, Option<(f64, f64)>); 5] = [
+    (
+        "anthropic.claude-sonnet-4-5-20250929-v1:0",
+        Some((3.0, 15.0)),
+    ),
+    ("anthropic.claude-haiku-4-5-20251001-v1:0", Some((1.0, 5.0))),
+    (
+        "anthropic.claude-opus-4-1-20250805-v1:0",
+        Some((15.0, 75.0)),
+    ),
+    ("amazon.nova-pro-v1:0", Some((0.8, 3.2))),
+    ("mistral.new-model-v1:0", None),
+];
+
+/// Writes [`SCALE_ROWS`] rows spread evenly from the start of `now`'s month to `now` into a new
+/// ledger with the version 4 schema, in one transaction of prepared inserts, in time order (as
+/// the writer does). Not beyond `now`: a row can't be from the future, and the start-up reads
+/// the last minute's rows, from a minute ago on. Each session belongs to one user and one day;
+/// a user's calls go to a few models. Returns the month's first day, today, and how long it
+/// took.
+fn build_v4_ledger(
+    path: &std::path::Path,
+    now: chrono::DateTime<chrono::Utc>,
+) -> (String, String, Duration) {
+    use chrono::{Datelike as _, TimeZone as _};
+    let t = Instant::now();
+    let start = chrono::Utc
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .single()
+        .expect("month start");
+    let month_ms = (now - start).num_milliseconds().max(1);
+    let days = u64::try_from(month_ms / 86_400_000 + 1).expect("days");
+    let mut conn = rusqlite::Connection::open(path).expect("open ledger");
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;
+         CREATE TABLE requests (
+            id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, user TEXT, operation TEXT NOT NULL,
+            model TEXT, base_model TEXT, profile_arn TEXT, status INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+            cache_read_tokens INTEGER NOT NULL, cache_write_tokens INTEGER NOT NULL, cost_usd REAL,
+            latency_ms INTEGER NOT NULL, ttfb_ms INTEGER, request_id TEXT NOT NULL,
+            upstream_request_id TEXT, complete INTEGER NOT NULL, admitted INTEGER NOT NULL,
+            outcome TEXT NOT NULL, front TEXT, project TEXT, session TEXT);
+         CREATE INDEX requests_ts ON requests (ts_ms);
+         CREATE INDEX requests_user_ts ON requests (user, ts_ms);
+         CREATE TABLE sent (request_id TEXT PRIMARY KEY, ts_ms INTEGER NOT NULL,
+            user TEXT NOT NULL, front TEXT, project TEXT, session TEXT, operation TEXT NOT NULL,
+            model TEXT, base_model TEXT, profile_arn TEXT, admitted INTEGER NOT NULL) WITHOUT ROWID;
+         PRAGMA user_version = 4;",
+    )
+    .expect("v4 schema");
+    let users: Vec<String> = (0..SCALE_USERS).map(|u| format!("dev{u:03}")).collect();
+    let sessions_per_day = SCALE_SESSIONS / days;
+    let tx = conn.transaction().expect("begin");
+    {
+        let mut insert = tx
+            .prepare(
+                "INSERT INTO requests (ts_ms, user, operation, model, base_model, profile_arn,
+                    status, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                    cost_usd, latency_ms, ttfb_ms, request_id, upstream_request_id, complete,
+                    admitted, outcome, front, project, session)
+                 VALUES (?1, ?2, 'Converse', ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
+                    NULL, ?14, 1, ?15, ?16, ?17, ?18)",
+            )
+            .expect("prepare");
+        let rows = i64::try_from(SCALE_ROWS).expect("rows");
+        for i in 0..SCALE_ROWS {
+            // A cheap, well-spread pseudo-random number per row.
+            let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+            let ts = start.timestamp_millis() + i64::try_from(i).expect("i") * month_ms / rows;
+            let day = u64::try_from((ts - start.timestamp_millis()) / 86_400_000).expect("day");
+            let session = day * sessions_per_day + h % sessions_per_day;
+            let user = &users[usize::try_from(session % SCALE_USERS).expect("user")];
+            let (model, price) =
+                SCALE_MODELS[usize::try_from((session + (h >> 20) % 3) % 5).expect("m")];
+            let input = 500 + (h >> 8) % 20_000;
+            let output = 50 + (h >> 24) % 2_000;
+            let cache_read = if h % 3 == 0 { (h >> 32) % 50_000 } else { 0 };
+            let (status, complete, outcome) = match h % 200 {
+                0 => (429, false, "ThrottlingException"),
+                1 | 2 => (200, false, "client_gone"),
+                3 => (200, false, "upstream_idle"),
+                _ => (200, true, "complete"),
+            };
+            let (input, output, cache_read) = if status == 200 {
+                (input, output, cache_read)
+            } else {
+                (0, 0, 0)
+            };
+            let cost = price.map(|(pi, po)| {
+                (input as f64 * pi + output as f64 * po + cache_read as f64 * pi / 10.0) / 1e6
+            });
+            let i64_ = |v: u64| i64::try_from(v).expect("fits");
+            insert
+                .execute(rusqlite::params![
+                    ts,
+                    user,
+                    model,
+                    format!("arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/{user}-{}", &model[..6]),
+                    status,
+                    i64_(input),
+                    i64_(output),
+                    i64_(cache_read),
+                    0,
+                    cost,
+                    i64_(200 + h % 5_000),
+                    i64_(100 + h % 900),
+                    format!("{i:016x}"),
+                    complete,
+                    outcome,
+                    if session % 4 == 0 { "bedrock" } else { "anthropic" },
+                    format!("project-{}", session % SCALE_USERS % 10),
+                    format!("session-{session:05}"),
+                ])
+                .expect("insert");
+        }
+    }
+    tx.commit().expect("commit");
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .expect("checkpoint");
+    let last = now.format("%Y-%m-%d").to_string();
+    (start.format("%Y-%m-%d").to_string(), last, t.elapsed())
+}
+
+/// Whether `GET /healthz` on `addr` answers 200 (plain HTTP/1.1, one connection).
+fn healthz(addr: std::net::SocketAddr) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
 }
 
 /// The commit the proxy was built from (`-dirty` when the work tree had changes).

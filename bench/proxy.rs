@@ -16,19 +16,26 @@ pub struct Proxy {
     pub addr: SocketAddr,
     child: Child,
     dir: tempfile::TempDir,
+    ledger: PathBuf,
 }
 
 impl Proxy {
     /// Writes the config (one user, each model mapped to its profile ARN) and starts the proxy on
     /// a free port; returns once it printed its address.
     pub fn start(upstream: SocketAddr, models: &[(&str, &str)]) -> Proxy {
+        Proxy::start_on(upstream, models, None)
+    }
+
+    /// As [`Proxy::start`], on the ledger at `ledger` (a fresh one in the temp dir if `None`).
+    pub fn start_on(
+        upstream: SocketAddr,
+        models: &[(&str, &str)],
+        ledger: Option<&std::path::Path>,
+    ) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("bedrock-gate.toml");
-        std::fs::write(
-            &config_path,
-            config(upstream, models, &dir.path().join("ledger.db")),
-        )
-        .expect("write config");
+        let ledger = ledger.map_or_else(|| dir.path().join("ledger.db"), |p| p.to_path_buf());
+        std::fs::write(&config_path, config(upstream, models, &ledger)).expect("write config");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_bedrock-gate"))
             .env_clear()
@@ -73,7 +80,12 @@ impl Proxy {
                 std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
             );
         };
-        Proxy { addr, child, dir }
+        Proxy {
+            addr,
+            child,
+            dir,
+            ledger,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -81,7 +93,7 @@ impl Proxy {
     }
 
     pub fn ledger_path(&self) -> PathBuf {
-        self.dir.path().join("ledger.db")
+        self.ledger.clone()
     }
 
     pub fn stderr(&self) -> String {
@@ -118,7 +130,7 @@ impl Drop for Proxy {
     }
 }
 
-fn config(upstream: SocketAddr, models: &[(&str, &str)], ledger: &std::path::Path) -> String {
+pub fn config(upstream: SocketAddr, models: &[(&str, &str)], ledger: &std::path::Path) -> String {
     use sha2::Digest as _;
     let hash = hex::encode(sha2::Sha256::digest(KEY.as_bytes()));
     let mut s = format!(
