@@ -263,22 +263,6 @@ struct DaySums {
     errors: i64,
 }
 
-/// How one row counts in the rollup: unpriced (tokens but no cost), incomplete (usage not all
-/// seen, of an answer or an interrupted call), an error (not a 200, or ended by Bedrock's
-/// error). The same rules as the `usage` report's columns.
-fn classify(r: &Record) -> (bool, bool, bool) {
-    let tokens = r.usage.total();
-    let unpriced = r.cost_usd.is_none() && tokens > 0;
-    let interrupted = r.outcome == "interrupted";
-    let incomplete = !r.complete && (r.status == 200 || interrupted);
-    let error = (r.status != 200 && !interrupted)
-        || !matches!(
-            r.outcome.as_str(),
-            "complete" | "client_gone" | "shutdown" | "interrupted"
-        );
-    (unpriced, incomplete, error)
-}
-
 fn day_of(ts_ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ts_ms)
         .unwrap_or_default()
@@ -371,7 +355,15 @@ pub async fn insert_in(
             r.session.clone().unwrap_or_default(),
             r.front.clone().unwrap_or_default(),
         );
-        let (unpriced, incomplete, error) = classify(r);
+        // The one classification the SQLite ledger uses too.
+        let class = crate::meter::ledger::classify(
+            r.status,
+            r.complete,
+            &r.outcome,
+            r.usage.total(),
+            r.cost_usd,
+        );
+        let (unpriced, incomplete, error) = (class.unpriced, class.incomplete, class.error);
         let s = days.entry(key).or_default();
         s.requests += 1;
         s.input += n(r.usage.input_tokens);
