@@ -261,6 +261,14 @@ async fn handle(
         };
     }
 
+    if store_closed(config, &state.meter) {
+        let mut refusal = Refusal::new(
+            crate::refusal::Reason::Unreachable,
+            "bedrock-gate's ledger store is unavailable and [store] on_unavailable = \"closed\": no call is admitted until it is back; retry shortly.",
+        );
+        refusal.retry_after = Some(1);
+        return Err(refusal);
+    }
     let admission = state
         .meter
         .accounts
@@ -286,6 +294,18 @@ async fn handle(
         admission,
         upstream,
     })))
+}
+
+/// Whether calls are refused because the store is away and `[store] on_unavailable` says so.
+fn store_closed(config: &crate::config::Config, meter: &Meter) -> bool {
+    config
+        .store
+        .as_ref()
+        .is_some_and(|s| s.on_unavailable == crate::store::OnUnavailable::Closed)
+        && meter
+            .store
+            .as_ref()
+            .is_some_and(|h| h.degraded.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// SHA-256 of the empty body, what a signed read without a body signs.

@@ -472,9 +472,33 @@ pub fn usage(
     let since_ms = report::day_start_ms(&since).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
     let until_ms =
         report::until_exclusive_ms(&until).map_err(|e| anyhow::anyhow!("--until: {e}"))?;
-    let db = ledger.map_or_else(|| config.ledger.resolve(path), |p| p.to_path_buf());
-    let conn = crate::meter::ledger::open_read_only(&db)?;
-    let rows = report::query(&conn, since_ms, until_ms, by)?;
+    let rows = match (&config.store, ledger) {
+        // The store holds every replica's rows (a --ledger file is read instead, when named).
+        (Some(store), None) => {
+            let days = (
+                chrono::DateTime::from_timestamp_millis(since_ms).unwrap_or_default(),
+                chrono::DateTime::from_timestamp_millis(until_ms).unwrap_or_default(),
+            );
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let client = crate::store::pg::connect(store, &crate::config::dir_of(path)).await?;
+                crate::store::pg::report(
+                    &client,
+                    &days.0.format("%Y-%m-%d").to_string(),
+                    &days.1.format("%Y-%m-%d").to_string(),
+                    by,
+                )
+                .await
+            })?
+        }
+        _ => {
+            let db = ledger.map_or_else(|| config.ledger.resolve(path), |p| p.to_path_buf());
+            let conn = crate::meter::ledger::open_read_only(&db)?;
+            report::query(&conn, since_ms, until_ms, by)?
+        }
+    };
     print!("{}", report::render(&rows, by, format, &since, &until));
     if format == report::Format::Json {
         println!();

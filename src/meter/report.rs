@@ -47,7 +47,7 @@ impl GroupBy {
 
     /// The grouping expression over `usage_daily`, printing `''` as [`GroupBy::column`] prints
     /// NULL.
-    fn rollup_column(self) -> &'static str {
+    pub(crate) fn rollup_column(self) -> &'static str {
         match self {
             GroupBy::User => "CASE \"user\" WHEN '' THEN '(unidentified)' ELSE \"user\" END",
             GroupBy::Model => "CASE model WHEN '' THEN '-' ELSE model END",

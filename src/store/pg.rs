@@ -585,6 +585,43 @@ pub async fn recent(client: &Client, since_ms: i64) -> anyhow::Result<Vec<(Strin
         .collect())
 }
 
+/// The `usage` report from the rollup: days `since..until` (`YYYY-MM-DD`, `until`
+/// excluded), grouped as `by`, most expensive first; the same rows the SQLite ledger gives.
+pub async fn report(
+    client: &Client,
+    since: &str,
+    until: &str,
+    by: crate::meter::report::GroupBy,
+) -> anyhow::Result<Vec<crate::meter::report::Row>> {
+    let sql = format!(
+        "SELECT {key} AS k, sum(requests)::bigint, sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+                sum(cache_read_tokens)::bigint, sum(cache_write_tokens)::bigint,
+                coalesce(sum(cost_usd), 0)::float8, sum(unpriced)::bigint, sum(incomplete)::bigint,
+                sum(errors)::bigint
+         FROM usage_daily WHERE day >= $1 AND day < $2
+         GROUP BY k ORDER BY coalesce(sum(cost_usd), 0) DESC, k",
+        key = by.rollup_column()
+    );
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok(client
+        .query(&sql, &[&since, &until])
+        .await?
+        .iter()
+        .map(|r| crate::meter::report::Row {
+            key: r.get(0),
+            requests: u(r.get(1)),
+            input_tokens: u(r.get(2)),
+            output_tokens: u(r.get(3)),
+            cache_read_tokens: u(r.get(4)),
+            cache_write_tokens: u(r.get(5)),
+            cost_usd: r.get(6),
+            unpriced_requests: u(r.get(7)),
+            incomplete_requests: u(r.get(8)),
+            error_requests: u(r.get(9)),
+        })
+        .collect())
+}
+
 /// Rows read from the SQLite ledger and moved per transaction.
 const IMPORT_BATCH: usize = 5_000;
 

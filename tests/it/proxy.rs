@@ -367,11 +367,17 @@ async fn oversized_chunked_body_is_refused_too() {
 async fn a_large_body_streamed_in_pieces_arrives_whole_and_correctly_signed() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&two_user_config(&fake, "")).await;
-    // 600 KB in uneven pieces, chunked: the proxy hashes them as they come and sends them on
-    // without joining them.
-    let pieces: Vec<bytes::Bytes> = (0..150u32)
-        .map(|i| bytes::Bytes::from(vec![b'a' + (i % 26) as u8; 1000 + (i as usize * 37) % 5000]))
-        .collect();
+    // 600 KB of a Converse body in uneven pieces, chunked: the proxy hashes them as they come
+    // and sends them on without joining them.
+    let mut pieces: Vec<bytes::Bytes> = vec![bytes::Bytes::from_static(
+        br#"{"messages":[{"role":"user","content":[{"text":""#,
+    )];
+    pieces.extend(
+        (0..150u32).map(|i| {
+            bytes::Bytes::from(vec![b'a' + (i % 26) as u8; 1000 + (i as usize * 37) % 5000])
+        }),
+    );
+    pieces.push(bytes::Bytes::from_static(br#""}]}]}"#));
     let whole: Vec<u8> = pieces.iter().flat_map(|p| p.to_vec()).collect();
     let chunks = futures_util::stream::iter(
         pieces

@@ -218,6 +218,29 @@ async fn serve_on_postgres_records_every_call_once_and_rebuilds_its_counters_aft
     .json();
     assert_eq!(before["requests"], N as u64 / 2);
 
+    // `usage` reads the store: every replica's rows, the same report as the SQLite ledger's.
+    let config = proxy.config_path.to_str().unwrap().to_string();
+    let usage = run(
+        proxy.dir.path(),
+        &["usage", "--by", "user", "--format", "json", "-c", &config],
+    )
+    .await;
+    assert!(usage.ok, "{usage}");
+    let report: serde_json::Value = serde_json::from_str(usage.stdout.trim()).unwrap();
+    assert_eq!(report["total"]["requests"], N as u64, "{report}");
+    assert_eq!(report["total"]["input_tokens"], 9 * N as u64, "{report}");
+    let users: Vec<&str> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(users.len(), 2, "{report}");
+    assert!(
+        users.contains(&"alice") && users.contains(&"bob"),
+        "{report}"
+    );
+
     let proxy2 = proxy.restart(&[]).await;
     let after = send(request(
         http::Method::GET,
@@ -321,4 +344,48 @@ async fn the_database_going_away_mid_load_loses_nothing_and_writes_nothing_twice
         statuses.iter().filter(|s| **s == 200).count(),
         during["store"]["spool_bytes"]
     );
+}
+
+#[tokio::test]
+async fn with_on_unavailable_closed_calls_are_refused_cleanly_while_the_database_is_away() {
+    let fake = FakeBedrock::start().await;
+    let db = Db::create().await;
+    let relay = pg::Relay::start(db.addr()).await;
+    let config = format!(
+        "{}on_unavailable = \"closed\"\n{}",
+        db.store_table_via(&relay),
+        two_user_config(&fake, "")
+    );
+    let proxy = Proxy::start(&config).await;
+    assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
+    relay.cut();
+    // The next call's row finds the database gone (it is spooled, the answer still ends).
+    assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
+    let refused = converse(&proxy, SONNET, ALICE_KEY).await;
+    assert_eq!(refused.status, 502, "{:?}", refused.body);
+    assert!(
+        refused.message().contains("on_unavailable"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(refused.headers["retry-after"], "1");
+    let upstream = fake.received().len();
+    relay.restore();
+    let back = eventually("calls are admitted once the store is back", || async {
+        let r = converse(&proxy, SONNET, ALICE_KEY).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(back.status, 200);
+    assert_eq!(
+        fake.received().len(),
+        upstream + 1,
+        "refused calls were never sent"
+    );
+    eventually("every answered call is in the database once", || async {
+        let answered = fake.received().len() as i64;
+        let rows = count(&db, "SELECT count(*) FROM requests WHERE status = 200").await;
+        (rows == answered).then_some(())
+    })
+    .await;
 }
