@@ -112,11 +112,7 @@ pub async fn connect(settings: &Settings, dir: &Path) -> anyhow::Result<Client> 
                 .connect(NoTls)
                 .await
                 .with_context(|| format!("cannot connect to {what}"))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::warn!(error = %e, "store connection ended");
-                }
-            });
+            drive(conn);
             client
         }
         _ => {
@@ -127,15 +123,23 @@ pub async fn connect(settings: &Settings, dir: &Path) -> anyhow::Result<Client> 
                 .connect(tls)
                 .await
                 .with_context(|| format!("cannot connect to {what}"))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::warn!(error = %e, "store connection ended");
-                }
-            });
+            drive(conn);
             client
         }
     };
     Ok(client)
+}
+
+/// Drives a connection on a task of its own until it ends.
+fn drive<F>(conn: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "store connection ended");
+        }
+    });
 }
 
 /// rustls for the database: the webpki roots, plus the PEM certificates of `ca` (a private CA,

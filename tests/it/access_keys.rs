@@ -462,16 +462,7 @@ async fn keys_add_sigv4_issues_a_pair_a_running_proxy_accepts_and_revoke_ends_it
 
     // The running proxy picks it up and accepts the pair.
     let client = sdk_client(&proxy, &id, &secret);
-    eventually("the new key pair works", || async {
-        client
-            .converse()
-            .model_id(SONNET)
-            .messages(hello())
-            .send()
-            .await
-            .ok()
-    })
-    .await;
+    works_soon(&client).await;
 
     // A second pair reuses the master key; revoking the first leaves the second.
     let (id2, secret2, stderr) = add_pair(&proxy).await;
@@ -561,8 +552,13 @@ async fn keys_add_uses_the_master_key_serve_uses_even_with_the_variable_set() {
         .unwrap()
         .strip_prefix("AWS_SECRET_ACCESS_KEY=")
         .unwrap();
-    let client = sdk_client(&proxy, id, secret);
-    eventually("the pair works against the running proxy", || async {
+    works_soon(&sdk_client(&proxy, id, secret)).await;
+}
+
+/// Waits until the pair the client signs with is accepted (a running proxy reloads its config
+/// when `keys add` changes it).
+async fn works_soon(client: &Client) {
+    eventually("the key pair works against the running proxy", || async {
         client
             .converse()
             .model_id(SONNET)
