@@ -155,14 +155,19 @@ fn header_labels(headers: &HeaderMap) -> Result<Labels, Refusal> {
     Ok(Labels { project, session })
 }
 
-/// Refuses a body on a GET: no GET route reads one, and it would be held (or forwarded) for
-/// nothing. Checked before anything is read.
+/// The refusal of a body on a GET.
+fn body_on_get() -> Refusal {
+    Refusal::invalid("A GET request to bedrock-gate carries no body; send it without one.")
+}
+
+/// Refuses a body on a GET that says it has one (a `Content-Length` above 0): no GET route
+/// reads one, and it would be held for nothing. Checked before anything is read. A GET whose
+/// length is not known (chunked, or HTTP/2 without END_STREAM on its headers) may still be
+/// empty; [`decode`] reads it with room for no byte at all.
 pub fn no_body_on_get(method: &Method, body: &Body) -> Result<(), Refusal> {
     use http_body::Body as _;
-    if method == Method::GET && !body.is_end_stream() {
-        return Err(Refusal::invalid(
-            "A GET request to bedrock-gate carries no body; send it without one.",
-        ));
+    if method == Method::GET && body.size_hint().lower() > 0 {
+        return Err(body_on_get());
     }
     Ok(())
 }
@@ -203,15 +208,23 @@ pub async fn decode(
         Request::Bedrock(_) => PayloadBuilder::default(),
         Request::Messages(_) | Request::Gateway(_) => PayloadBuilder::unhashed(),
     };
+    let get = parts.method == Method::GET;
     let payload = read_body(
         body,
         builder,
         &parts.headers,
-        config.max_body_bytes,
+        if get { 0 } else { config.max_body_bytes },
         config.timeouts.request_body,
         Some(reservation),
     )
-    .await?;
+    .await
+    .map_err(|r| {
+        if get && r.reason == Reason::TooLarge {
+            body_on_get()
+        } else {
+            r
+        }
+    })?;
     let labels = header_labels(&parts.headers)?;
     match request {
         Request::Bedrock(route) => {

@@ -652,3 +652,31 @@ async fn billing_options_cannot_slip_past_the_check_in_another_spelling() {
     // An ordinary call still goes through.
     assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_get_with_an_empty_chunked_body_is_served_and_one_with_data_is_refused() {
+    // Found in review: a GET whose length is not known up front was refused even when empty.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
+    let ask = |chunks: &'static str| {
+        let addr = proxy.addr.clone();
+        async move {
+            let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let req = format!(
+                "GET /inference-profiles HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE_KEY}\r\n\
+                 Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{chunks}"
+            );
+            sock.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            sock.read_to_end(&mut out).await.unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let empty = ask("0\r\n\r\n").await;
+    assert!(empty.starts_with("HTTP/1.1 200"), "{empty}");
+    let with_data = ask("5\r\nhello\r\n0\r\n\r\n").await;
+    assert!(with_data.starts_with("HTTP/1.1 400"), "{with_data}");
+    assert!(with_data.contains("carries no body"), "{with_data}");
+    assert_eq!(fake.received().len(), 1, "only the empty one was forwarded");
+}
