@@ -6,10 +6,12 @@
 //! shutdown that stops accepting at once, lets open connections finish their requests, and
 //! gives up after the grace period.
 //!
-//! A connection asked to close (at shutdown, or idle) is closed by the proxy itself
-//! a second (`CLOSE_LINGER`) after its last response ended, even if the client never does: an HTTP/2
-//! client that ignores GOAWAY (or never answers the PING that comes with it) would otherwise
-//! keep it open, and hold shutdown for the whole grace period.
+//! A connection asked to close is closed by the proxy itself once nothing has been in flight on
+//! it for a while, even if the client never closes it: a second (`CLOSE_LINGER`) at shutdown,
+//! `timeouts.request_header_secs` when it was idle (a response body hyper has taken whole may
+//! still be on its way to a slow reader). An HTTP/2 client that ignores GOAWAY (or never
+//! answers the PING that comes with it) would otherwise keep it open, and hold shutdown for
+//! the whole grace period.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -202,6 +204,10 @@ impl Conn {
         tokio::pin!(check);
         let mut seen = 0;
         let mut asked_to_close = false;
+        // How long a connection asked to close may stay open with nothing in flight: a second
+        // at shutdown; on the idle path as long as a request may take to start, since a body
+        // hyper has taken whole may still be on its way to a slow reader.
+        let mut linger = CLOSE_LINGER;
         loop {
             tokio::select! {
                 result = conn.as_mut() => {
@@ -214,7 +220,10 @@ impl Conn {
                     conn.as_mut().graceful_shutdown();
                     asked_to_close = true;
                 }
-                () = self.active.quiet_for(CLOSE_LINGER), if asked_to_close => {
+                () = self.closing.cancelled(), if asked_to_close && linger != CLOSE_LINGER => {
+                    linger = CLOSE_LINGER;
+                }
+                () = self.active.quiet_for(linger), if asked_to_close => {
                     tracing::debug!("connection asked to close is still open with nothing in flight; closing it");
                     return;
                 }
@@ -227,6 +236,7 @@ impl Conn {
                     if started == seen {
                         conn.as_mut().graceful_shutdown();
                         asked_to_close = true;
+                        linger = self.idle_after.max(CLOSE_LINGER);
                     }
                     seen = started;
                     check.as_mut().reset(tokio::time::Instant::now() + self.idle_after);
