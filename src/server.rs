@@ -458,6 +458,14 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         std::sync::atomic::Ordering::Relaxed,
     );
     spawn_session_poll(state.clone());
+    if let Some(store) = state.live.load().config.store.clone() {
+        crate::meter::spawn_store_poll(
+            state.meter.clone(),
+            store.clone(),
+            crate::config::dir_of(&opts.config_path),
+            store.replica_name(listen),
+        );
+    }
     let _reloader = crate::reload::spawn(state.clone(), opts.config_path.clone(), opts.watch)?;
     let listener = TcpListener::bind(listen)
         .await

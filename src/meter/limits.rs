@@ -111,6 +111,8 @@ impl Window {
 struct Account {
     month: Month,
     totals: Totals,
+    /// What the other replicas on the same store spent this month, as last read from it.
+    others: Totals,
     window: Window,
 }
 
@@ -119,7 +121,30 @@ impl Account {
         Account {
             month,
             totals: Totals::default(),
+            others: Totals::default(),
             window: Window::default(),
+        }
+    }
+
+    /// This replica's totals and the other replicas' together.
+    fn all(&self) -> Totals {
+        let (a, b) = (&self.totals, &self.others);
+        Totals {
+            requests: a.requests.saturating_add(b.requests),
+            usage: crate::domain::Usage {
+                input_tokens: a.usage.input_tokens.saturating_add(b.usage.input_tokens),
+                output_tokens: a.usage.output_tokens.saturating_add(b.usage.output_tokens),
+                cache_read_tokens: a
+                    .usage
+                    .cache_read_tokens
+                    .saturating_add(b.usage.cache_read_tokens),
+                cache_write_tokens: a
+                    .usage
+                    .cache_write_tokens
+                    .saturating_add(b.usage.cache_write_tokens),
+            },
+            cost_usd: a.cost_usd + b.cost_usd,
+            unpriced: a.unpriced.saturating_add(b.unpriced),
         }
     }
 
@@ -129,6 +154,7 @@ impl Account {
         if now > self.month {
             self.month = now;
             self.totals = Totals::default();
+            self.others = Totals::default();
         }
     }
 }
@@ -206,9 +232,10 @@ impl Accounts {
         let sec = now.timestamp();
         self.with(user, now, |a| {
             let resets = a.month.next().start();
+            let spent = a.totals.cost_usd + a.others.cost_usd;
             let standing = limits.monthly_budget_usd.map(|budget| Standing {
                 budget_usd: budget,
-                spent_usd: a.totals.cost_usd,
+                spent_usd: spent,
                 resets_at: resets.timestamp(),
             });
             if let Some(standing) = standing
@@ -219,7 +246,7 @@ impl Accounts {
                 return Err(Refusal::new(Reason::OverBudget, format!(
                     "User `{user}` has used the monthly budget of ${budget:.2} (users.{user}.limits.monthly_budget_usd): \
                      ${:.2} spent in {}. It resets at {}; until then your bedrock-gate admin can raise it.",
-                    a.totals.cost_usd,
+                    spent,
                     a.month,
                     resets.format("%Y-%m-%dT%H:%M:%SZ")
                 ))
@@ -297,7 +324,29 @@ impl Accounts {
 
     /// This month's totals for a user.
     pub fn month_totals(&self, user: &str, now: DateTime<Utc>) -> (Month, Totals) {
-        self.with(user, now, |a| (a.month, a.totals.clone()))
+        self.with(user, now, |a| (a.month, a.all()))
+    }
+
+    /// Sets what the other replicas on the store spent in `month`, per user (a user not listed
+    /// spent nothing there). Read from the store about twice a second, so a budget crossed on
+    /// one replica is refused by all within a second.
+    pub fn set_others(&self, month: Month, others: Vec<(String, Totals)>) {
+        let mut map = match self.inner.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut others: HashMap<String, Totals> = others.into_iter().collect();
+        for (user, a) in map.iter_mut() {
+            a.roll(month);
+            if a.month == month {
+                a.others = others.remove(user).unwrap_or_default();
+            }
+        }
+        for (user, t) in others {
+            let mut a = Account::new(month);
+            a.others = t;
+            map.insert(user, a);
+        }
     }
 }
 

@@ -36,6 +36,42 @@ pub struct Meter {
     pub refusals: RefusalCap,
 }
 
+/// Reads the other replicas' spend this month from the store twice a second into `meter`'s
+/// accounts, for the budget check. A store that does not answer keeps the last figures.
+pub fn spawn_store_poll(
+    meter: std::sync::Arc<Meter>,
+    settings: crate::store::Settings,
+    dir: std::path::PathBuf,
+    replica: String,
+) {
+    tokio::spawn(async move {
+        let mut client = None;
+        let mut tick = tokio::time::interval(STORE_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if client.is_none() {
+                client = crate::store::pg::connect(&settings, &dir).await.ok();
+            }
+            let Some(c) = client.as_ref() else { continue };
+            let month = Month::of(Utc::now());
+            let day = month.start().format("%Y-%m-%d").to_string();
+            match tokio::time::timeout(
+                STORE_POLL * 4,
+                crate::store::pg::totals_since_day(c, &day, (&replica, false)),
+            )
+            .await
+            {
+                Ok(Ok(others)) => meter.accounts.set_others(month, others),
+                _ => client = None,
+            }
+        }
+    });
+}
+
+/// How often the other replicas' spend is read.
+pub const STORE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Refusal rows per user and minute that reach the ledger; beyond it they are counted in
 /// `bedrock_gate_refusals_not_recorded_total` and the log line says so once a minute.
 pub const MAX_REFUSAL_ROWS_PER_MINUTE: u32 = 60;
@@ -97,11 +133,15 @@ impl Meter {
             );
         }
         let day = month.start().format("%Y-%m-%d").to_string();
-        let totals = pg::totals_since_day(&client, &day).await?;
+        // This replica's own rows rebuild its counters; the others' are read alongside, and
+        // again twice a second (see `spawn_store_poll`), so no spend counts twice.
+        let totals = pg::totals_since_day(&client, &day, (&replica, true)).await?;
+        let others = pg::totals_since_day(&client, &day, (&replica, false)).await?;
         let recent = pg::recent(&client, now.timestamp_millis() - 60_000).await?;
         drop(client);
         let rebuilt = totals.len();
         let accounts = Accounts::rebuild(month, totals, recent);
+        accounts.set_others(month, others);
         let spool_path = dir.join(&settings.spool_path);
         let health_handle = health.clone();
         let (s, d, p, r) = (

@@ -533,17 +533,20 @@ pub async fn recover_interrupted(client: &mut Client, replica: &str) -> anyhow::
 
 /// Each user's totals since the start of `day` (`YYYY-MM-DD`), from the rollup: what the
 /// budget counters start from.
+/// `mine` picks this replica's rows (`replica = mine.0`) or the others' (`mine.1 == false`).
 pub async fn totals_since_day(
     client: &Client,
     day: &str,
+    mine: (&str, bool),
 ) -> anyhow::Result<Vec<(String, crate::meter::ledger::Totals)>> {
     let rows = client
         .query(
             r#"SELECT "user", sum(requests)::bigint, sum(input_tokens)::bigint, sum(output_tokens)::bigint,
                       sum(cache_read_tokens)::bigint, sum(cache_write_tokens)::bigint,
                       sum(cost_usd)::float8, sum(unpriced)::bigint
-               FROM usage_daily WHERE day >= $1 AND "user" <> '' GROUP BY "user""#,
-            &[&day],
+               FROM usage_daily WHERE day >= $1 AND "user" <> '' AND (replica = $2) = $3
+               GROUP BY "user""#,
+            &[&day, &mine.0, &mine.1],
         )
         .await?;
     let u = |v: i64| u64::try_from(v).unwrap_or(0);

@@ -389,3 +389,52 @@ async fn with_on_unavailable_closed_calls_are_refused_cleanly_while_the_database
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_budget_crossed_on_one_replica_is_refused_by_the_other_within_a_second() {
+    // Three Converse calls of the fake cost about $0.000366 at Sonnet 4.5's rate; the budget
+    // is $0.0003, so replica A admits three and refuses the fourth, and B, which has served
+    // nothing itself, must refuse too once it reads A's spend from the store.
+    let fake = FakeBedrock::start().await;
+    let db = Db::create().await;
+    let config = config_with(&fake, &db).replace(
+        "[users.alice.models]",
+        "[users.alice.limits]\nmonthly_budget_usd = 0.0003\n[users.alice.models]",
+    );
+    let a = Proxy::start(&config).await;
+    let b = Proxy::start(&config).await;
+    for _ in 0..3 {
+        assert_eq!(converse(&a, SONNET, ALICE_KEY).await.status, 200);
+    }
+    let crossed = std::time::Instant::now();
+    let on_a = converse(&a, SONNET, ALICE_KEY).await;
+    assert_eq!(on_a.status, 429, "{:?}", on_a.body);
+    let on_b = eventually("replica B refuses too", || async {
+        let r = converse(&b, SONNET, ALICE_KEY).await;
+        (r.status == 429).then_some(r)
+    })
+    .await;
+    let took = crossed.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(1500),
+        "B refused {took:?} after the crossing"
+    );
+    assert!(
+        on_b.message().contains("monthly budget"),
+        "{}",
+        on_b.message()
+    );
+    // Bob's budget is his own: untouched on both.
+    assert_eq!(converse(&b, SONNET, BOB_KEY).await.status, 200);
+    // B's own /usage shows what alice spent on A.
+    let usage = send(request(
+        http::Method::GET,
+        &format!("{}/usage", b.url()),
+        &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+        "",
+    ))
+    .await
+    .json();
+    let spent = usage["cost_usd"].as_f64().unwrap();
+    assert!(spent > 0.0003 && spent < 0.0004, "{usage}");
+}
