@@ -222,7 +222,10 @@ async fn handle(
     {
         // Local answers are reads with no body to hash.
         if let Some(signature) = &caller.signature {
-            signature.verify(config.auth.master_key.as_ref(), EMPTY_SHA256)?;
+            signature.verify(
+                config.auth.master_key.as_ref(),
+                crate::upstream::payload::EMPTY_SHA256,
+            )?;
         }
         return Ok(Handled::Local(answer));
     }
@@ -307,9 +310,6 @@ fn store_closed(config: &crate::config::Config, meter: &Meter) -> bool {
             .as_ref()
             .is_some_and(|h| h.degraded.load(std::sync::atomic::Ordering::Relaxed))
 }
-
-/// SHA-256 of the empty body, what a signed read without a body signs.
-const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// The request body, for the phase that reads it (once).
 fn take_body(body: &mut Option<axum::body::Body>) -> axum::body::Body {

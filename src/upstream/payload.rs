@@ -29,8 +29,8 @@ pub struct Payload {
     held: Option<Arc<Reservation>>,
 }
 
-/// SHA-256 of nothing.
-const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+/// SHA-256 of nothing: the payload hash of a request without a body.
+pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 impl Default for Payload {
     /// The empty body.
@@ -70,30 +70,6 @@ impl Payload {
     /// The share of the in-flight limit this body holds.
     pub fn reservation(&self) -> Option<Arc<Reservation>> {
         self.held.clone()
-    }
-
-    /// Whether `needle` occurs in the body, across chunk boundaries too, without copying it.
-    pub fn contains(&self, needle: &[u8]) -> bool {
-        if needle.is_empty() {
-            return true;
-        }
-        let finder = memchr::memmem::Finder::new(needle);
-        let edge = needle.len() - 1;
-        let mut seam = Vec::with_capacity(2 * edge);
-        for (i, chunk) in self.chunks.iter().enumerate() {
-            if finder.find(chunk).is_some() {
-                return true;
-            }
-            if let Some(next) = self.chunks.get(i + 1) {
-                seam.clear();
-                seam.extend_from_slice(&chunk[chunk.len().saturating_sub(edge)..]);
-                seam.extend_from_slice(&next[..next.len().min(edge)]);
-                if finder.find(&seam).is_some() {
-                    return true;
-                }
-            }
-        }
-        false
     }
 
     /// The whole body in one buffer, for a front that must parse it: no copy when it arrived
@@ -295,25 +271,5 @@ mod tests {
                 .into_body()
                 .is_end_stream()
         );
-    }
-
-    #[test]
-    fn contains_finds_a_needle_across_chunk_boundaries() {
-        let mut b = PayloadBuilder::default();
-        b.push(Bytes::from(vec![b'a'; SMALL_CHUNK]));
-        let mut second = b"Tier\"".to_vec();
-        second.extend(vec![b'b'; SMALL_CHUNK]);
-        b.push(Bytes::from(second));
-        let p = b.finish();
-        assert_eq!(p.chunks.len(), 2);
-        assert!(!p.contains(b"\"serviceTier\""));
-        let mut b = PayloadBuilder::default();
-        let mut first = vec![b'a'; SMALL_CHUNK];
-        first.extend_from_slice(b"{\"service");
-        b.push(Bytes::from(first));
-        let mut second = b"Tier\"".to_vec();
-        second.extend(vec![b'b'; SMALL_CHUNK]);
-        b.push(Bytes::from(second));
-        assert!(b.finish().contains(b"\"serviceTier\""));
     }
 }
