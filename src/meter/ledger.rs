@@ -514,7 +514,8 @@ pub fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-fn to_i64(v: u64) -> i64 {
+/// A count for a signed column (saturating: no count reaches it).
+pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -979,7 +980,8 @@ pub struct Totals {
     pub unpriced: u64,
 }
 
-fn from_i64(v: i64) -> u64 {
+/// A count read back from a signed column (a negative one is no count).
+pub(crate) fn from_i64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 

@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use tokio_postgres::{Client, GenericClient, NoTls};
 
 use super::Settings;
-use crate::meter::ledger::Record;
+use crate::meter::ledger::{Record, day_of, from_i64, to_i64};
 
 /// The advisory lock key migrations hold (any constant shared by every bedrock-gate).
 const MIGRATION_LOCK: i64 = 0x6265_6472_6f63_6b67; // "bedrockg"
@@ -267,17 +267,6 @@ struct DaySums {
     errors: i64,
 }
 
-fn day_of(ts_ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ts_ms)
-        .unwrap_or_default()
-        .format("%Y-%m-%d")
-        .to_string()
-}
-
-fn n(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 /// Inserts `rows` (from `replica`) in one transaction: each request id once, and the daily
 /// rollup of the rows that were new. Returns how many were new.
 pub async fn insert_rows(
@@ -308,13 +297,19 @@ pub async fn insert_in(
     let base_model = col(&|r| r.base_model.clone());
     let profile = col(&|r| r.profile_arn.clone());
     let status: Vec<i32> = rows.iter().map(|r| i32::from(r.status)).collect();
-    let input: Vec<i64> = rows.iter().map(|r| n(r.usage.input_tokens)).collect();
-    let output: Vec<i64> = rows.iter().map(|r| n(r.usage.output_tokens)).collect();
-    let cache_read: Vec<i64> = rows.iter().map(|r| n(r.usage.cache_read_tokens)).collect();
-    let cache_write: Vec<i64> = rows.iter().map(|r| n(r.usage.cache_write_tokens)).collect();
+    let input: Vec<i64> = rows.iter().map(|r| to_i64(r.usage.input_tokens)).collect();
+    let output: Vec<i64> = rows.iter().map(|r| to_i64(r.usage.output_tokens)).collect();
+    let cache_read: Vec<i64> = rows
+        .iter()
+        .map(|r| to_i64(r.usage.cache_read_tokens))
+        .collect();
+    let cache_write: Vec<i64> = rows
+        .iter()
+        .map(|r| to_i64(r.usage.cache_write_tokens))
+        .collect();
     let cost: Vec<Option<f64>> = rows.iter().map(|r| r.cost_usd).collect();
-    let latency: Vec<i64> = rows.iter().map(|r| n(r.latency_ms)).collect();
-    let ttfb: Vec<Option<i64>> = rows.iter().map(|r| r.ttfb_ms.map(n)).collect();
+    let latency: Vec<i64> = rows.iter().map(|r| to_i64(r.latency_ms)).collect();
+    let ttfb: Vec<Option<i64>> = rows.iter().map(|r| r.ttfb_ms.map(to_i64)).collect();
     let request_id: Vec<String> = rows.iter().map(|r| r.request_id.clone()).collect();
     let upstream_id = col(&|r| r.upstream_request_id.clone());
     let complete: Vec<bool> = rows.iter().map(|r| r.complete).collect();
@@ -370,10 +365,10 @@ pub async fn insert_in(
         let (unpriced, incomplete, error) = (class.unpriced, class.incomplete, class.error);
         let s = days.entry(key).or_default();
         s.requests += 1;
-        s.input += n(r.usage.input_tokens);
-        s.output += n(r.usage.output_tokens);
-        s.cache_read += n(r.usage.cache_read_tokens);
-        s.cache_write += n(r.usage.cache_write_tokens);
+        s.input += to_i64(r.usage.input_tokens);
+        s.output += to_i64(r.usage.output_tokens);
+        s.cache_read += to_i64(r.usage.cache_read_tokens);
+        s.cache_write += to_i64(r.usage.cache_write_tokens);
         s.cost += r.cost_usd.unwrap_or(0.0);
         s.unpriced += i64::from(unpriced);
         s.incomplete += i64::from(incomplete);
@@ -549,22 +544,21 @@ pub async fn totals_since_day(
             &[&day, &mine.0, &mine.1],
         )
         .await?;
-    let u = |v: i64| u64::try_from(v).unwrap_or(0);
     Ok(rows
         .iter()
         .map(|r| {
             (
                 r.get::<_, String>(0),
                 crate::meter::ledger::Totals {
-                    requests: u(r.get(1)),
+                    requests: from_i64(r.get(1)),
                     usage: crate::domain::Usage {
-                        input_tokens: u(r.get(2)),
-                        output_tokens: u(r.get(3)),
-                        cache_read_tokens: u(r.get(4)),
-                        cache_write_tokens: u(r.get(5)),
+                        input_tokens: from_i64(r.get(2)),
+                        output_tokens: from_i64(r.get(3)),
+                        cache_read_tokens: from_i64(r.get(4)),
+                        cache_write_tokens: from_i64(r.get(5)),
                     },
                     cost_usd: r.get(6),
-                    unpriced: u(r.get(7)),
+                    unpriced: from_i64(r.get(7)),
                 },
             )
         })
@@ -582,13 +576,7 @@ pub async fn recent(client: &Client, since_ms: i64) -> anyhow::Result<Vec<(Strin
         .await?;
     Ok(rows
         .iter()
-        .map(|r| {
-            (
-                r.get(0),
-                r.get(1),
-                u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
-            )
-        })
+        .map(|r| (r.get(0), r.get(1), from_i64(r.get(2))))
         .collect())
 }
 
@@ -609,22 +597,21 @@ pub async fn report(
          GROUP BY k ORDER BY coalesce(sum(cost_usd), 0) DESC, k",
         key = by.rollup_column()
     );
-    let u = |v: i64| u64::try_from(v).unwrap_or(0);
     Ok(client
         .query(&sql, &[&since, &until])
         .await?
         .iter()
         .map(|r| crate::meter::report::Row {
             key: r.get(0),
-            requests: u(r.get(1)),
-            input_tokens: u(r.get(2)),
-            output_tokens: u(r.get(3)),
-            cache_read_tokens: u(r.get(4)),
-            cache_write_tokens: u(r.get(5)),
+            requests: from_i64(r.get(1)),
+            input_tokens: from_i64(r.get(2)),
+            output_tokens: from_i64(r.get(3)),
+            cache_read_tokens: from_i64(r.get(4)),
+            cache_write_tokens: from_i64(r.get(5)),
             cost_usd: r.get(6),
-            unpriced_requests: u(r.get(7)),
-            incomplete_requests: u(r.get(8)),
-            error_requests: u(r.get(9)),
+            unpriced_requests: from_i64(r.get(7)),
+            incomplete_requests: from_i64(r.get(8)),
+            error_requests: from_i64(r.get(9)),
         })
         .collect())
 }
@@ -679,9 +666,7 @@ pub async fn import_sqlite(client: &mut Client, path: &Path) -> anyhow::Result<I
         let mut rows = stmt.query([after])?;
         while let Some(r) = rows.next()? {
             after = r.get(0)?;
-            let u = |i: usize| -> rusqlite::Result<u64> {
-                Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
-            };
+            let u = |i: usize| -> rusqlite::Result<u64> { Ok(from_i64(r.get(i)?)) };
             batch.push(Record {
                 ts_ms: r.get(1)?,
                 user: r.get(2)?,
@@ -698,9 +683,7 @@ pub async fn import_sqlite(client: &mut Client, path: &Path) -> anyhow::Result<I
                 },
                 cost_usd: r.get(12)?,
                 latency_ms: u(13)?,
-                ttfb_ms: r
-                    .get::<_, Option<i64>>(14)?
-                    .map(|v| u64::try_from(v).unwrap_or(0)),
+                ttfb_ms: r.get::<_, Option<i64>>(14)?.map(from_i64),
                 request_id: r.get(15)?,
                 upstream_request_id: r.get(16)?,
                 complete: r.get(17)?,
