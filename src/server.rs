@@ -428,17 +428,13 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
             "ledger.flush_interval_ms no longer has an effect: each row is committed before its answer ends; remove it"
         );
     }
-    let meter = match &config.store {
-        Some(store) => {
-            let replica = store.replica_name(listen);
-            let health = std::sync::Arc::new(crate::store::writer::Health::default());
-            Meter::open_store(
-                store,
-                &crate::config::dir_of(&opts.config_path),
-                replica,
-                health,
-            )
-            .await?
+    // The store this process serves on, and its name there: the meter opens on them, and the
+    // poll of the other replicas' spend reads the same.
+    let on_store = config.store.clone().map(|s| (s.replica_name(listen), s));
+    let config_dir = crate::config::dir_of(&opts.config_path);
+    let meter = match &on_store {
+        Some((replica, settings)) => {
+            Meter::open_store(settings, &config_dir, replica.clone()).await?
         }
         None => Meter::open(&ledger_path, config.ledger.synchronous)?,
     };
@@ -458,13 +454,8 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         std::sync::atomic::Ordering::Relaxed,
     );
     spawn_session_poll(state.clone());
-    if let Some(store) = state.live.load().config.store.clone() {
-        crate::meter::spawn_store_poll(
-            state.meter.clone(),
-            store.clone(),
-            crate::config::dir_of(&opts.config_path),
-            store.replica_name(listen),
-        );
+    if let Some((replica, settings)) = on_store {
+        crate::meter::spawn_store_poll(state.meter.clone(), settings, config_dir, replica);
     }
     let _reloader = crate::reload::spawn(state.clone(), opts.config_path.clone(), opts.watch)?;
     let listener = TcpListener::bind(listen)

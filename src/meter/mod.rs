@@ -114,7 +114,6 @@ impl Meter {
         settings: &crate::store::Settings,
         dir: &Path,
         replica: String,
-        health: std::sync::Arc<crate::store::writer::Health>,
     ) -> anyhow::Result<Meter> {
         use crate::store::pg;
         let now = Utc::now();
@@ -143,7 +142,8 @@ impl Meter {
         let accounts = Accounts::rebuild(month, totals, recent);
         accounts.set_others(month, others);
         let spool_path = dir.join(&settings.spool_path);
-        let health_handle = health.clone();
+        let health = std::sync::Arc::new(crate::store::writer::Health::default());
+        let writer_health = health.clone();
         let (s, d, p, r) = (
             settings.clone(),
             dir.to_path_buf(),
@@ -152,11 +152,11 @@ impl Meter {
         );
         // The sink owns a runtime of its own for the writer thread, so it is made off this one.
         let sink = tokio::task::spawn_blocking(move || {
-            crate::store::writer::PgSink::open(s, &d, &p, r, health)
+            crate::store::writer::PgSink::open(s, &d, &p, r, writer_health)
         })
         .await??;
         let ledger = Ledger::open_postgres(sink, &spool_path)?;
-        let store = Some(health_handle);
+        let store = Some(health);
         tracing::info!(store = %settings.redacted_url(), replica = %replica, users_with_usage = rebuilt, "ledger open in the store; counters rebuilt for {month}");
         Ok(Meter {
             ledger,
