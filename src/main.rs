@@ -67,7 +67,7 @@ fn main() -> ExitCode {
             by,
             format,
             ledger,
-        } => report(bedrock_gate::admin::usage(
+        } => run_async(bedrock_gate::admin::usage(
             &config.config,
             ledger.as_deref(),
             since,

@@ -456,7 +456,7 @@ pub fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// `usage`: the ledger report.
-pub fn usage(
+pub async fn usage(
     path: &std::path::Path,
     ledger: Option<&std::path::Path>,
     since: Option<String>,
@@ -479,19 +479,14 @@ pub fn usage(
                 chrono::DateTime::from_timestamp_millis(since_ms).unwrap_or_default(),
                 chrono::DateTime::from_timestamp_millis(until_ms).unwrap_or_default(),
             );
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let client = crate::store::pg::connect(store, &crate::config::dir_of(path)).await?;
-                crate::store::pg::report(
-                    &client,
-                    &days.0.format("%Y-%m-%d").to_string(),
-                    &days.1.format("%Y-%m-%d").to_string(),
-                    by,
-                )
-                .await
-            })?
+            let client = crate::store::pg::connect(store, &crate::config::dir_of(path)).await?;
+            crate::store::pg::report(
+                &client,
+                &days.0.format("%Y-%m-%d").to_string(),
+                &days.1.format("%Y-%m-%d").to_string(),
+                by,
+            )
+            .await?
         }
         _ => {
             let db = ledger.map_or_else(|| config.ledger.resolve(path), |p| p.to_path_buf());
