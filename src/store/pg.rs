@@ -278,7 +278,8 @@ pub async fn insert_rows(
         return Ok(0);
     }
     let tx = client.transaction().await?;
-    let new = insert_in(&tx, replica, rows).await?;
+    let refs: Vec<&Record> = rows.iter().collect();
+    let new = insert_in(&tx, replica, &refs).await?;
     tx.commit().await?;
     Ok(new)
 }
@@ -287,9 +288,9 @@ pub async fn insert_rows(
 pub async fn insert_in(
     tx: &impl GenericClient,
     replica: &str,
-    rows: &[Record],
+    rows: &[&Record],
 ) -> anyhow::Result<u64> {
-    let col = |f: &dyn Fn(&Record) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
+    let col = |f: &dyn Fn(&&Record) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
     let ts: Vec<i64> = rows.iter().map(|r| r.ts_ms).collect();
     let user = col(&|r| r.user.clone());
     let operation: Vec<String> = rows.iter().map(|r| r.operation.clone()).collect();
@@ -519,7 +520,7 @@ pub async fn recover_interrupted(client: &mut Client, replica: &str) -> anyhow::
             marked: true,
         })
         .collect();
-    let n = insert_in(&tx, replica, &rows).await?;
+    let n = insert_in(&tx, replica, &rows.iter().collect::<Vec<_>>()).await?;
     tx.execute("DELETE FROM sent WHERE replica = $1", &[&replica])
         .await?;
     tx.commit().await?;

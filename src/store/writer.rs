@@ -164,10 +164,10 @@ impl PgSink {
     }
 
     fn commit(&mut self, entries: &[Entry]) -> anyhow::Result<()> {
-        let rows: Vec<Record> = entries
+        let rows: Vec<&Record> = entries
             .iter()
             .filter_map(|e| match e {
-                Entry::Row(r) => Some(r.clone()),
+                Entry::Row(r) => Some(r),
                 Entry::Mark(_) => None,
             })
             .collect();
