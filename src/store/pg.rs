@@ -26,7 +26,7 @@ const MIGRATION_LOCK: i64 = 0x6265_6472_6f63_6b67; // "bedrockg"
 
 /// The schema, one entry per version, applied in order and never edited once released: a
 /// change is a new entry.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 const V1: &str = r#"
 CREATE TABLE requests (
@@ -99,6 +99,42 @@ CREATE TABLE usage_minute (
     tokens   BIGINT NOT NULL,
     PRIMARY KEY (minute, "user", replica)
 );
+"#;
+
+/// Sign-in sessions shared by every replica (a revocation on one is seen by all), and each
+/// replica's last minute of admitted requests per second (a per-minute rate limit is shared).
+const V2: &str = r#"
+CREATE TABLE sessions (
+    id                  BIGSERIAL PRIMARY KEY,
+    access_hash         TEXT NOT NULL UNIQUE,
+    refresh_hash        TEXT UNIQUE,
+    "user"              TEXT NOT NULL,
+    subject             TEXT NOT NULL,
+    email               TEXT,
+    groups              TEXT NOT NULL,
+    idp_refresh         TEXT,
+    surface             TEXT,
+    created_ms          BIGINT NOT NULL,
+    refreshed_ms        BIGINT NOT NULL,
+    expires_ms          BIGINT NOT NULL,
+    refresh_expires_ms  BIGINT,
+    revoked_ms          BIGINT
+);
+CREATE INDEX sessions_user ON sessions ("user");
+CREATE TABLE session_changes (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    generation  BIGINT NOT NULL
+);
+INSERT INTO session_changes (id, generation) VALUES (1, 0);
+CREATE TABLE rate_window (
+    replica   TEXT NOT NULL,
+    "user"    TEXT NOT NULL,
+    sec       BIGINT NOT NULL,
+    requests  BIGINT NOT NULL,
+    tokens    BIGINT NOT NULL,
+    PRIMARY KEY (replica, "user", sec)
+);
+CREATE INDEX rate_window_sec ON rate_window (sec);
 "#;
 
 /// Connects with the store's settings: rustls (aws-lc-rs, the webpki roots and `ca_file`)
