@@ -76,7 +76,7 @@ fn main() -> ExitCode {
             format,
         )),
         Command::Users { command } => report(bedrock_gate::admin::users(command)),
-        Command::Sessions { command } => report(bedrock_gate::admin::sessions(command)),
+        Command::Sessions { command } => run_async(bedrock_gate::admin::sessions(command)),
         Command::Iam { command } => report(bedrock_gate::admin::iam_command(command)),
         Command::Keys { command } => report(bedrock_gate::admin::keys(command)),
         Command::Store { command } => run_async(bedrock_gate::admin::store(command)),

@@ -177,6 +177,12 @@ async fn handle(
     // path no front serves.
     let front = front::front_of(parts.uri.path());
     info.front = Some(front);
+    if state.signin.store.is_shared()
+        && let Some(token) = crate::identify::unknown_session(parts, &state.signin.store)
+    {
+        // Signed in through another replica since this one last read the sessions.
+        state.signin.store.find_new(&token).await;
+    }
     let caller = match identify(
         parts,
         &config.users,
@@ -438,7 +444,12 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         }
         None => Meter::open(&ledger_path, config.ledger.synchronous)?,
     };
-    let store = crate::signin::sessions::SessionStore::open(&ledger_path)?;
+    let store = match &on_store {
+        Some((_, settings)) => {
+            crate::signin::sessions::SessionStore::open_store(settings, &config_dir).await?
+        }
+        None => crate::signin::sessions::SessionStore::open(&ledger_path)?,
+    };
     let signin = crate::signin::SignInState::new(store);
     let state = AppState::new(
         config,

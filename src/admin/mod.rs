@@ -364,8 +364,9 @@ pub fn iam_command(cmd: IamCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `sessions list|revoke`: the SSO sessions in the ledger file.
-pub fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
+/// `sessions list|revoke`: the SSO sessions in the ledger file, or in the shared store when
+/// the config has `[store] url` (and no `--ledger` names a file).
+pub async fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
     use crate::signin::sessions;
     let ledger = match &cmd {
         SessionsCommand::List { ledger, .. } | SessionsCommand::Revoke { ledger, .. } => {
@@ -378,10 +379,24 @@ pub fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
         .ledger
         .clone()
         .unwrap_or_else(|| config.ledger.resolve(path));
-    let conn = sessions::open_db(&db)?;
+    /// Where the sessions are.
+    enum At {
+        Store(tokio_postgres::Client),
+        File(rusqlite::Connection),
+    }
+    let mut at = match (&config.store, &ledger.ledger) {
+        (Some(store), None) => {
+            At::Store(crate::store::pg::connect(store, &crate::config::dir_of(path)).await?)
+        }
+        _ => At::File(sessions::open_db(&db)?),
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
     match &cmd {
         SessionsCommand::List { format, .. } => {
-            let rows = sessions::list(&conn)?;
+            let rows = match &at {
+                At::Store(client) => crate::store::sessions::list(client, now_ms).await?,
+                At::File(conn) => sessions::list(conn)?,
+            };
             let time = |ms: i64| {
                 chrono::DateTime::from_timestamp_millis(ms)
                     .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
@@ -445,7 +460,12 @@ pub fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
             {
                 eprintln!("note: `{u}` is not a user in {}", path.display());
             }
-            let n = sessions::revoke_user(&conn, who)?;
+            let n = match &mut at {
+                At::Store(client) => {
+                    crate::store::sessions::revoke_user(client, who, now_ms).await? as usize
+                }
+                At::File(conn) => sessions::revoke_user(conn, who)?,
+            };
             match who {
                 Some(u) => println!("revoked {n} session(s) of `{u}`"),
                 None => println!("revoked {n} session(s)"),

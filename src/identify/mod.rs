@@ -48,6 +48,15 @@ impl From<Refusal> for Unidentified {
 /// The message for a sign-in that no longer works; Claude Code asks for `/login` on it.
 const SIGN_IN_AGAIN: &str = "Run /login in Claude Code to sign in to this bedrock-gate again.";
 
+/// The sign-in bearer a request carries when this replica does not know it (it may be new on
+/// another replica sharing the store).
+pub fn unknown_session(parts: &Parts, sessions: &SessionStore) -> Option<String> {
+    let key = auth::extract_key(&parts.headers, "").ok()?;
+    let token = key.expose();
+    (token.starts_with(ACCESS_PREFIX) && sessions.lookup(token) == Lookup::Unknown)
+        .then(|| token.to_string())
+}
+
 /// The user whose key or sign-in the request carries. `how_to` tells a caller who sent none
 /// (or a wrong one) how their protocol's clients send it.
 pub fn identify(

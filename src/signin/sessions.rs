@@ -1,15 +1,19 @@
 //! Bearer sessions of signed-in users: issued, looked up, refreshed, revoked, listed.
 //!
-//! Stored in the ledger's SQLite file (table `sessions`), so they survive a restart, with a
-//! copy of the live ones in memory for the request path. Tokens exist in clear only in the
-//! answer that hands them out: the store keeps SHA-256 hashes. The IdP's own refresh token is
-//! kept (it is what a refresh checks the identity with); the file is the proxy's private state.
-//! A `sessions revoke` from another process bumps `session_changes.generation`; the server
-//! polls it every second and reloads. This module never logs a token and never decides who may
-//! sign in (that is `signin::flow`).
+//! Stored in the ledger's SQLite file (table `sessions`), or with `[store] url` in the
+//! PostgreSQL database every replica shares ([`crate::store::sessions`] runs that SQL), so they
+//! survive a restart and work on every replica; a copy of the live ones is kept in memory for
+//! the request path. Tokens exist in clear only in the answer that hands them out: the store
+//! keeps SHA-256 hashes. The IdP's own refresh token is kept (it is what a refresh checks the
+//! identity with); the database is the proxy's private state. Every change (here, in another
+//! replica, or from `sessions revoke`) bumps `session_changes.generation`; the server polls it
+//! every [`POLL_INTERVAL`] and reloads, so a revocation anywhere is refused everywhere within
+//! a second. This module never logs a token and never decides who may sign in (that is
+//! `signin::flow`).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -49,7 +53,7 @@ INSERT OR IGNORE INTO session_changes (id, generation) VALUES (1, 0);
 ";
 
 /// How often the server looks for revocations made by another process.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// SHA-256 of a token, hex: what the store keeps and compares.
 fn hash(token: &str) -> String {
@@ -233,11 +237,48 @@ fn session_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Session> {
     })
 }
 
+/// Where the sessions live.
+enum Db {
+    /// The ledger's SQLite file (one replica).
+    Sqlite(Mutex<Connection>),
+    /// The PostgreSQL store every replica shares.
+    Postgres(Box<Pg>),
+}
+
+/// A connection to the shared store, made again when it was lost.
+struct Pg {
+    settings: crate::store::Settings,
+    dir: PathBuf,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// Runs the store's calls for the blocking callers (they run off the async threads).
+    runtime: tokio::runtime::Handle,
+}
+
+impl Pg {
+    async fn client(
+        &self,
+    ) -> anyhow::Result<tokio::sync::MappedMutexGuard<'_, tokio_postgres::Client>> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(crate::store::pg::connect(&self.settings, &self.dir).await?);
+        }
+        tokio::sync::MutexGuard::try_map(guard, |c| c.as_mut())
+            .map_err(|_| anyhow::anyhow!("the store connection is gone"))
+    }
+
+    fn block<R>(&self, f: impl Future<Output = R>) -> R {
+        self.runtime.block_on(f)
+    }
+}
+
 /// The store the server uses: the database and the in-memory copy of live bearers.
 pub struct SessionStore {
-    conn: Mutex<Connection>,
+    db: Db,
     live: RwLock<HashMap<String, Arc<Session>>>,
     generation: Mutex<i64>,
+    /// Bearers recently looked up in the shared store and not found there (hash → when), so
+    /// a stream of bad tokens costs the database one query per token a second at most.
+    missed: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -246,37 +287,82 @@ impl std::fmt::Debug for SessionStore {
     }
 }
 
+/// Misses remembered at most (a flood of bad tokens forgets the oldest).
+const MAX_MISSES: usize = 10_000;
+
 impl SessionStore {
+    /// Sessions in the ledger's SQLite file at `path`.
     pub fn open(path: &Path) -> anyhow::Result<SessionStore> {
-        let store = SessionStore {
-            conn: Mutex::new(open_db(path)?),
-            live: RwLock::new(HashMap::new()),
-            generation: Mutex::new(-1),
-        };
+        let store = SessionStore::with_db(Db::Sqlite(Mutex::new(open_db(path)?)));
         store.poll()?;
         Ok(store)
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        match self.conn.lock() {
+    /// Sessions in the shared PostgreSQL store (its schema migrated already).
+    pub async fn open_store(
+        settings: &crate::store::Settings,
+        dir: &Path,
+    ) -> anyhow::Result<SessionStore> {
+        let store = SessionStore::with_db(Db::Postgres(Box::new(Pg {
+            settings: settings.clone(),
+            dir: dir.to_path_buf(),
+            client: tokio::sync::Mutex::new(None),
+            runtime: tokio::runtime::Handle::current(),
+        })));
+        store
+            .poll_async()
+            .await
+            .context("cannot read the sign-in sessions from the store")?;
+        Ok(store)
+    }
+
+    fn with_db(db: Db) -> SessionStore {
+        SessionStore {
+            db,
+            live: RwLock::new(HashMap::new()),
+            generation: Mutex::new(-1),
+            missed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether the sessions are shared with other replicas (a bearer unknown here may be new
+    /// there: see [`SessionStore::find_new`]).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
+    }
+
+    fn sqlite(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+        match conn.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
+    fn seen(&self) -> std::sync::MutexGuard<'_, i64> {
+        match self.generation.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn replace_live(&self, rows: Vec<(String, Session)>) {
+        let map = rows.into_iter().map(|(h, s)| (h, Arc::new(s))).collect();
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+
     /// Reloads the live bearers when another process (or this one) changed the table.
-    /// Returns whether it reloaded.
+    /// Returns whether it reloaded. Blocking: call it off the async threads.
     pub fn poll(&self) -> anyhow::Result<bool> {
-        let conn = self.conn();
+        let conn = match &self.db {
+            Db::Sqlite(conn) => Self::sqlite(conn),
+            Db::Postgres(pg) => return pg.block(self.poll_async()),
+        };
         let generation: i64 = conn.query_row(
             "SELECT generation FROM session_changes WHERE id = 1",
             [],
             |r| r.get(0),
         )?;
-        let mut seen = match self.generation.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut seen = self.seen();
         if *seen == generation {
             return Ok(false);
         }
@@ -289,9 +375,23 @@ impl SessionStore {
                 Ok((r.get::<_, String>(0)?, session_at(r, 1)?))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let map = rows.into_iter().map(|(h, s)| (h, Arc::new(s))).collect();
-        *self.live.write().unwrap_or_else(|p| p.into_inner()) = map;
+        self.replace_live(rows);
         *seen = generation;
+        Ok(true)
+    }
+
+    async fn poll_async(&self) -> anyhow::Result<bool> {
+        let Db::Postgres(pg) = &self.db else {
+            return Ok(false);
+        };
+        let client = pg.client().await?;
+        let generation = crate::store::sessions::generation(&client).await?;
+        if *self.seen() == generation {
+            return Ok(false);
+        }
+        let rows = crate::store::sessions::live(&client, now_ms()).await?;
+        self.replace_live(rows);
+        *self.seen() = generation;
         Ok(true)
     }
 
@@ -302,6 +402,46 @@ impl SessionStore {
             Some(s) if s.expires_ms > now_ms() => Lookup::Live(s.clone()),
             Some(_) => Lookup::Expired,
             None => Lookup::Unknown,
+        }
+    }
+
+    /// A bearer this replica does not know may have been issued by another one since the last
+    /// poll (a client signs in through one replica and its next call lands on another): look
+    /// it up in the shared store once and keep it. Does nothing on SQLite or for a token
+    /// already looked up and missed in the last second.
+    pub async fn find_new(&self, token: &str) {
+        let Db::Postgres(pg) = &self.db else { return };
+        let h = hash(token);
+        {
+            let mut missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            missed.retain(|_, at| now.duration_since(*at) < Duration::from_secs(1));
+            if missed.contains_key(&h) {
+                return;
+            }
+            if missed.len() >= MAX_MISSES {
+                return;
+            }
+            missed.insert(h.clone(), now);
+        }
+        let found = match pg.client().await {
+            Ok(client) => crate::store::sessions::by_access(&client, &h).await,
+            Err(e) => Err(e),
+        };
+        match found {
+            Ok(Some(session)) => {
+                self.missed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&h);
+                let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+                live.retain(|_, s| s.id != session.id);
+                live.insert(h, Arc::new(session));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not look a sign-in up in the store")
+            }
         }
     }
 
@@ -319,7 +459,7 @@ impl SessionStore {
         Ok((access, refresh, now_ms().saturating_add(ttl_ms)))
     }
 
-    /// Starts a session for a verified identity.
+    /// Starts a session for a verified identity. Blocking.
     pub fn issue(
         &self,
         grant: &Grant,
@@ -332,29 +472,51 @@ impl SessionStore {
             .as_ref()
             .map(|_| now + i64::try_from(refresh_ttl.as_millis()).unwrap_or(i64::MAX / 2));
         let groups = serde_json::to_string(&grant.groups)?;
-        let id = {
-            let conn = self.conn();
-            conn.execute(
-                "INSERT INTO sessions (access_hash, refresh_hash, user, subject, email, groups, idp_refresh,
-                    surface, created_ms, refreshed_ms, expires_ms, refresh_expires_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)",
-                params![
-                    hash(&access),
-                    refresh.as_deref().map(hash),
-                    grant.user,
-                    grant.subject,
-                    grant.email,
-                    groups,
-                    grant.idp_refresh,
-                    grant.surface,
-                    now,
+        let access_hash = hash(&access);
+        let refresh_hash = refresh.as_deref().map(hash);
+        let id = match &self.db {
+            Db::Sqlite(conn) => {
+                let conn = Self::sqlite(conn);
+                conn.execute(
+                    "INSERT INTO sessions (access_hash, refresh_hash, user, subject, email, groups, idp_refresh,
+                        surface, created_ms, refreshed_ms, expires_ms, refresh_expires_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)",
+                    params![
+                        access_hash,
+                        refresh_hash,
+                        grant.user,
+                        grant.subject,
+                        grant.email,
+                        groups,
+                        grant.idp_refresh,
+                        grant.surface,
+                        now,
+                        expires_ms,
+                        refresh_expires,
+                    ],
+                )?;
+                let id = conn.last_insert_rowid();
+                bump(&conn)?;
+                id
+            }
+            Db::Postgres(pg) => {
+                let row = crate::store::sessions::NewSession {
+                    access_hash: &access_hash,
+                    refresh_hash: refresh_hash.as_deref(),
+                    user: &grant.user,
+                    subject: &grant.subject,
+                    email: grant.email.as_deref(),
+                    groups: &groups,
+                    idp_refresh: grant.idp_refresh.as_deref(),
+                    surface: grant.surface.as_deref(),
+                    now_ms: now,
                     expires_ms,
-                    refresh_expires,
-                ],
-            )?;
-            let id = conn.last_insert_rowid();
-            bump(&conn)?;
-            id
+                    refresh_expires_ms: refresh_expires,
+                };
+                pg.block(async {
+                    crate::store::sessions::insert(&mut *pg.client().await?, &row).await
+                })?
+            }
         };
         Ok(self.hand_out(id, access, refresh, grant, expires_ms, ttl))
     }
@@ -399,9 +561,17 @@ impl SessionStore {
         live.retain(|_, s| s.id != id);
     }
 
-    /// The session a refresh token belongs to, if it is live and may still refresh.
+    /// The session a refresh token belongs to, if it is live and may still refresh. Blocking.
     pub fn refreshable(&self, refresh: &str) -> anyhow::Result<Option<Refreshable>> {
-        let conn = self.conn();
+        let conn = match &self.db {
+            Db::Sqlite(conn) => Self::sqlite(conn),
+            Db::Postgres(pg) => {
+                return pg.block(async {
+                    let client = pg.client().await?;
+                    crate::store::sessions::refreshable(&client, &hash(refresh), now_ms()).await
+                });
+            }
+        };
         let row = conn
             .query_row(
                 &format!(
@@ -423,7 +593,7 @@ impl SessionStore {
     }
 
     /// Rotates a session after the IdP accepted the refresh: new bearer, new refresh token,
-    /// the old pair dead. `grant` carries what the IdP said now.
+    /// the old pair dead. `grant` carries what the IdP said now. Blocking.
     pub fn rotate(
         &self,
         id: i64,
@@ -435,60 +605,94 @@ impl SessionStore {
         let now = now_ms();
         let refresh_expires = now + i64::try_from(refresh_ttl.as_millis()).unwrap_or(i64::MAX / 2);
         let groups = serde_json::to_string(&grant.groups)?;
-        {
-            let conn = self.conn();
-            let n = conn.execute(
-                "UPDATE sessions SET access_hash = ?1, refresh_hash = ?2, user = ?3, email = ?4, groups = ?5,
-                    idp_refresh = COALESCE(?6, idp_refresh), refreshed_ms = ?7, expires_ms = ?8,
-                    refresh_expires_ms = ?9
-                 WHERE id = ?10 AND revoked_ms IS NULL",
-                params![
-                    hash(&access),
-                    refresh.as_deref().map(hash),
-                    grant.user,
-                    grant.email,
-                    groups,
-                    grant.idp_refresh,
-                    now,
-                    expires_ms,
-                    refresh_expires,
-                    id,
-                ],
-            )?;
-            if n == 0 {
-                anyhow::bail!("the session was revoked during the refresh");
+        let access_hash = hash(&access);
+        let refresh_hash = refresh.as_deref().map(hash);
+        let rotated = match &self.db {
+            Db::Sqlite(conn) => {
+                let conn = Self::sqlite(conn);
+                let n = conn.execute(
+                    "UPDATE sessions SET access_hash = ?1, refresh_hash = ?2, user = ?3, email = ?4, groups = ?5,
+                        idp_refresh = COALESCE(?6, idp_refresh), refreshed_ms = ?7, expires_ms = ?8,
+                        refresh_expires_ms = ?9
+                     WHERE id = ?10 AND revoked_ms IS NULL",
+                    params![
+                        access_hash,
+                        refresh_hash,
+                        grant.user,
+                        grant.email,
+                        groups,
+                        grant.idp_refresh,
+                        now,
+                        expires_ms,
+                        refresh_expires,
+                        id,
+                    ],
+                )?;
+                if n > 0 {
+                    bump(&conn)?;
+                }
+                n > 0
             }
-            bump(&conn)?;
+            Db::Postgres(pg) => {
+                let row = crate::store::sessions::NewSession {
+                    access_hash: &access_hash,
+                    refresh_hash: refresh_hash.as_deref(),
+                    user: &grant.user,
+                    subject: &grant.subject,
+                    email: grant.email.as_deref(),
+                    groups: &groups,
+                    idp_refresh: grant.idp_refresh.as_deref(),
+                    surface: grant.surface.as_deref(),
+                    now_ms: now,
+                    expires_ms,
+                    refresh_expires_ms: Some(refresh_expires),
+                };
+                pg.block(async {
+                    crate::store::sessions::rotate(&mut *pg.client().await?, id, &row).await
+                })?
+            }
+        };
+        if !rotated {
+            anyhow::bail!("the session was revoked during the refresh");
         }
         Ok(self.hand_out(id, access, refresh, grant, expires_ms, ttl))
     }
 
-    /// Ends a session by id (the IdP refused it, or the user is gone).
+    /// Ends a session by id (the IdP refused it, or the user is gone). Blocking.
     pub fn end(&self, id: i64) -> anyhow::Result<()> {
-        {
-            let conn = self.conn();
-            conn.execute(
-                "UPDATE sessions SET revoked_ms = ?1, idp_refresh = NULL WHERE id = ?2 AND revoked_ms IS NULL",
-                params![now_ms(), id],
-            )?;
-            bump(&conn)?;
+        match &self.db {
+            Db::Sqlite(conn) => {
+                let conn = Self::sqlite(conn);
+                conn.execute(
+                    "UPDATE sessions SET revoked_ms = ?1, idp_refresh = NULL WHERE id = ?2 AND revoked_ms IS NULL",
+                    params![now_ms(), id],
+                )?;
+                bump(&conn)?;
+            }
+            Db::Postgres(pg) => pg.block(async {
+                crate::store::sessions::end(&mut *pg.client().await?, id, now_ms()).await
+            })?,
         }
         self.forget(id);
         Ok(())
     }
 
     /// RFC 7009: ends the session this bearer or refresh token belongs to. Returns whether
-    /// one was found.
+    /// one was found. Blocking.
     pub fn revoke_token(&self, token: &str) -> anyhow::Result<bool> {
         let h = hash(token);
-        let id: Option<i64> = self
-            .conn()
-            .query_row(
-                "SELECT id FROM sessions WHERE (access_hash = ?1 OR refresh_hash = ?1) AND revoked_ms IS NULL",
-                [&h],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let id: Option<i64> = match &self.db {
+            Db::Sqlite(conn) => Self::sqlite(conn)
+                .query_row(
+                    "SELECT id FROM sessions WHERE (access_hash = ?1 OR refresh_hash = ?1) AND revoked_ms IS NULL",
+                    [&h],
+                    |r| r.get(0),
+                )
+                .optional()?,
+            Db::Postgres(pg) => pg.block(async {
+                crate::store::sessions::id_of_token(&*pg.client().await?, &h).await
+            })?,
+        };
         match id {
             Some(id) => {
                 self.end(id)?;

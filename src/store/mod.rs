@@ -7,6 +7,7 @@
 //! prints a URL with one in it ([`Settings::redacted_url`]).
 
 pub mod pg;
+pub mod sessions;
 pub mod spool;
 pub mod writer;
 

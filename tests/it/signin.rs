@@ -613,6 +613,112 @@ async fn sessions_survive_a_restart_and_the_cli_revokes_them_within_a_second() {
 }
 
 #[tokio::test]
+async fn on_a_shared_store_a_sign_in_works_on_every_replica_and_a_revocation_anywhere_ends_it_within_a_second()
+ {
+    // Two replicas on one database behind one public URL (the load balancer's: here A's).
+    let db = common::pg::Db::create().await;
+    let fake = FakeBedrock::start().await;
+    let idp = FakeIdp::start(CLIENT_ID, SECRET).await;
+    idp.sign_in_as(alice());
+    let (pa, pb) = (free_port(), free_port());
+    // The secret from a file, so the CLI (no extra env) reads the same config.
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("oidc-secret");
+    std::fs::write(&file, SECRET).unwrap();
+    let oidc = format!("client_secret_file = \"{}\"", file.display());
+    let text_of = |_: u16| config(pa, &fake.url(), &idp, &oidc, &db.store_table());
+    let a = start_proxy(&text_of(pa), pa).await;
+    let b = start_proxy(&text_of(pb), pb).await;
+
+    // Signed in through A; the very next call lands on B, before B's poll could have seen it.
+    let tokens = sign_in(&a).await;
+    let bearer_a = bearer(&tokens);
+    let r = messages_as(&b, &bearer_a).await;
+    assert_eq!(r.status, 200, "{}\n{}", text(&r), b.logs());
+    // A refresh through B rotates the session for both.
+    let ep_b = Endpoints {
+        device: String::new(),
+        token: format!("{}/oauth/token", b.url()),
+        revoke: format!("{}/oauth/revoke", b.url()),
+    };
+    let rotated = refresh(&ep_b, tokens["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(rotated.status, 200, "{}", text(&rotated));
+    let bearer_b = bearer(&rotated.json());
+    eventually("A refuses the rotated-out bearer", || async {
+        (messages_as(&a, &bearer_a).await.status == 401).then_some(())
+    })
+    .await;
+    assert_eq!(messages_as(&a, &bearer_b).await.status, 200);
+
+    // The CLI lists it from the store, whichever replica's config it reads.
+    let config = b.config_path.to_str().unwrap().to_string();
+    let list = run(b.dir.path(), &["sessions", "list", "-c", &config]).await;
+    assert!(list.ok, "{}", list.stderr);
+    assert!(list.stdout.contains("1 session(s)"), "{}", list.stdout);
+
+    // Revoked on A (RFC 7009): B refuses it within a second.
+    let out = form_post(
+        &format!("{}/oauth/revoke", a.url()),
+        &[("token", &bearer_b)],
+    )
+    .await;
+    assert_eq!(out.status, 200);
+    let since = Instant::now();
+    eventually("B refuses the bearer revoked on A", || async {
+        (messages_as(&b, &bearer_b).await.status == 401).then_some(())
+    })
+    .await;
+    let took = since.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_signed_out(&messages_as(&b, &bearer_b).await);
+
+    // And from the CLI: a new sign-in, revoked by `sessions revoke`, is refused by both.
+    let again = bearer(&sign_in(&a).await);
+    assert_eq!(messages_as(&b, &again).await.status, 200);
+    let revoked = run(
+        b.dir.path(),
+        &["sessions", "revoke", "alice", "-c", &config],
+    )
+    .await;
+    assert!(
+        revoked.stdout.contains("revoked 1 session"),
+        "{}",
+        revoked.stdout
+    );
+    let since = Instant::now();
+    for proxy in [&a, &b] {
+        eventually("every replica refuses the revoked bearer", || async {
+            (messages_as(proxy, &again).await.status == 401).then_some(())
+        })
+        .await;
+        eprintln!("refused on {} after {:?}", proxy.url(), since.elapsed());
+    }
+    assert!(
+        since.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        since.elapsed()
+    );
+    // The sessions are not in either replica's SQLite file.
+    for proxy in [&a, &b] {
+        let ledger = proxy.dir.path().join("bedrock-gate.db");
+        if ledger.exists() {
+            let conn = rusqlite::Connection::open(&ledger).unwrap();
+            let n: i64 = conn
+                .query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+        }
+    }
+    let client = db.client().await;
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "both sign-ins are rows of the shared store");
+}
+
+#[tokio::test]
 async fn bad_input_gets_the_protocols_errors_and_never_a_panic() {
     let g = start("", "").await;
     let ep = discover(&g.proxy).await;
