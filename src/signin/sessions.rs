@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -245,12 +245,10 @@ enum Db {
     Postgres(Box<Pg>),
 }
 
-/// A connection to the shared store, made again when it was lost.
+/// The shared store, and a handle to run its calls for the blocking callers (they run off
+/// the async threads).
 struct Pg {
-    settings: crate::store::Settings,
-    dir: PathBuf,
-    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
-    /// Runs the store's calls for the blocking callers (they run off the async threads).
+    conn: crate::store::Lazy,
     runtime: tokio::runtime::Handle,
 }
 
@@ -258,12 +256,7 @@ impl Pg {
     async fn client(
         &self,
     ) -> anyhow::Result<tokio::sync::MappedMutexGuard<'_, tokio_postgres::Client>> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(crate::store::pg::connect(&self.settings, &self.dir).await?);
-        }
-        tokio::sync::MutexGuard::try_map(guard, |c| c.as_mut())
-            .map_err(|_| anyhow::anyhow!("the store connection is gone"))
+        self.conn.get().await
     }
 
     fn block<R>(&self, f: impl Future<Output = R>) -> R {
@@ -304,9 +297,7 @@ impl SessionStore {
         dir: &Path,
     ) -> anyhow::Result<SessionStore> {
         let store = SessionStore::with_db(Db::Postgres(Box::new(Pg {
-            settings: settings.clone(),
-            dir: dir.to_path_buf(),
-            client: tokio::sync::Mutex::new(None),
+            conn: crate::store::Lazy::new(settings, dir),
             runtime: tokio::runtime::Handle::current(),
         })));
         store

@@ -13,6 +13,45 @@ pub mod writer;
 
 use std::path::{Path, PathBuf};
 
+/// One connection to the store for occasional reads and writes off the request path (sign-in
+/// sessions, the gateway's `/usage`): made when first needed and again after it was lost;
+/// callers take turns on it.
+pub struct Lazy {
+    settings: Settings,
+    dir: PathBuf,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl std::fmt::Debug for Lazy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lazy")
+            .field("url", &self.settings.redacted_url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lazy {
+    pub fn new(settings: &Settings, dir: &Path) -> Lazy {
+        Lazy {
+            settings: settings.clone(),
+            dir: dir.to_path_buf(),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The connection, connecting first when there is none or it was closed.
+    pub async fn get(
+        &self,
+    ) -> anyhow::Result<tokio::sync::MappedMutexGuard<'_, tokio_postgres::Client>> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(pg::connect(&self.settings, &self.dir).await?);
+        }
+        tokio::sync::MutexGuard::try_map(guard, |c| c.as_mut())
+            .map_err(|_| anyhow::anyhow!("the store connection is gone"))
+    }
+}
+
 /// Where a password for the store may come from instead of the URL.
 pub const PASSWORD_ENV: &str = "BEDROCK_GATE_STORE_PASSWORD";
 
