@@ -553,9 +553,18 @@ pub async fn reconcile(
     let end = chrono::DateTime::from_timestamp_millis(until_ms)
         .map(|d| d.format("%Y-%m-%d").to_string())
         .ok_or_else(|| anyhow::anyhow!("--until: out of range"))?;
-    let db = ledger.unwrap_or_else(|| config.ledger.resolve(&path));
-    let conn = crate::meter::ledger::open_read_only(&db)?;
-    let estimate = report::daily_costs(&conn, since_ms, until_ms)?;
+    let estimate = match (&config.store, ledger) {
+        // Every replica's rows are in the store (a --ledger file is read instead, when named).
+        (Some(store), None) => {
+            let client = crate::store::pg::connect(store, &crate::config::dir_of(&path)).await?;
+            crate::store::pg::daily_costs(&client, &since, &end).await?
+        }
+        (_, ledger) => {
+            let db = ledger.unwrap_or_else(|| config.ledger.resolve(&path));
+            let conn = crate::meter::ledger::open_read_only(&db)?;
+            report::daily_costs(&conn, since_ms, until_ms)?
+        }
+    };
     let ce = billing::client(&config).await;
     let billed = billing::billed(&ce, &config, &since, &end).await?;
     let rows = billing::reconcile(&estimate, &billed, tolerance);

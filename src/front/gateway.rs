@@ -200,19 +200,29 @@ fn iso(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
-/// Spend in USD of `user` since each of these instants (from the ledger).
-fn spend_since(path: &std::path::Path, user: &str, since_ms: &[i64]) -> anyhow::Result<Vec<f64>> {
+/// Spend in USD of `user` since the start of each of these days (`YYYY-MM-DD`), from the
+/// ledger's daily rollup.
+fn spend_since(path: &std::path::Path, user: &str, days: &[String]) -> anyhow::Result<Vec<f64>> {
     let conn = crate::meter::ledger::open_read_only(path)?;
     let mut stmt = conn.prepare_cached(
-        "SELECT COALESCE(SUM(cost_usd), 0.0) FROM requests WHERE user = ?1 AND ts_ms >= ?2",
+        "SELECT total(cost_usd) FROM usage_daily WHERE \"user\" = ?1 AND day >= ?2",
     )?;
-    since_ms
-        .iter()
-        .map(|s| {
-            stmt.query_row(rusqlite::params![user, s], |r| r.get(0))
+    days.iter()
+        .map(|d| {
+            stmt.query_row(rusqlite::params![user, d], |r| r.get(0))
                 .map_err(Into::into)
         })
         .collect()
+}
+
+/// The same from the shared store: every replica's spend.
+async fn store_spend_since(
+    reader: &crate::store::Lazy,
+    user: &str,
+    days: &[String],
+) -> anyhow::Result<Vec<f64>> {
+    let client = reader.get().await?;
+    crate::store::pg::spend_since_days(&client, user, days).await
 }
 
 /// `GET /api/oauth/usage`: the caller's budget in dollars, as Claude Code's `/usage` reads it.
@@ -266,13 +276,18 @@ async fn usage(caller: &Caller, state: &AppState) -> Response {
                 .single()
                 .unwrap_or(now);
             let week = day - Days::days(i64::from(now.weekday().num_days_from_monday()));
-            let path = state.meter.ledger.path().to_path_buf();
-            let name = user.name.clone();
-            let since = [day.timestamp_millis(), week.timestamp_millis()];
-            let spent = tokio::task::spawn_blocking(move || spend_since(&path, &name, &since))
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r);
+            let since = [day, week].map(|d| d.format("%Y-%m-%d").to_string());
+            let spent = match &state.meter.reader {
+                Some(reader) => store_spend_since(reader, &user.name, &since).await,
+                None => {
+                    let path = state.meter.ledger.path().to_path_buf();
+                    let name = user.name.clone();
+                    tokio::task::spawn_blocking(move || spend_since(&path, &name, &since))
+                        .await
+                        .map_err(anyhow::Error::from)
+                        .and_then(|r| r)
+                }
+            };
             let (daily, weekly) = match spent {
                 Ok(v) => (v[0], v[1]),
                 Err(e) => {

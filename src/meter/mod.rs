@@ -30,6 +30,8 @@ pub struct Meter {
     pub ledger: Ledger,
     /// The PostgreSQL store's state, when the ledger is there.
     pub store: Option<std::sync::Arc<crate::store::writer::Health>>,
+    /// A connection to the store for reads off the request path (the gateway's `/usage`).
+    pub reader: Option<crate::store::Lazy>,
     pub accounts: Accounts,
     pub metrics: Metrics,
     /// How many refusals each user had written this minute.
@@ -161,6 +163,7 @@ impl Meter {
         Ok(Meter {
             ledger,
             store,
+            reader: Some(crate::store::Lazy::new(settings, dir)),
             accounts,
             metrics: Metrics::new(),
             refusals: RefusalCap::default(),
@@ -194,6 +197,7 @@ impl Meter {
         Ok(Meter {
             ledger,
             store: None,
+            reader: None,
             accounts,
             metrics: Metrics::new(),
             refusals: RefusalCap::default(),

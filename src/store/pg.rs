@@ -653,6 +653,46 @@ pub async fn report(
         .collect())
 }
 
+/// Each (day, user)'s estimated cost for days `since..until` (`until` excluded), every
+/// replica's, from the rollup: what `reconcile` compares with the bill.
+pub async fn daily_costs(
+    client: &Client,
+    since: &str,
+    until: &str,
+) -> anyhow::Result<BTreeMap<(String, String), f64>> {
+    Ok(client
+        .query(
+            r#"SELECT day, "user", coalesce(sum(cost_usd), 0)::float8 FROM usage_daily
+               WHERE day >= $1 AND day < $2 AND "user" <> '' GROUP BY day, "user""#,
+            &[&since, &until],
+        )
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
+/// What `user` spent since the start of each of `days` (`YYYY-MM-DD`), on every replica, from
+/// the rollup.
+pub async fn spend_since_days(
+    client: &Client,
+    user: &str,
+    days: &[String],
+) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(days.len());
+    for day in days {
+        let row = client
+            .query_one(
+                r#"SELECT coalesce(sum(cost_usd), 0)::float8 FROM usage_daily
+                   WHERE "user" = $1 AND day >= $2"#,
+                &[&user, day],
+            )
+            .await?;
+        out.push(row.get(0));
+    }
+    Ok(out)
+}
+
 /// Rows read from the SQLite ledger and moved per transaction.
 const IMPORT_BATCH: usize = 5_000;
 

@@ -1115,7 +1115,17 @@ async fn usage_shows_the_budget_in_dollars_and_the_headers_warn_near_the_cap() {
             .contains_key("anthropic-ratelimit-unified-representative-claim")
     );
 
-    // Bob has no cap: no limits, and his spend this month, day and week.
+    // Bob has no cap: no limits, and his spend this month, day and week (one call, $0.40).
+    let call = messages(
+        &g.proxy,
+        BOB_KEY,
+        &messages_body("claude-sonnet-4-5", false),
+        &[],
+    )
+    .await;
+    assert_eq!(call.status, 200, "{}", text(&call));
+    // The day and week figures are read from the ledger's rollup: the row is committed
+    // before the answer ends.
     let bob = get(
         &usage_url,
         &[("authorization", &format!("Bearer {BOB_KEY}"))],
@@ -1124,7 +1134,9 @@ async fn usage_shows_the_budget_in_dollars_and_the_headers_warn_near_the_cap() {
     .json();
     assert_eq!(bob["limits"], json!([]));
     assert_eq!(bob["extra_usage"]["monthly_limit"], Value::Null);
-    assert_eq!(bob["extra_usage"]["daily"]["used_credits"], 0);
+    assert_eq!(bob["extra_usage"]["used_credits"], 40, "{bob}");
+    assert_eq!(bob["extra_usage"]["daily"]["used_credits"], 40, "{bob}");
+    assert_eq!(bob["extra_usage"]["weekly"]["used_credits"], 40, "{bob}");
     assert_eq!(bob["extra_usage"]["weekly"]["limit"], Value::Null);
 }
 
