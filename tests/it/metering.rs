@@ -451,7 +451,7 @@ async fn bedrock_gate_ledger_points_serve_and_usage_at_another_database() {
     let db = volume.path().join("usage.db");
     let db_text = db.to_str().unwrap();
     let mut proxy = Proxy::start_with_env(
-        &two_user_config(&fake, ""),
+        &sqlite_only(&two_user_config(&fake, "")),
         &[],
         &[("BEDROCK_GATE_LEDGER", db_text)],
     )

@@ -170,13 +170,49 @@ pub async fn run(dir: &std::path::Path, args: &[&str]) -> Run {
     }
 }
 
+/// Which ledger the proxies of this test run keep: `BEDROCK_GATE_TEST_STORE=postgres` puts
+/// every proxy whose config names no store on a fresh PostgreSQL database of its own (the
+/// ledger-facing tests run once on each store; see `.ci/run`).
+pub const TEST_STORE_ENV: &str = "BEDROCK_GATE_TEST_STORE";
+
+/// Marks a config whose test is about the SQLite file itself: it stays there under
+/// `BEDROCK_GATE_TEST_STORE=postgres`.
+pub fn sqlite_only(config: &str) -> String {
+    format!("{config}\n{SQLITE_ONLY}\n")
+}
+
+const SQLITE_ONLY: &str = "# test: the SQLite ledger";
+
+async fn with_test_store(config: &str) -> String {
+    match std::env::var(TEST_STORE_ENV).as_deref() {
+        Ok("postgres") if store_url_in(config).is_none() && !config.contains(SQLITE_ONLY) => {
+            let db = pg::Db::create().await;
+            format!("{config}\n{}", db.store_table())
+        }
+        Ok("postgres" | "sqlite") | Err(_) => config.to_string(),
+        Ok(other) => panic!("{TEST_STORE_ENV}={other}: say postgres or sqlite"),
+    }
+}
+
+/// The `[store] url` a config names, if its ledger is in PostgreSQL.
+pub fn store_url_in(config: &str) -> Option<String> {
+    let value: toml::Table = config.parse().ok()?;
+    Some(value.get("store")?.get("url")?.as_str()?.to_string())
+}
+
 impl Proxy {
+    /// The PostgreSQL database the proxy's ledger is in, if not the SQLite file.
+    pub fn store_url(&self) -> Option<String> {
+        store_url_in(&std::fs::read_to_string(&self.config_path).ok()?)
+    }
+
     pub async fn start(config: &str) -> Proxy {
         Self::start_with_args(config, &[]).await
     }
 
     pub async fn start_with_args(config: &str, args: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
+        let config = with_test_store(config).await;
         std::fs::write(dir.path().join("bedrock-gate.toml"), config).expect("write config");
         Self::launch(dir, args, &[]).await
     }
@@ -185,6 +221,7 @@ impl Proxy {
     /// step that has no other outward sign).
     pub async fn start_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
+        let config = with_test_store(config).await;
         std::fs::write(dir.path().join("bedrock-gate.toml"), config).expect("write config");
         Self::launch(dir, args, env).await
     }
@@ -499,50 +536,129 @@ pub struct LedgerRow {
     pub session: Option<String>,
 }
 
-/// Runs `sql` on the proxy's ledger and maps each row (a separate read-only view of the file).
+/// Runs `sql` (SQLite's dialect) on the proxy's ledger and maps each row. The SQLite file is
+/// opened as a separate view; a ledger in PostgreSQL has its `requests` copied into an
+/// in-memory SQLite table of the same columns first, so one query checks either store.
 pub fn ledger_query<T>(
     proxy: &Proxy,
     sql: &str,
-    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    mut row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
 ) -> Vec<T> {
-    let conn = rusqlite::Connection::open(proxy.ledger_path()).expect("open the ledger");
-    let mut stmt = conn.prepare(sql).expect("ledger query");
-    stmt.query_map([], row)
+    let conn = match proxy.store_url() {
+        Some(url) => pg_requests_in_memory(&url),
+        None => rusqlite::Connection::open(proxy.ledger_path()).expect("open the ledger"),
+    };
+    let Ok(mut stmt) = conn.prepare(sql) else {
+        // No table yet: the proxy has not written its first row.
+        if conn.prepare("SELECT 1 FROM requests").is_err() {
+            return Vec::new();
+        }
+        panic!("ledger query: {sql}");
+    };
+    stmt.query_map([], &mut row)
         .expect("ledger query")
         .collect::<Result<_, _>>()
         .expect("ledger rows")
 }
 
-/// The ledger's rows so far, in order.
-pub fn ledger(proxy: &Proxy) -> Vec<LedgerRow> {
-    let Ok(conn) = rusqlite::Connection::open(proxy.ledger_path()) else {
-        return Vec::new();
-    };
-    let Ok(mut stmt) = conn.prepare(
-        "SELECT user, front, operation, model, profile_arn, status, input_tokens, output_tokens,
-                cache_read_tokens, cache_write_tokens, complete, outcome, project, session
-         FROM requests ORDER BY id",
-    ) else {
-        return Vec::new();
-    };
-    stmt.query_map([], |r| {
-        Ok(LedgerRow {
-            user: r.get(0)?,
-            front: r.get(1)?,
-            operation: r.get(2)?,
-            model: r.get(3)?,
-            profile: r.get(4)?,
-            status: r.get(5)?,
-            tokens: (r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?),
-            complete: r.get(10)?,
-            outcome: r.get(11)?,
-            project: r.get(12)?,
-            session: r.get(13)?,
+/// The store's `requests` table, copied into an in-memory SQLite table with the same column
+/// names, in `id` order. Runs on a thread of its own (the tests' runtime may not block).
+fn pg_requests_in_memory(url: &str) -> rusqlite::Connection {
+    use tokio_postgres::types::Type;
+    let url = url.to_string();
+    let rows = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = pg::connect(&url).await;
+            client
+                .query("SELECT * FROM requests ORDER BY id", &[])
+                .await
+                .unwrap_or_default()
         })
     })
-    .expect("query")
-    .collect::<Result<_, _>>()
-    .expect("rows")
+    .join()
+    .expect("read the store");
+    let conn = rusqlite::Connection::open_in_memory().expect("memory");
+    let Some(first) = rows.first() else {
+        return conn;
+    };
+    let names: Vec<String> = first
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    conn.execute_batch(&format!(
+        "CREATE TABLE requests ({})",
+        names
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .expect("create");
+    let insert = format!(
+        "INSERT INTO requests VALUES ({})",
+        (1..=names.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut stmt = conn.prepare(&insert).expect("insert");
+    for r in &rows {
+        let values: Vec<rusqlite::types::Value> = r
+            .columns()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                use rusqlite::types::Value as V;
+                let t = c.type_();
+                let v = if *t == Type::INT8 {
+                    r.get::<_, Option<i64>>(i).map(V::Integer)
+                } else if *t == Type::INT4 {
+                    r.get::<_, Option<i32>>(i).map(|v| V::Integer(v.into()))
+                } else if *t == Type::BOOL {
+                    r.get::<_, Option<bool>>(i).map(|v| V::Integer(v.into()))
+                } else if *t == Type::FLOAT8 {
+                    r.get::<_, Option<f64>>(i).map(V::Real)
+                } else {
+                    r.get::<_, Option<String>>(i).map(V::Text)
+                };
+                v.unwrap_or(V::Null)
+            })
+            .collect();
+        stmt.execute(rusqlite::params_from_iter(values))
+            .expect("copy a row");
+    }
+    drop(stmt);
+    conn
+}
+
+/// The ledger's rows so far, in order.
+pub fn ledger(proxy: &Proxy) -> Vec<LedgerRow> {
+    ledger_query(
+        proxy,
+        "SELECT user, front, operation, model, profile_arn, status, input_tokens, output_tokens,
+                cache_read_tokens, cache_write_tokens, complete, outcome, project, session
+         FROM requests ORDER BY rowid",
+        |r| {
+            Ok(LedgerRow {
+                user: r.get(0)?,
+                front: r.get(1)?,
+                operation: r.get(2)?,
+                model: r.get(3)?,
+                profile: r.get(4)?,
+                status: r.get(5)?,
+                tokens: (r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?),
+                complete: r.get(10)?,
+                outcome: r.get(11)?,
+                project: r.get(12)?,
+                session: r.get(13)?,
+            })
+        },
+    )
 }
 
 /// Waits until the ledger holds `n` rows (they are committed in the background) and returns them.
