@@ -71,6 +71,25 @@ pub fn spawn_store_poll(
     });
 }
 
+/// Records the calls vanished replicas had in flight (see [`crate::store::pg::recover_stale`]);
+/// a failure is logged and tried again later.
+async fn recover_stale(client: &mut tokio_postgres::Client, replica: &str) {
+    match crate::store::pg::recover_stale(client, replica, Utc::now().timestamp_millis()).await {
+        Ok(done) => {
+            for (gone, calls) in done {
+                tracing::warn!(
+                    replica = %gone,
+                    calls,
+                    "a replica unseen for 15 minutes had calls in flight: they are recorded as `interrupted`"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "could not check for vanished replicas")
+        }
+    }
+}
+
 /// How often the other replicas' spend is read.
 pub const STORE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -133,6 +152,8 @@ impl Meter {
                 "calls this replica had in flight when it last stopped without closing the ledger are recorded as `interrupted`"
             );
         }
+        pg::heartbeat(&client, &replica, now.timestamp_millis()).await?;
+        recover_stale(&mut client, &replica).await;
         let day = month.start().format("%Y-%m-%d").to_string();
         // This replica's own rows rebuild its counters; the others' are read alongside, and
         // again twice a second (see `spawn_store_poll`), so no spend counts twice.

@@ -26,7 +26,7 @@ const MIGRATION_LOCK: i64 = 0x6265_6472_6f63_6b67; // "bedrockg"
 
 /// The schema, one entry per version, applied in order and never edited once released: a
 /// change is a new entry.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
 
 const V1: &str = r#"
 CREATE TABLE requests (
@@ -135,6 +135,15 @@ CREATE TABLE rate_window (
     PRIMARY KEY (replica, "user", sec)
 );
 CREATE INDEX rate_window_sec ON rate_window (sec);
+"#;
+
+/// When each replica was last seen, so the calls a vanished replica had in flight are
+/// recorded by the others (see [`recover_stale`]).
+const V3: &str = r#"
+CREATE TABLE replicas (
+    replica  TEXT PRIMARY KEY,
+    seen_ms  BIGINT NOT NULL
+);
 "#;
 
 /// Connects with the store's settings: rustls (aws-lc-rs, the webpki roots and `ca_file`)
@@ -521,6 +530,69 @@ pub async fn insert_marks(
 /// rows, rolled up like any row; a marker whose call has a row is only removed. Run at start.
 pub async fn recover_interrupted(client: &mut Client, replica: &str) -> anyhow::Result<u64> {
     let tx = client.transaction().await?;
+    let n = recover_in(&tx, replica).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// How long a replica may go unseen before another one records the calls it had in flight
+/// as `interrupted`: far longer than any poll gap or restart, so a replica merely cut off
+/// from the database (still serving, spooling) is not taken for gone.
+pub const STALE_REPLICA_MS: i64 = 15 * 60 * 1000;
+
+/// Says this replica is alive (every poll).
+pub async fn heartbeat(client: &Client, replica: &str, now_ms: i64) -> anyhow::Result<()> {
+    client
+        .execute(
+            "INSERT INTO replicas (replica, seen_ms) VALUES ($1, $2)
+             ON CONFLICT (replica) DO UPDATE SET seen_ms = excluded.seen_ms",
+            &[&replica, &now_ms],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Records as `interrupted` the calls in flight on replicas not seen for
+/// [`STALE_REPLICA_MS`] (scaled away, or replaced under a new name, as a Kubernetes pod is),
+/// which no restart under their name would ever recover. Each stale replica is claimed by one
+/// caller (row lock, others skip it) and forgotten once recovered. Returns (replica, calls).
+pub async fn recover_stale(
+    client: &mut Client,
+    me: &str,
+    now_ms: i64,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let cutoff = now_ms - STALE_REPLICA_MS;
+    let stale: Vec<String> = client
+        .query(
+            "SELECT replica FROM replicas WHERE seen_ms < $1 AND replica <> $2",
+            &[&cutoff, &me],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut out = Vec::new();
+    for replica in stale {
+        let tx = client.transaction().await?;
+        let claimed = tx
+            .query_opt(
+                "SELECT 1 FROM replicas WHERE replica = $1 AND seen_ms < $2 FOR UPDATE SKIP LOCKED",
+                &[&replica, &cutoff],
+            )
+            .await?;
+        if claimed.is_none() {
+            continue;
+        }
+        let n = recover_in(&tx, &replica).await?;
+        tx.execute("DELETE FROM replicas WHERE replica = $1", &[&replica])
+            .await?;
+        tx.commit().await?;
+        out.push((replica, n));
+    }
+    Ok(out)
+}
+
+async fn recover_in(tx: &tokio_postgres::Transaction<'_>, replica: &str) -> anyhow::Result<u64> {
     let left = tx
         .query(
             r#"SELECT s.request_id, s.ts_ms, s."user", s.front, s.project, s.session, s.operation,
@@ -556,10 +628,9 @@ pub async fn recover_interrupted(client: &mut Client, replica: &str) -> anyhow::
             marked: true,
         })
         .collect();
-    let n = insert_in(&tx, replica, &rows.iter().collect::<Vec<_>>()).await?;
+    let n = insert_in(tx, replica, &rows.iter().collect::<Vec<_>>()).await?;
     tx.execute("DELETE FROM sent WHERE replica = $1", &[&replica])
         .await?;
-    tx.commit().await?;
     Ok(n)
 }
 

@@ -43,7 +43,7 @@ async fn migrate_from_three_processes_at_once_applies_each_version_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
     // Again: nothing to do.
     let again = run(dir.path(), &["store", "migrate", "-c", &path]).await;
     assert!(again.ok && again.stdout.contains("up to date"), "{again}");
@@ -437,4 +437,79 @@ async fn a_budget_crossed_on_one_replica_is_refused_by_the_other_within_a_second
     .json();
     let spent = usage["cost_usd"].as_f64().unwrap();
     assert!(spent > 0.0003 && spent < 0.0004, "{usage}");
+}
+
+#[tokio::test]
+async fn the_calls_a_vanished_replica_had_in_flight_are_recorded_by_another_once() {
+    // A replica under a name no process will use again (a pod replaced under a new name)
+    // died with two calls in flight: their markers are in `sent`, and it was last seen long ago.
+    let fake = FakeBedrock::start().await;
+    let db = Db::create().await;
+    let migrate = {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gate.toml");
+        std::fs::write(&path, config_with(&fake, &db)).unwrap();
+        run(
+            dir.path(),
+            &["store", "migrate", "-c", path.to_str().unwrap()],
+        )
+        .await
+    };
+    assert!(migrate.ok, "{migrate}");
+    let client = db.client().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let long_ago = now - 20 * 60 * 1000;
+    client
+        .execute(
+            "INSERT INTO replicas (replica, seen_ms) VALUES ('gone-pod-7f9c', $1)",
+            &[&long_ago],
+        )
+        .await
+        .unwrap();
+    for id in ["gone-1", "gone-2"] {
+        client
+            .execute(
+                r#"INSERT INTO sent (request_id, ts_ms, "user", operation, model, admitted, replica)
+                   VALUES ($1, $2, 'alice', 'Converse', 'm', true, 'gone-pod-7f9c')"#,
+                &[&id, &(long_ago + 1)],
+            )
+            .await
+            .unwrap();
+    }
+    // Two live replicas start: one of them records the calls, once.
+    let a = Proxy::start(&config_with(&fake, &db)).await;
+    let b = Proxy::start(&config_with(&fake, &db)).await;
+    eventually("the vanished replica's calls are rows", || async {
+        (count(&db, "SELECT count(*) FROM sent").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM requests WHERE outcome = 'interrupted' AND replica = 'gone-pod-7f9c'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT sum(requests)::bigint FROM usage_daily WHERE replica = 'gone-pod-7f9c'"
+        )
+        .await,
+        2,
+        "rolled up once"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM replicas WHERE replica = 'gone-pod-7f9c'"
+        )
+        .await,
+        0,
+        "and forgotten"
+    );
+    // The live replicas are seen.
+    assert_eq!(count(&db, "SELECT count(*) FROM replicas").await, 2);
+    drop((a, b));
 }
