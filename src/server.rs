@@ -450,7 +450,11 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         }
         None => crate::signin::sessions::SessionStore::open(&ledger_path)?,
     };
-    let signin = crate::signin::SignInState::new(store);
+    let flows = match &on_store {
+        Some((_, settings)) => crate::signin::device::DeviceFlows::on_store(settings, &config_dir),
+        None => crate::signin::device::DeviceFlows::default(),
+    };
+    let signin = crate::signin::SignInState::new(store, flows);
     let state = AppState::new(
         config,
         sha256,

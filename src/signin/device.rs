@@ -1,7 +1,8 @@
 //! Device authorizations in progress (RFC 8628) and the browser sign-ins that approve them.
 //!
-//! In memory only: a sign-in in progress lasts minutes, and a restart just means `/login`
-//! again. Device codes are 256 random bits, kept as hashes, single use and expiring; user codes
+//! In memory ([`Memory`]) for one replica: a sign-in in progress lasts minutes, and a restart
+//! just means `/login` again. With `[store] url` in the shared database instead (see
+//! [`DeviceFlows`]), so each step may reach any replica. Device codes are 256 random bits, kept as hashes, single use and expiring; user codes
 //! are 8 letters from RFC 8628's base-20 alphabet. Polling faster than the interval gets
 //! `slow_down` (and the interval grows by 5 s). Everything is bounded: at most
 //! [`MAX_PENDING`] flows and [`MAX_PENDING`] browser sign-ins at once. This module never
@@ -111,9 +112,9 @@ pub enum CodeState {
     Unknown,
 }
 
-/// All flows in progress.
+/// All flows in progress, in this process's memory (one replica).
 #[derive(Debug, Default)]
-pub struct DeviceFlows {
+pub struct Memory {
     inner: Mutex<Inner>,
 }
 
@@ -171,7 +172,7 @@ pub fn normalize_user_code(typed: &str) -> Option<String> {
     ))
 }
 
-impl DeviceFlows {
+impl Memory {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -340,6 +341,207 @@ impl DeviceFlows {
     }
 }
 
+/// The flows in progress: in memory, or with `[store] url` in the database every replica
+/// shares ([`crate::store::device`]), so each step of a sign-in may land on any replica. A
+/// store that fails is logged and answered as a flow that is not there (the page says to try
+/// again; a device poll hears `authorization_pending` and keeps polling).
+#[derive(Debug, Default)]
+pub struct DeviceFlows {
+    memory: Memory,
+    store: Option<crate::store::Lazy>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn rng<T>(r: Result<T, getrandom::Error>) -> anyhow::Result<T> {
+    r.map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))
+}
+
+fn store_failed(e: &anyhow::Error) {
+    tracing::warn!(error = %format!("{e:#}"), "sign-in: the store did not answer");
+}
+
+impl DeviceFlows {
+    /// Flows in the shared store.
+    pub fn on_store(settings: &crate::store::Settings, dir: &std::path::Path) -> DeviceFlows {
+        DeviceFlows {
+            memory: Memory::default(),
+            store: Some(crate::store::Lazy::new(settings, dir)),
+        }
+    }
+
+    /// RFC 8628 §3.2: a new device code and user code. `None` when too many are in progress.
+    pub async fn start(&self, surface: Option<String>) -> anyhow::Result<Option<Started>> {
+        let Some(store) = &self.store else {
+            return rng(self.memory.start(surface));
+        };
+        let device_code = rng(random(32))?;
+        let h = hex::encode(hash(&device_code));
+        let client = store.get().await?;
+        let now = now_ms();
+        let times = (now, now + ms(DEVICE_CODE_TTL), ms(INTERVAL));
+        let max = i64::try_from(MAX_PENDING).unwrap_or(i64::MAX);
+        for _ in 0..8 {
+            let code = rng(user_code())?;
+            match crate::store::device::start(&client, &h, &code, surface.as_deref(), times, max)
+                .await?
+            {
+                Ok(false) => return Ok(None),
+                Ok(true) => {
+                    return Ok(Some(Started {
+                        device_code,
+                        user_code: code,
+                        expires_in: DEVICE_CODE_TTL.as_secs(),
+                        interval: INTERVAL.as_secs(),
+                    }));
+                }
+                Err(()) => continue,
+            }
+        }
+        anyhow::bail!("no free user code after 8 draws")
+    }
+
+    /// Whether the verification page may start a sign-in for this user code.
+    pub async fn code_state(&self, user_code: &str) -> CodeState {
+        let Some(store) = &self.store else {
+            return self.memory.code_state(user_code);
+        };
+        let found = async {
+            crate::store::device::code_state(&*store.get().await?, user_code, now_ms()).await
+        };
+        found.await.unwrap_or_else(|e| {
+            store_failed(&e);
+            CodeState::Unknown
+        })
+    }
+
+    /// See [`Memory::begin_login`].
+    pub async fn begin_login(&self, user_code: &str) -> anyhow::Result<Option<(String, Login)>> {
+        let Some(store) = &self.store else {
+            return rng(self.memory.begin_login(user_code));
+        };
+        let state = rng(random(32))?;
+        let login = Login {
+            user_code: user_code.to_string(),
+            nonce: rng(random(32))?,
+            verifier: rng(random(48))?,
+            expires: Instant::now() + LOGIN_TTL,
+        };
+        let now = now_ms();
+        let max = i64::try_from(MAX_PENDING).unwrap_or(i64::MAX);
+        let begun = crate::store::device::begin_login(
+            &mut *store.get().await?,
+            &hex::encode(hash(&state)),
+            &login,
+            now,
+            now + ms(LOGIN_TTL),
+            max,
+        )
+        .await?;
+        Ok(begun.then_some((state, login)))
+    }
+
+    /// Takes the login a callback's `state` names (single use).
+    pub async fn take_login(&self, state: &str) -> Option<Login> {
+        let Some(store) = &self.store else {
+            return self.memory.take_login(state);
+        };
+        let taken = async {
+            crate::store::device::take_login(
+                &*store.get().await?,
+                &hex::encode(hash(state)),
+                now_ms(),
+            )
+            .await
+        };
+        match taken.await {
+            Ok(found) => found.map(|(user_code, nonce, verifier)| Login {
+                user_code,
+                nonce,
+                verifier,
+                expires: Instant::now() + LOGIN_TTL,
+            }),
+            Err(e) => {
+                store_failed(&e);
+                None
+            }
+        }
+    }
+
+    /// The surface (`claude_code`) the flow of a user code was started by.
+    pub async fn surface(&self, user_code: &str) -> Option<String> {
+        let Some(store) = &self.store else {
+            return self.memory.surface(user_code);
+        };
+        let found = async { crate::store::device::surface(&*store.get().await?, user_code).await };
+        found.await.unwrap_or_else(|e| {
+            store_failed(&e);
+            None
+        })
+    }
+
+    /// See [`Memory::finish`].
+    pub async fn finish(&self, user_code: &str, outcome: Result<Approval, String>) {
+        let Some(store) = &self.store else {
+            return self.memory.finish(user_code, outcome);
+        };
+        let done =
+            async { crate::store::device::finish(&*store.get().await?, user_code, &outcome).await };
+        if let Err(e) = done.await {
+            store_failed(&e);
+        }
+    }
+
+    /// See [`Memory::reopen`].
+    pub async fn reopen(&self, user_code: &str) {
+        let Some(store) = &self.store else {
+            return self.memory.reopen(user_code);
+        };
+        let done = async { crate::store::device::reopen(&*store.get().await?, user_code).await };
+        if let Err(e) = done.await {
+            store_failed(&e);
+        }
+    }
+
+    /// See [`Memory::poll`].
+    pub async fn poll(&self, device_code: &str) -> Poll {
+        let Some(store) = &self.store else {
+            return self.memory.poll(device_code);
+        };
+        use crate::store::device::Polled;
+        let polled = async {
+            crate::store::device::poll(
+                &mut *store.get().await?,
+                &hex::encode(hash(device_code)),
+                now_ms(),
+                5_000,
+            )
+            .await
+        };
+        match polled.await {
+            Ok(Polled::Invalid) => Poll::Invalid,
+            Ok(Polled::Expired) => Poll::Expired,
+            Ok(Polled::Pending) => Poll::Pending,
+            Ok(Polled::SlowDown) => Poll::SlowDown,
+            Ok(Polled::Denied(m)) => Poll::Denied(m),
+            Ok(Polled::Approved(json)) => match serde_json::from_str(&json) {
+                Ok(a) => Poll::Approved(Box::new(a)),
+                Err(_) => Poll::Invalid,
+            },
+            Err(e) => {
+                store_failed(&e);
+                Poll::Pending
+            }
+        }
+    }
+}
+
 /// A fixed window per client address, for the unauthenticated sign-in endpoints.
 #[derive(Debug, Default)]
 pub struct IpLimiter {
@@ -401,7 +603,7 @@ mod tests {
 
     #[test]
     fn device_code_is_single_use_and_login_state_too() {
-        let flows = DeviceFlows::default();
+        let flows = Memory::default();
         let s = flows.start(Some("claude_code".into())).unwrap().unwrap();
         assert!(s.device_code.len() >= 43, "256 bits");
         assert_eq!(flows.poll(&s.device_code), Poll::Pending);
@@ -437,7 +639,7 @@ mod tests {
 
     #[test]
     fn denial_is_reported_once() {
-        let flows = DeviceFlows::default();
+        let flows = Memory::default();
         let s = flows.start(None).unwrap().unwrap();
         flows.begin_login(&s.user_code).unwrap().unwrap();
         flows.finish(&s.user_code, Err("no user".into()));

@@ -66,9 +66,10 @@ pub struct SignInState {
 }
 
 impl SignInState {
-    pub fn new(store: SessionStore) -> SignInState {
+    /// `flows` in memory, or in the shared store with the sessions.
+    pub fn new(store: SessionStore, flows: DeviceFlows) -> SignInState {
         SignInState {
-            flows: DeviceFlows::default(),
+            flows,
             idp: Idp::new(),
             store,
             device_limit: IpLimiter::default(),
@@ -204,7 +205,7 @@ async fn device_authorization(State(state): State<Arc<AppState>>, request: Reque
     let surface = field(&form, "surface")
         .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string);
-    let started = match state.signin.flows.start(surface) {
+    let started = match state.signin.flows.start(surface).await {
         Ok(Some(s)) => s,
         Ok(None) => {
             return oauth_error(
@@ -330,7 +331,7 @@ async fn device_submit(State(state): State<Arc<AppState>>, request: Request) -> 
             Some("That is not a code Claude Code shows: 8 letters like WDJB-MJHT."),
         );
     };
-    match state.signin.flows.code_state(&code) {
+    match state.signin.flows.code_state(&code).await {
         CodeState::Open => {}
         CodeState::Used => {
             return page::code_form(
@@ -359,7 +360,7 @@ async fn device_submit(State(state): State<Arc<AppState>>, request: Request) -> 
             );
         }
     };
-    let (login_state, login) = match state.signin.flows.begin_login(&code) {
+    let (login_state, login) = match state.signin.flows.begin_login(&code).await {
         Ok(Some(l)) => l,
         Ok(None) => {
             return page::code_form(
@@ -476,7 +477,7 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
     if !cookie_matches(request.headers(), login_state) {
         return stale();
     }
-    let Some(login) = state.signin.flows.take_login(login_state) else {
+    let Some(login) = state.signin.flows.take_login(login_state).await else {
         return stale();
     };
     let flows = &state.signin.flows;
@@ -485,10 +486,10 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
             "The company sign-in provider did not sign you in ({}).",
             crate::refusal::shown(error)
         );
-        return deny(&state, &login.user_code, message);
+        return deny(&state, &login.user_code, message).await;
     }
     let Some(code) = field(&params, "code").filter(|c| !c.is_empty() && c.len() <= 4096) else {
-        flows.reopen(&login.user_code);
+        flows.reopen(&login.user_code).await;
         return stale();
     };
     let verified = async {
@@ -512,7 +513,7 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
         Err(IdpError::Unavailable(e)) => {
             tracing::warn!(error = %e, "sign-in: IdP unavailable");
             state.meter.metrics.signin("idp_unavailable");
-            flows.reopen(&login.user_code);
+            flows.reopen(&login.user_code).await;
             return page::failed(
                 StatusCode::BAD_GATEWAY,
                 "The company sign-in provider did not answer in time. Go back to the code page and try again.",
@@ -524,44 +525,47 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
                 &state,
                 &login.user_code,
                 format!("The sign-in could not be verified: {e}."),
-            );
+            )
+            .await;
         }
     };
     let user = match decide(&live.config, s, &who) {
         Ok(Decision::User(u)) => u.name.clone(),
         Ok(Decision::Provision(name)) => match provision(&state, &name, &who).await {
             Ok(()) => name,
-            Err(message) => return deny(&state, &login.user_code, message),
+            Err(message) => return deny(&state, &login.user_code, message).await,
         },
         Err(message) => {
             tracing::info!(subject = %who.subject, "sign-in refused: {message}");
-            return deny(&state, &login.user_code, message);
+            return deny(&state, &login.user_code, message).await;
         }
     };
     tracing::info!(user = %user, "signed in through the IdP; device code approved");
     state.meter.metrics.signin("approved");
     let response = page::signed_in(who.email.as_deref(), &user);
-    let surface = flows.surface(&login.user_code);
-    flows.finish(
-        &login.user_code,
-        Ok(Approval {
-            user,
-            subject: who.subject,
-            email: who.email,
-            groups: who.groups,
-            idp_refresh,
-            surface,
-        }),
-    );
+    let surface = flows.surface(&login.user_code).await;
+    flows
+        .finish(
+            &login.user_code,
+            Ok(Approval {
+                user,
+                subject: who.subject,
+                email: who.email,
+                groups: who.groups,
+                idp_refresh,
+                surface,
+            }),
+        )
+        .await;
     response
 }
 
 /// A browser sign-in that ends refused: the device poll gets `access_denied` with `message`,
 /// and the browser the same words.
-fn deny(state: &AppState, user_code: &str, message: String) -> Response {
+async fn deny(state: &AppState, user_code: &str, message: String) -> Response {
     state.meter.metrics.signin("denied");
     let page = page::failed(StatusCode::FORBIDDEN, &message);
-    state.signin.flows.finish(user_code, Err(message));
+    state.signin.flows.finish(user_code, Err(message)).await;
     page
 }
 
@@ -692,7 +696,7 @@ async fn device_grant(
     s: &SignIn,
     device_code: &str,
 ) -> Response {
-    let approval = match state.signin.flows.poll(device_code) {
+    let approval = match state.signin.flows.poll(device_code).await {
         Poll::Pending => {
             return oauth_error(
                 StatusCode::BAD_REQUEST,

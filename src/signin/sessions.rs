@@ -83,7 +83,7 @@ pub struct Session {
 
 /// Who a new session is for (from a verified id_token). `Debug` leaves the IdP's refresh
 /// token out.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Grant {
     pub user: String,
     pub subject: String,

@@ -6,6 +6,7 @@
 //! with rustls, and the versioned schema ([`pg::migrate`]). It never logs a password and never
 //! prints a URL with one in it ([`Settings::redacted_url`]).
 
+pub mod device;
 pub mod pg;
 pub mod sessions;
 pub mod spool;

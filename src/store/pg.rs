@@ -26,7 +26,7 @@ const MIGRATION_LOCK: i64 = 0x6265_6472_6f63_6b67; // "bedrockg"
 
 /// The schema, one entry per version, applied in order and never edited once released: a
 /// change is a new entry.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
 
 const V1: &str = r#"
 CREATE TABLE requests (
@@ -143,6 +143,29 @@ const V3: &str = r#"
 CREATE TABLE replicas (
     replica  TEXT PRIMARY KEY,
     seen_ms  BIGINT NOT NULL
+);
+"#;
+
+/// Sign-ins in progress (RFC 8628 device flows and their browser logins), so each step may
+/// reach any replica.
+const V4: &str = r#"
+CREATE TABLE device_flows (
+    device_hash   TEXT PRIMARY KEY,
+    user_code     TEXT NOT NULL UNIQUE,
+    expires_ms    BIGINT NOT NULL,
+    interval_ms   BIGINT NOT NULL,
+    last_poll_ms  BIGINT,
+    state         TEXT NOT NULL,
+    approval      TEXT,
+    denied        TEXT,
+    surface       TEXT
+);
+CREATE TABLE device_logins (
+    state_hash  TEXT PRIMARY KEY,
+    user_code   TEXT NOT NULL,
+    nonce       TEXT NOT NULL,
+    verifier    TEXT NOT NULL,
+    expires_ms  BIGINT NOT NULL
 );
 "#;
 

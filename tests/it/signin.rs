@@ -613,7 +613,7 @@ async fn sessions_survive_a_restart_and_the_cli_revokes_them_within_a_second() {
 }
 
 #[tokio::test]
-async fn on_a_shared_store_a_sign_in_works_on_every_replica_and_a_revocation_anywhere_ends_it_within_a_second()
+async fn on_a_shared_store_a_sign_in_spans_replicas_and_a_revocation_anywhere_ends_it_within_a_second()
  {
     // Two replicas on one database behind one public URL (the load balancer's: here A's).
     let db = common::pg::Db::create().await;
@@ -630,17 +630,35 @@ async fn on_a_shared_store_a_sign_in_works_on_every_replica_and_a_revocation_any
     let a = start_proxy(&text_of(pa), pa).await;
     let b = start_proxy(&text_of(pb), pb).await;
 
-    // Signed in through A; the very next call lands on B, before B's poll could have seen it.
-    let tokens = sign_in(&a).await;
-    let bearer_a = bearer(&tokens);
-    let r = messages_as(&b, &bearer_a).await;
-    assert_eq!(r.status, 200, "{}\n{}", text(&r), b.logs());
-    // A refresh through B rotates the session for both.
+    // Claude Code reaches B, the browser A (the public URL): the flow in progress is shared.
     let ep_b = Endpoints {
-        device: String::new(),
+        device: format!("{}/oauth/device_authorization", b.url()),
         token: format!("{}/oauth/token", b.url()),
         revoke: format!("{}/oauth/revoke", b.url()),
     };
+    let dev = device_start(&ep_b).await;
+    assert_eq!(
+        oauth_error(&poll(&ep_b, &dev.device_code).await),
+        "authorization_pending"
+    );
+    let page = browser(&a, &dev).await;
+    assert_eq!(page.status, 200, "{}\n{}", text(&page), a.logs());
+    let tokens = poll(&ep_b, &dev.device_code).await;
+    assert_eq!(tokens.status, 200, "{}\n{}", text(&tokens), b.logs());
+    let tokens = tokens.json();
+    let again = poll(&ep_b, &dev.device_code).await;
+    assert_eq!(
+        oauth_error(&again),
+        "invalid_grant",
+        "a device code is single use"
+    );
+    // Signed in; the very next call lands on A, which has not polled the new session yet.
+    let bearer_a = bearer(&tokens);
+    let r = messages_as(&a, &bearer_a).await;
+    assert_eq!(r.status, 200, "{}\n{}", text(&r), a.logs());
+    let r = messages_as(&b, &bearer_a).await;
+    assert_eq!(r.status, 200, "{}\n{}", text(&r), b.logs());
+    // A refresh through B rotates the session for both.
     let rotated = refresh(&ep_b, tokens["refresh_token"].as_str().unwrap()).await;
     assert_eq!(rotated.status, 200, "{}", text(&rotated));
     let bearer_b = bearer(&rotated.json());
