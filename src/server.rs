@@ -544,10 +544,11 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
             "/metrics",
             axum::routing::get(|State(state): State<Arc<AppState>>| async move {
                 let live = state.live.load();
-                let text = state
-                    .meter
-                    .metrics
-                    .render(live.generation, Some(&state.meter.ledger.stats));
+                let text = state.meter.metrics.render(
+                    live.generation,
+                    Some(&state.meter.ledger.stats),
+                    state.meter.store.as_deref(),
+                );
                 (
                     [(
                         header::CONTENT_TYPE,

@@ -75,6 +75,8 @@ pub struct Metrics {
     ledger_lag: Gauge<f64, AtomicU64>,
     ledger_pending: Gauge,
     ledger_dropped: Gauge,
+    store_degraded: Gauge,
+    store_spool_bytes: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -108,6 +110,8 @@ impl Metrics {
             ledger_lag: Gauge::default(),
             ledger_pending: Gauge::default(),
             ledger_dropped: Gauge::default(),
+            store_degraded: Gauge::default(),
+            store_spool_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -184,6 +188,16 @@ impl Metrics {
             "ledger_dropped_rows",
             "Ledger rows dropped (queue full or repeated write failures)",
             m.ledger_dropped.clone(),
+        );
+        registry.register(
+            "store_degraded",
+            "1 while the PostgreSQL store cannot take rows and they wait in the spool (0 on SQLite)",
+            m.store_degraded.clone(),
+        );
+        registry.register(
+            "store_spool_bytes",
+            "Bytes of ledger rows waiting in the spool for the PostgreSQL store",
+            m.store_spool_bytes.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -280,7 +294,18 @@ impl Metrics {
     }
 
     /// Renders the exposition text, sampling the gauges that live elsewhere.
-    pub fn render(&self, generation: u64, ledger: Option<&LedgerStats>) -> String {
+    pub fn render(
+        &self,
+        generation: u64,
+        ledger: Option<&LedgerStats>,
+        store: Option<&crate::store::writer::Health>,
+    ) -> String {
+        if let Some(h) = store {
+            self.store_degraded
+                .set(i64::from(h.degraded.load(Ordering::Relaxed)));
+            self.store_spool_bytes
+                .set(i64::try_from(h.spool_bytes.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        }
         self.config_generation
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
         if let Some(l) = ledger {
@@ -318,7 +343,7 @@ mod tests {
         );
         m.timing("Converse", 0.01, Some(0.005));
         m.in_flight("Converse", 1);
-        let text = m.render(3, None);
+        let text = m.render(3, None, None);
         assert!(
             text.contains(
                 r#"bedrock_gate_requests_total{user="alice",operation="Converse",status="200"} 1"#

@@ -311,6 +311,11 @@ async fn the_database_going_away_mid_load_loses_nothing_and_writes_nothing_twice
         during["store"]["spool_bytes"].as_u64().unwrap() > 0,
         "{during}"
     );
+    let metrics = metrics_text(&proxy).await;
+    assert!(
+        metrics.contains("bedrock_gate_store_degraded 1"),
+        "/metrics says so too: {metrics}"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     relay.restore();
     let statuses = load.await.unwrap();
@@ -337,6 +342,13 @@ async fn the_database_going_away_mid_load_loses_nothing_and_writes_nothing_twice
     let spool = proxy.dir.path().join("bedrock-gate.spool");
     eventually("the spool is emptied", || async {
         (std::fs::metadata(&spool).map(|m| m.len()).unwrap_or(0) == 0).then_some(())
+    })
+    .await;
+    eventually("/metrics says the store is back", || async {
+        let m = metrics_text(&proxy).await;
+        (m.contains("bedrock_gate_store_degraded 0")
+            && m.contains("bedrock_gate_store_spool_bytes 0"))
+        .then_some(())
     })
     .await;
     eprintln!(
