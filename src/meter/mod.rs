@@ -5,7 +5,8 @@
 //! - [`prices`]: USD per million tokens; cost estimation that never guesses.
 //! - [`ledger`]: the SQLite ledger, group-committed off the request path; each answer's end
 //!   waits for its row.
-//! - [`limits`]: per-user monthly budget and per-minute rate accounting.
+//! - [`limits`]: per-user monthly budget and per-minute rate accounting, counting the other
+//!   replicas' use as the store poll ([`spawn_store_poll`]) last read it.
 //! - [`metrics`]: Prometheus exposition for the admin listener.
 //! - [`report`]: the `usage` command's queries and formats.
 
@@ -38,8 +39,10 @@ pub struct Meter {
     pub refusals: RefusalCap,
 }
 
-/// Reads the other replicas' spend this month from the store twice a second into `meter`'s
-/// accounts, for the budget check. A store that does not answer keeps the last figures.
+/// Twice a second: reads the other replicas' spend this month from the store into `meter`'s
+/// accounts, for the budget check, and trades rate windows with them (see `WindowSync`), for
+/// the per-minute limits. A store that does not answer keeps the last figures (the others'
+/// window seconds still leave the window as time passes); admission never waits for it.
 pub fn spawn_store_poll(
     meter: std::sync::Arc<Meter>,
     settings: crate::store::Settings,
@@ -48,14 +51,34 @@ pub fn spawn_store_poll(
 ) {
     tokio::spawn(async move {
         let mut client = None;
+        let mut window = WindowSync::default();
+        let mut polls: u64 = 1;
         let mut tick = tokio::time::interval(STORE_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                // A replica that was idle trades its first change at once.
+                () = meter.accounts.window_changed() => {}
+            }
             if client.is_none() {
                 client = crate::store::pg::connect(&settings, &dir).await.ok();
             }
-            let Some(c) = client.as_ref() else { continue };
+            let Some(c) = client.as_mut() else { continue };
+            // Now and then: say this replica is alive, and record the calls in flight of any
+            // that vanished (another replica's name unseen for long).
+            if polls % HEARTBEAT_EVERY == 0 {
+                let now_ms = Utc::now().timestamp_millis();
+                if crate::store::pg::heartbeat(c, &replica, now_ms).await.is_err() {
+                    client = None;
+                    continue;
+                }
+                if polls % (HEARTBEAT_EVERY * 6) == 0 {
+                    recover_stale(c, &replica).await;
+                }
+            }
+            polls = polls.wrapping_add(1);
+            let c = &*c;
             let month = Month::of(Utc::now());
             let day = month.start().format("%Y-%m-%d").to_string();
             match tokio::time::timeout(
@@ -65,7 +88,20 @@ pub fn spawn_store_poll(
             .await
             {
                 Ok(Ok(others)) => meter.accounts.set_others(month, others),
-                _ => client = None,
+                _ => {
+                    client = None;
+                    continue;
+                }
+            }
+            match tokio::time::timeout(STORE_POLL * 4, window.sync(c, &meter.accounts, &replica))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "rate window not traded with the store this time");
+                    client = None;
+                }
+                Err(_) => client = None,
             }
         }
     });
@@ -89,6 +125,69 @@ async fn recover_stale(client: &mut tokio_postgres::Client, replica: &str) {
         }
     }
 }
+
+/// The per-minute rate window shared through the store: each replica writes its own seconds
+/// (per user) to `rate_window` and reads everyone else's, so a user's limit holds across
+/// replicas. The request path never touches the store: admission counts this replica's window
+/// plus the others' as last read, which is at most a poll or two behind.
+#[derive(Debug, Default)]
+struct WindowSync {
+    /// Seconds taken from the accounts and not yet in the store, per (user, second), with
+    /// their latest figures: a failed write is retried with what has happened since.
+    pending: std::collections::HashMap<(String, i64), (u64, u64)>,
+    /// Polls that traded windows since the last sweep of old seconds.
+    since_sweep: u32,
+}
+
+/// Polls between sweeps of this replica's old seconds out of the store (about 30 s).
+const SWEEP_EVERY: u32 = 60;
+
+impl WindowSync {
+    /// One poll's trade: writes the seconds that changed here, now and then deletes old ones,
+    /// and reads the others'. Does nothing at all, no round trip, while no second changed here
+    /// and no other replica's is still in any user's window.
+    async fn sync(
+        &mut self,
+        client: &tokio_postgres::Client,
+        accounts: &Accounts,
+        replica: &str,
+    ) -> anyhow::Result<()> {
+        use crate::store::pg;
+        let now = Utc::now();
+        for s in accounts.take_window_changes(now) {
+            self.pending.insert((s.user, s.sec), (s.requests, s.tokens));
+        }
+        let oldest = now.timestamp() - limits::WINDOW_SECS;
+        self.pending.retain(|(_, sec), _| *sec > oldest);
+        if self.pending.is_empty() && !accounts.has_others_window(now) {
+            return Ok(());
+        }
+        let seconds: Vec<limits::WindowSecond> = self
+            .pending
+            .iter()
+            .map(|((user, sec), (requests, tokens))| limits::WindowSecond {
+                user: user.clone(),
+                sec: *sec,
+                requests: *requests,
+                tokens: *tokens,
+            })
+            .collect();
+        pg::publish_window(client, replica, &seconds).await?;
+        self.pending.clear();
+        if self.since_sweep == 0 {
+            // Twice the window: a reader a little behind on its clock still finds what it reads.
+            let before = oldest - limits::WINDOW_SECS;
+            pg::sweep_window(client, replica, before, oldest - 3600).await?;
+        }
+        self.since_sweep = (self.since_sweep + 1) % SWEEP_EVERY;
+        let others = pg::others_window(client, replica, oldest).await?;
+        accounts.set_others_window(now, others);
+        Ok(())
+    }
+}
+
+/// Polls between heartbeats (about 10 s); vanished replicas are looked for every sixth.
+const HEARTBEAT_EVERY: u64 = 20;
 
 /// How often the other replicas' spend is read.
 pub const STORE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -159,11 +258,18 @@ impl Meter {
         // again twice a second (see `spawn_store_poll`), so no spend counts twice.
         let totals = pg::totals_since_day(&client, &day, (&replica, true)).await?;
         let others = pg::totals_since_day(&client, &day, (&replica, false)).await?;
-        let recent = pg::recent(&client, now.timestamp_millis() - 60_000).await?;
+        // Likewise the rate window: this replica's from its rows (the poll writes it to
+        // `rate_window` afresh, replacing what it wrote before it stopped), the others' from
+        // theirs in `rate_window`.
+        let recent = pg::recent(&client, &replica, now.timestamp_millis() - 60_000).await?;
+        pg::clear_window(&client, &replica).await?;
+        let others_window =
+            pg::others_window(&client, &replica, now.timestamp() - limits::WINDOW_SECS).await?;
         drop(client);
         let rebuilt = totals.len();
         let accounts = Accounts::rebuild(month, totals, recent);
         accounts.set_others(month, others);
+        accounts.set_others_window(now, others_window);
         let spool_path = dir.join(&settings.spool_path);
         let health = std::sync::Arc::new(crate::store::writer::Health::default());
         let writer_health = health.clone();

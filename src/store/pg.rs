@@ -6,10 +6,12 @@
 //! find nothing left to do. [`insert_rows`] writes ledger rows idempotently: a row carries its
 //! request id, a second insert of the same id is a no-op, and the daily rollup only counts rows
 //! that were new, in the same transaction. [`import_sqlite`] moves an embedded ledger in with
-//! it, so running it twice moves each row once.
+//! it, so running it twice moves each row once. [`publish_window`], [`others_window`] and
+//! [`sweep_window`] trade the per-minute rate window between replicas through `rate_window`.
 //!
 //! This module never logs a password or a URL with one (see [`super::Settings`]), and never
-//! changes a row once written.
+//! changes a ledger row once written (`rate_window` holds live counters, each replica's rewritten
+//! by it as they grow and swept once old).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -696,19 +698,112 @@ pub async fn totals_since_day(
         .collect())
 }
 
-/// (user, start ms, tokens) of each admitted request at or after `since_ms`: the rate window.
-pub async fn recent(client: &Client, since_ms: i64) -> anyhow::Result<Vec<(String, i64, u64)>> {
+/// (user, start ms, tokens) of each request `replica` admitted at or after `since_ms`: its own
+/// rate window, rebuilt at start (the other replicas' comes from [`others_window`]).
+pub async fn recent(
+    client: &Client,
+    replica: &str,
+    since_ms: i64,
+) -> anyhow::Result<Vec<(String, i64, u64)>> {
     let rows = client
         .query(
             r#"SELECT "user", ts_ms, input_tokens + output_tokens + cache_read_tokens + cache_write_tokens
-               FROM requests WHERE ts_ms >= $1 AND "user" IS NOT NULL AND admitted"#,
-            &[&since_ms],
+               FROM requests WHERE ts_ms >= $1 AND "user" IS NOT NULL AND admitted AND replica = $2"#,
+            &[&since_ms, &replica],
         )
         .await?;
     Ok(rows
         .iter()
         .map(|r| (r.get(0), r.get(1), from_i64(r.get(2))))
         .collect())
+}
+
+/// Writes `replica`'s seconds of the rate window, each with its figures so far (a second
+/// already there is overwritten, so offering one again is harmless). One statement, one round
+/// trip, whatever the number of seconds; `seconds` holds each (user, second) once.
+pub async fn publish_window(
+    client: &Client,
+    replica: &str,
+    seconds: &[crate::meter::limits::WindowSecond],
+) -> anyhow::Result<()> {
+    if seconds.is_empty() {
+        return Ok(());
+    }
+    let users: Vec<&str> = seconds.iter().map(|s| s.user.as_str()).collect();
+    let secs: Vec<i64> = seconds.iter().map(|s| s.sec).collect();
+    let requests: Vec<i64> = seconds.iter().map(|s| to_i64(s.requests)).collect();
+    let tokens: Vec<i64> = seconds.iter().map(|s| to_i64(s.tokens)).collect();
+    client
+        .execute(
+            r#"INSERT INTO rate_window (replica, "user", sec, requests, tokens)
+               SELECT $1, u, s, r, t FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+                   AS w(u, s, r, t)
+               ON CONFLICT (replica, "user", sec)
+               DO UPDATE SET requests = EXCLUDED.requests, tokens = EXCLUDED.tokens"#,
+            &[&replica, &users, &secs, &requests, &tokens],
+        )
+        .await
+        .context("writing the rate window")?;
+    Ok(())
+}
+
+/// The other replicas' seconds of the rate window after `since_sec`, each with the replica
+/// that counted it (one row per replica, user and second; a caller sums them), by the `sec`
+/// index.
+pub async fn others_window(
+    client: &Client,
+    replica: &str,
+    since_sec: i64,
+) -> anyhow::Result<Vec<(String, crate::meter::limits::WindowSecond)>> {
+    let rows = client
+        .query(
+            r#"SELECT replica, "user", sec, requests, tokens FROM rate_window
+               WHERE sec > $2 AND replica <> $1"#,
+            &[&replica, &since_sec],
+        )
+        .await
+        .context("reading the rate window")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                crate::meter::limits::WindowSecond {
+                    user: r.get(1),
+                    sec: r.get(2),
+                    requests: from_i64(r.get(3)),
+                    tokens: from_i64(r.get(4)),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Deletes `replica`'s seconds of the rate window before `before_sec`, which no replica reads
+/// any more, and anyone's before `abandoned_sec` (a replica that is gone for good cannot
+/// delete its own). Returns how many went.
+pub async fn sweep_window(
+    client: &Client,
+    replica: &str,
+    before_sec: i64,
+    abandoned_sec: i64,
+) -> anyhow::Result<u64> {
+    client
+        .execute(
+            "DELETE FROM rate_window WHERE sec < $2 AND (replica = $1 OR sec < $3)",
+            &[&replica, &before_sec, &abandoned_sec],
+        )
+        .await
+        .context("sweeping the rate window")
+}
+
+/// Deletes all of `replica`'s rate window: at start, before it writes the window it rebuilt
+/// from its rows, so a second from before the restart does not count twice.
+pub async fn clear_window(client: &Client, replica: &str) -> anyhow::Result<u64> {
+    client
+        .execute("DELETE FROM rate_window WHERE replica = $1", &[&replica])
+        .await
+        .context("clearing the rate window")
 }
 
 /// The `usage` report from the rollup: days `since..until` (`YYYY-MM-DD`, `until`
