@@ -29,6 +29,7 @@ mod parsers_prop;
 mod provision;
 mod proxy;
 mod reload;
+mod replicas;
 mod sdk;
 mod signin;
 mod sigv4_verifier;
