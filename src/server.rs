@@ -434,9 +434,16 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
             "ledger.flush_interval_ms no longer has an effect: each row is committed before its answer ends; remove it"
         );
     }
+    // Bound before the store is opened, so a replica started on port 0 is named after the port
+    // it got: every process on a host would otherwise be `HOST:0`, each counting the others'
+    // rows as its own (and recovering their in-flight calls as interrupted).
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let local = listener.local_addr()?;
     // The store this process serves on, and its name there: the meter opens on them, and the
     // poll of the other replicas' spend reads the same.
-    let on_store = config.store.clone().map(|s| (s.replica_name(listen), s));
+    let on_store = config.store.clone().map(|s| (s.replica_name(local), s));
     let config_dir = crate::config::dir_of(&opts.config_path);
     let meter = match &on_store {
         Some((replica, settings)) => {
@@ -473,9 +480,6 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         crate::meter::spawn_store_poll(state.meter.clone(), settings, config_dir, replica);
     }
     let _reloader = crate::reload::spawn(state.clone(), opts.config_path.clone(), opts.watch)?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let admin = match admin_listen {
         Some(a) => Some(
             TcpListener::bind(a)
@@ -484,7 +488,6 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         ),
         None => None,
     };
-    let local = listener.local_addr()?;
     let scheme = if tls { "https" } else { "http" };
     tracing::info!(addr = %local, users, tls, config = %opts.config_path.display(), "bedrock-gate listening");
     // Plain lines on stdout for scripts and tests that start us on port 0.

@@ -125,7 +125,8 @@ impl Settings {
         })
     }
 
-    /// This replica's name: `replica`, else `HOST:PORT` of the main listener.
+    /// This replica's name: `replica`, else `HOST:PORT` of the main listener as bound (a `:0` in
+    /// `listen` names the port the system chose).
     pub fn replica_name(&self, listen: std::net::SocketAddr) -> String {
         self.replica.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname")
