@@ -69,7 +69,10 @@ pub fn spawn_store_poll(
             // that vanished (another replica's name unseen for long).
             if polls % HEARTBEAT_EVERY == 0 {
                 let now_ms = Utc::now().timestamp_millis();
-                if crate::store::pg::heartbeat(c, &replica, now_ms).await.is_err() {
+                if crate::store::pg::heartbeat(c, &replica, now_ms)
+                    .await
+                    .is_err()
+                {
                     client = None;
                     continue;
                 }

@@ -525,3 +525,77 @@ async fn the_calls_a_vanished_replica_had_in_flight_are_recorded_by_another_once
     assert_eq!(count(&db, "SELECT count(*) FROM replicas").await, 2);
     drop((a, b));
 }
+
+#[tokio::test]
+async fn postgresql_stopped_mid_load_and_started_again_loses_nothing_and_writes_nothing_twice() {
+    // A cluster of this test's own, stopped with pg_ctl as an operator would, then started.
+    const N: usize = 200;
+    let cluster = pg::Cluster::start().await;
+    let db = cluster.database().await;
+    let fake = FakeBedrock::start().await;
+    let proxy = Proxy::start(&config_with(&fake, &db)).await;
+    let url = proxy.url();
+    let load = tokio::spawn(concurrently(N, 8, move |_| {
+        let url = url.clone();
+        async move {
+            send(request(
+                http::Method::POST,
+                &format!("{url}/model/{SONNET}/converse"),
+                &[("authorization", &format!("Bearer {ALICE_KEY}"))],
+                CONVERSE_BODY,
+            ))
+            .await
+            .status
+        }
+    }));
+    eventually("some rows reached the database", || async {
+        (count(&db, "SELECT count(*) FROM requests").await > 10).then_some(())
+    })
+    .await;
+    cluster.stop();
+    let during = eventually("the proxy says the store is degraded", || async {
+        let h = send(request(
+            http::Method::GET,
+            &format!("{}/healthz", proxy.url()),
+            &[],
+            "",
+        ))
+        .await
+        .json();
+        (h["status"] == "degraded").then_some(h)
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    cluster.start_again();
+    let statuses = load.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every request answered while PostgreSQL was stopped: {} not",
+        statuses.iter().filter(|s| **s != 200).count()
+    );
+    let rows = eventually("every row in the database after the replay", || async {
+        let n = count(&db, "SELECT count(*) FROM requests").await;
+        (n >= N as i64).then_some(n)
+    })
+    .await;
+    assert_eq!(rows, N as i64);
+    assert_eq!(
+        count(&db, "SELECT count(DISTINCT request_id) FROM requests").await,
+        N as i64
+    );
+    assert_eq!(
+        count(&db, "SELECT sum(requests)::bigint FROM usage_daily").await,
+        N as i64,
+        "each row rolled up once"
+    );
+    let spool = proxy.dir.path().join("bedrock-gate.spool");
+    eventually("the spool is emptied", || async {
+        (std::fs::metadata(&spool).map(|m| m.len()).unwrap_or(0) == 0).then_some(())
+    })
+    .await;
+    eprintln!(
+        "postgresql stop/start run: sent {N}, answered 200: {}, rows {rows}, spool {} bytes while stopped",
+        statuses.iter().filter(|s| **s == 200).count(),
+        during["store"]["spool_bytes"]
+    );
+}
