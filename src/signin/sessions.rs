@@ -280,8 +280,10 @@ impl std::fmt::Debug for SessionStore {
     }
 }
 
-/// Misses remembered at most (a flood of bad tokens forgets the oldest).
+/// Misses remembered at most (beyond it, unknown bearers are not looked up until they age out).
 const MAX_MISSES: usize = 10_000;
+/// The longest a request waits to look a bearer up in the shared store.
+const FIND_WAIT: Duration = Duration::from_millis(300);
 
 impl SessionStore {
     /// Sessions in the ledger's SQLite file at `path`.
@@ -415,10 +417,12 @@ impl SessionStore {
             }
             missed.insert(h.clone(), now);
         }
-        let found = match pg.client().await {
-            Ok(client) => crate::store::sessions::by_access(&client, &h).await,
-            Err(e) => Err(e),
-        };
+        let found = tokio::time::timeout(FIND_WAIT, async {
+            let client = pg.client().await?;
+            crate::store::sessions::by_access(&client, &h).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the store did not answer in {FIND_WAIT:?}")));
         match found {
             Ok(Some(session)) => {
                 self.missed
@@ -428,6 +432,10 @@ impl SessionStore {
                 let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
                 live.retain(|_, s| s.id != session.id);
                 live.insert(h, Arc::new(session));
+                drop(live);
+                // A revocation may have been read between the query and now: reload at the
+                // next poll rather than keep a session the store no longer has live.
+                *self.seen() = -1;
             }
             Ok(None) => {}
             Err(e) => {
@@ -545,6 +553,9 @@ impl SessionStore {
         let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
         live.retain(|_, s| s.id != session.id);
         live.insert(hash(access), Arc::new(session));
+        drop(live);
+        // Written after the store was: a revocation read in between must not be outlived.
+        *self.seen() = -1;
     }
 
     fn forget(&self, id: i64) {

@@ -14,9 +14,9 @@ pub mod writer;
 
 use std::path::{Path, PathBuf};
 
-/// One connection to the store for occasional reads and writes off the request path (sign-in
-/// sessions, the gateway's `/usage`): made when first needed and again after it was lost;
-/// callers take turns on it.
+/// A connection to the store for its occasional reads and writes besides the ledger's (sign-in
+/// sessions and flows, the gateway's `/usage`): made when first needed and again after it was
+/// lost; callers take turns on it, each waiting a bounded time.
 pub struct Lazy {
     settings: Settings,
     dir: PathBuf,
@@ -31,6 +31,9 @@ impl std::fmt::Debug for Lazy {
     }
 }
 
+/// The longest a caller of [`Lazy::get`] waits for the connection to be free.
+pub const LAZY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl Lazy {
     pub fn new(settings: &Settings, dir: &Path) -> Lazy {
         Lazy {
@@ -40,11 +43,14 @@ impl Lazy {
         }
     }
 
-    /// The connection, connecting first when there is none or it was closed.
+    /// The connection, connecting first when there is none or it was closed. Waits at most
+    /// [`LAZY_WAIT`] for another caller's turn to end.
     pub async fn get(
         &self,
     ) -> anyhow::Result<tokio::sync::MappedMutexGuard<'_, tokio_postgres::Client>> {
-        let mut guard = self.client.lock().await;
+        let mut guard = tokio::time::timeout(LAZY_WAIT, self.client.lock())
+            .await
+            .map_err(|_| anyhow::anyhow!("the store connection stayed busy for {LAZY_WAIT:?}"))?;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = Some(pg::connect(&self.settings, &self.dir).await?);
         }
@@ -81,7 +87,13 @@ pub struct Settings {
     pub replica: Option<String>,
     /// `spool_path`, relative to the config file.
     pub spool_path: String,
+    /// `replica_gone_secs`: how long a replica may go unseen before the others record the
+    /// calls it had in flight (see [`pg::recover_stale`]).
+    pub replica_gone: std::time::Duration,
 }
+
+/// `[store] replica_gone_secs` when unset: far longer than any poll gap or restart.
+pub const DEFAULT_REPLICA_GONE: std::time::Duration = std::time::Duration::from_secs(900);
 
 /// The spool file when `[store] spool_path` says nothing.
 pub const DEFAULT_SPOOL: &str = "bedrock-gate.spool";
@@ -95,6 +107,7 @@ impl std::fmt::Debug for Settings {
             .field("on_unavailable", &self.on_unavailable)
             .field("replica", &self.replica)
             .field("spool_path", &self.spool_path)
+            .field("replica_gone", &self.replica_gone)
             .finish()
     }
 }
@@ -122,6 +135,7 @@ impl Settings {
             on_unavailable,
             replica: None,
             spool_path: DEFAULT_SPOOL.to_string(),
+            replica_gone: DEFAULT_REPLICA_GONE,
         })
     }
 
@@ -168,6 +182,12 @@ impl Settings {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(std::time::Duration::from_secs(5));
         }
+        // A connection whose server vanished (a failover, a cut network) fails in seconds
+        // instead of after the kernel's retransmits (~15 min): every wait on the store is
+        // bounded.
+        config.keepalives(true);
+        config.keepalives_idle(std::time::Duration::from_secs(5));
+        config.tcp_user_timeout(std::time::Duration::from_secs(5));
         Ok(config)
     }
 
