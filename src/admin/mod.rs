@@ -557,7 +557,10 @@ pub async fn reconcile(
         // Every replica's rows are in the store (a --ledger file is read instead, when named).
         (Some(store), None) => {
             let client = crate::store::pg::connect(store, &crate::config::dir_of(&path)).await?;
-            crate::store::pg::daily_costs(&client, &since, &end).await?
+            let first = chrono::DateTime::from_timestamp_millis(since_ms)
+                .map(|d| d.format("%Y-%m-%d").to_string())
+                .unwrap_or_default();
+            crate::store::pg::daily_costs(&client, &first, &end).await?
         }
         (_, ledger) => {
             let db = ledger.unwrap_or_else(|| config.ledger.resolve(&path));

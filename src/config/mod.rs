@@ -311,6 +311,15 @@ fn store_settings(raw: raw::RawStore) -> Result<crate::store::Settings, ConfigEr
         }
         settings.spool_path = p;
     }
+    if let Some(secs) = raw.replica_gone_secs {
+        if !(2..=7 * 86_400).contains(&secs) {
+            return Err(ConfigError::new(
+                "store.replica_gone_secs",
+                "2 to 604800 seconds (default 900)",
+            ));
+        }
+        settings.replica_gone = std::time::Duration::from_secs(secs);
+    }
     Ok(settings)
 }
 

@@ -72,6 +72,8 @@ pub struct RawStore {
     pub replica: Option<String>,
     /// Where rows wait while the store is away (relative to the config).
     pub spool_path: Option<String>,
+    /// Seconds a replica may go unseen before the others record its calls in flight.
+    pub replica_gone_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

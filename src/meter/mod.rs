@@ -52,7 +52,9 @@ pub fn spawn_store_poll(
     tokio::spawn(async move {
         let mut client = None;
         let mut window = WindowSync::default();
-        let mut polls: u64 = 1;
+        let gone = settings.replica_gone;
+        let beat_every = (gone / 4).min(HEARTBEAT);
+        let (mut last_beat, mut seen_since, mut last_recovery) = (None, None, None);
         let mut tick = tokio::time::interval(STORE_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -64,23 +66,33 @@ pub fn spawn_store_poll(
             if client.is_none() {
                 client = crate::store::pg::connect(&settings, &dir).await.ok();
             }
-            let Some(c) = client.as_mut() else { continue };
-            // Now and then: say this replica is alive, and record the calls in flight of any
-            // that vanished (another replica's name unseen for long).
-            if polls % HEARTBEAT_EVERY == 0 {
-                let now_ms = Utc::now().timestamp_millis();
-                if crate::store::pg::heartbeat(c, &replica, now_ms)
-                    .await
-                    .is_err()
-                {
+            let Some(c) = client.as_mut() else {
+                // Unseen meanwhile: the others may not be able to say they were alive either.
+                seen_since = None;
+                continue;
+            };
+            // Now and then: say this replica is alive, and, once it has been seen without a
+            // break for longer than `replica_gone`, record the calls in flight of any replica
+            // unseen for that long.
+            let now = std::time::Instant::now();
+            if last_beat.is_none_or(|t| now.duration_since(t) >= beat_every) {
+                let beat =
+                    tokio::time::timeout(STORE_POLL * 4, crate::store::pg::heartbeat(c, &replica))
+                        .await;
+                if !matches!(beat, Ok(Ok(()))) {
                     client = None;
+                    seen_since = None;
                     continue;
                 }
-                if polls % (HEARTBEAT_EVERY * 6) == 0 {
-                    recover_stale(c, &replica).await;
+                last_beat = Some(now);
+                let since = *seen_since.get_or_insert(now);
+                if now.duration_since(since) > gone
+                    && last_recovery.is_none_or(|t| now.duration_since(t) >= beat_every * 6)
+                {
+                    last_recovery = Some(now);
+                    recover_stale(c, &replica, gone).await;
                 }
             }
-            polls = polls.wrapping_add(1);
             let c = &*c;
             let month = Month::of(Utc::now());
             let day = month.start().format("%Y-%m-%d").to_string();
@@ -112,14 +124,24 @@ pub fn spawn_store_poll(
 
 /// Records the calls vanished replicas had in flight (see [`crate::store::pg::recover_stale`]);
 /// a failure is logged and tried again later.
-async fn recover_stale(client: &mut tokio_postgres::Client, replica: &str) {
-    match crate::store::pg::recover_stale(client, replica, Utc::now().timestamp_millis()).await {
+async fn recover_stale(
+    client: &mut tokio_postgres::Client,
+    replica: &str,
+    gone: std::time::Duration,
+) {
+    let done = tokio::time::timeout(
+        STORE_POLL * 4,
+        crate::store::pg::recover_stale(client, replica, gone),
+    )
+    .await
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("the store did not answer in time")));
+    match done {
         Ok(done) => {
-            for (gone, calls) in done {
+            for (gone_replica, calls) in done {
                 tracing::warn!(
-                    replica = %gone,
+                    replica = %gone_replica,
                     calls,
-                    "a replica unseen for 15 minutes had calls in flight: they are recorded as `interrupted`"
+                    "a replica unseen for store.replica_gone_secs had calls in flight: they are recorded as `interrupted`"
                 );
             }
         }
@@ -189,8 +211,9 @@ impl WindowSync {
     }
 }
 
-/// Polls between heartbeats (about 10 s); vanished replicas are looked for every sixth.
-const HEARTBEAT_EVERY: u64 = 20;
+/// The longest between heartbeats (a quarter of `store.replica_gone_secs` when that is
+/// shorter); vanished replicas are looked for every sixth.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often the other replicas' spend is read.
 pub const STORE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -254,8 +277,7 @@ impl Meter {
                 "calls this replica had in flight when it last stopped without closing the ledger are recorded as `interrupted`"
             );
         }
-        pg::heartbeat(&client, &replica, now.timestamp_millis()).await?;
-        recover_stale(&mut client, &replica).await;
+        pg::heartbeat(&client, &replica).await?;
         let day = month.start().format("%Y-%m-%d").to_string();
         // This replica's own rows rebuild its counters; the others' are read alongside, and
         // again twice a second (see `spawn_store_poll`), so no spend counts twice.

@@ -560,37 +560,37 @@ pub async fn recover_interrupted(client: &mut Client, replica: &str) -> anyhow::
     Ok(n)
 }
 
-/// How long a replica may go unseen before another one records the calls it had in flight
-/// as `interrupted`: far longer than any poll gap or restart, so a replica merely cut off
-/// from the database (still serving, spooling) is not taken for gone.
-pub const STALE_REPLICA_MS: i64 = 15 * 60 * 1000;
-
-/// Says this replica is alive (every poll).
-pub async fn heartbeat(client: &Client, replica: &str, now_ms: i64) -> anyhow::Result<()> {
+/// Says this replica is alive (every few polls), on the database's clock.
+pub async fn heartbeat(client: &Client, replica: &str) -> anyhow::Result<()> {
     client
         .execute(
-            "INSERT INTO replicas (replica, seen_ms) VALUES ($1, $2)
+            "INSERT INTO replicas (replica, seen_ms)
+             VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
              ON CONFLICT (replica) DO UPDATE SET seen_ms = excluded.seen_ms",
-            &[&replica, &now_ms],
+            &[&replica],
         )
         .await?;
     Ok(())
 }
 
-/// Records as `interrupted` the calls in flight on replicas not seen for
-/// [`STALE_REPLICA_MS`] (scaled away, or replaced under a new name, as a Kubernetes pod is),
-/// which no restart under their name would ever recover. Each stale replica is claimed by one
-/// caller (row lock, others skip it) and forgotten once recovered. Returns (replica, calls).
+/// Records as `interrupted` the calls in flight on replicas unseen for `gone` (on the
+/// database's clock): scaled away, or replaced under a new name as a Kubernetes pod is, so no
+/// restart under their name would ever recover them. The caller must itself have been seen
+/// without a break for longer than `gone` (after an outage nobody could say they were alive,
+/// and no one is taken for gone before they could). Each stale replica is claimed by one caller
+/// (row lock, others skip it) and forgotten once recovered. Returns (replica, calls).
 pub async fn recover_stale(
     client: &mut Client,
     me: &str,
-    now_ms: i64,
+    gone: std::time::Duration,
 ) -> anyhow::Result<Vec<(String, u64)>> {
-    let cutoff = now_ms - STALE_REPLICA_MS;
+    let gone_ms = i64::try_from(gone.as_millis()).unwrap_or(i64::MAX);
     let stale: Vec<String> = client
         .query(
-            "SELECT replica FROM replicas WHERE seen_ms < $1 AND replica <> $2",
-            &[&cutoff, &me],
+            "SELECT replica FROM replicas
+             WHERE seen_ms < (extract(epoch FROM clock_timestamp()) * 1000)::bigint - $1
+               AND replica <> $2",
+            &[&gone_ms, &me],
         )
         .await?
         .iter()
@@ -601,8 +601,11 @@ pub async fn recover_stale(
         let tx = client.transaction().await?;
         let claimed = tx
             .query_opt(
-                "SELECT 1 FROM replicas WHERE replica = $1 AND seen_ms < $2 FOR UPDATE SKIP LOCKED",
-                &[&replica, &cutoff],
+                "SELECT 1 FROM replicas
+                 WHERE replica = $1
+                   AND seen_ms < (extract(epoch FROM clock_timestamp()) * 1000)::bigint - $2
+                 FOR UPDATE SKIP LOCKED",
+                &[&replica, &gone_ms],
             )
             .await?;
         if claimed.is_none() {
@@ -654,8 +657,16 @@ async fn recover_in(tx: &tokio_postgres::Transaction<'_>, replica: &str) -> anyh
         })
         .collect();
     let n = insert_in(tx, replica, &rows.iter().collect::<Vec<_>>()).await?;
-    tx.execute("DELETE FROM sent WHERE replica = $1", &[&replica])
-        .await?;
+    // Only the markers read above (and those whose call has its row): one written meanwhile
+    // belongs to a call still in flight.
+    let ids: Vec<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+    tx.execute(
+        r#"DELETE FROM sent s WHERE s.replica = $1
+             AND (s.request_id = ANY($2)
+                  OR EXISTS (SELECT 1 FROM requests r WHERE r.request_id = s.request_id))"#,
+        &[&replica, &ids],
+    )
+    .await?;
     Ok(n)
 }
 

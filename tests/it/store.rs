@@ -488,9 +488,17 @@ async fn the_calls_a_vanished_replica_had_in_flight_are_recorded_by_another_once
             .await
             .unwrap();
     }
-    // Two live replicas start: one of them records the calls, once.
-    let a = Proxy::start(&config_with(&fake, &db)).await;
-    let b = Proxy::start(&config_with(&fake, &db)).await;
+    // Two live replicas start; once each has been seen for longer than replica_gone_secs
+    // itself, one of them records the calls, once.
+    let config = config_with(&fake, &db).replace("[store]\n", "[store]\nreplica_gone_secs = 2\n");
+    let a = Proxy::start(&config).await;
+    let b = Proxy::start(&config).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM sent").await,
+        2,
+        "not before the replicas have been seen for replica_gone_secs themselves"
+    );
     eventually("the vanished replica's calls are rows", || async {
         (count(&db, "SELECT count(*) FROM sent").await == 0).then_some(())
     })
