@@ -12,12 +12,14 @@
 //! - `fake.rs`: the fake Bedrock Runtime (hyper, own thread and runtime, pre-built bodies).
 //! - `load.rs`: open-loop (latency-corrected) and closed-loop load generation.
 //! - `proxy.rs`: the `bedrock-gate` child process and its config.
+//! - `pg.rs`: a PostgreSQL database per store phase, and the cluster's CPU time.
 //! - `relay.rs`: a minimal in-process relay, the reference point for the throughput ratio.
 //! - `sys.rs`: CPU and memory from /proc.
 //! - `report.rs`: the markdown table.
 
 mod fake;
 mod load;
+mod pg;
 mod proxy;
 mod relay;
 mod report;
@@ -123,6 +125,18 @@ struct Bench {
     through_sent: u64,
     /// The most CPU other processes used during any measured window, in cores.
     max_other: f64,
+    /// The SQLite ledger `ledger_scale` measured, kept for `ledger_scale_pg` to import.
+    scale: Option<ScaleLedger>,
+}
+
+/// A month's ledger of [`scale_rows`] rows, and what `usage` printed from it.
+struct ScaleLedger {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    first: String,
+    last: String,
+    /// `usage --since first --until last` (by user) on SQLite.
+    usage_out: String,
 }
 
 fn main() {
@@ -158,6 +172,7 @@ fn main() {
         notes: Vec::new(),
         through_sent: 0,
         max_other: 0.0,
+        scale: None,
     };
     let started = Instant::now();
 
@@ -184,9 +199,21 @@ fn main() {
     if run("max") {
         bench.max_throughput();
     }
-    // Not part of the default run: it writes a 10 M-row ledger (a few GB, a few minutes).
-    if only.split(',').any(|p| p.trim() == "ledger_scale") {
+    // The same load through a bedrock-gate on SQLite and one on PostgreSQL (skipped, and
+    // said so, without BEDROCK_GATE_PG_URL).
+    if run("store_pg") {
+        bench.store_pg();
+    }
+    if run("store_pg_max") {
+        bench.store_pg_max();
+    }
+    // Not part of the default run: they write a 10 M-row ledger (a few GB, a few minutes).
+    let named = |phase: &str| only.split(',').any(|p| p.trim() == phase);
+    if named("ledger_scale") {
         bench.ledger_scale();
+    }
+    if named("ledger_scale_pg") {
+        bench.ledger_scale_pg();
     }
     bench.shutdown();
 
@@ -383,8 +410,20 @@ impl Bench {
 
     /// The proxy, called as an SDK calls it: the model id in the path (`:` as `%3A`), a key.
     fn through(&self, model: &str, op: &str, body: Bytes, accept: &'static str) -> Arc<Target> {
+        self.through_at(self.proxy.addr, model, op, body, accept)
+    }
+
+    /// As [`Bench::through`], to the bedrock-gate at `addr`.
+    fn through_at(
+        &self,
+        addr: std::net::SocketAddr,
+        model: &str,
+        op: &str,
+        body: Bytes,
+        accept: &'static str,
+    ) -> Arc<Target> {
         Arc::new(Target {
-            addr: self.proxy.addr,
+            addr,
             path: format!(
                 "/model/{}/{op}",
                 bedrock_gate::resolve::encode_segment(model)
@@ -414,25 +453,38 @@ impl Bench {
     }
 
     fn open(&mut self, label: &str, target: &Arc<Target>, schedule: Schedule) -> load::OpenRun {
+        let probe = self.probe;
+        self.open_probed(label, target, schedule, &probe)
+    }
+
+    /// As [`Bench::open`], with the CPU of the proxy (and database) `probe` names.
+    fn open_probed(
+        &mut self,
+        label: &str,
+        target: &Arc<Target>,
+        schedule: Schedule,
+        probe: &Probe,
+    ) -> load::OpenRun {
         eprintln!(
             "overhead: {label}: {} req/s for {} s (+{} s warm-up)",
             schedule.rate,
             schedule.measure.as_secs(),
             schedule.warmup.as_secs()
         );
-        let run = load::open_loop(self.rt.handle(), target, schedule, &self.probe);
+        let run = load::open_loop(self.rt.handle(), target, schedule, probe);
         if target.addr == self.proxy.addr {
             self.through_sent += run.sent_total;
         }
         let other = self.noise(run.cpu.other_cores());
         self.notes.push(format!(
             "{label}: {} measured requests, {:.1} req/s achieved, dispatch lag p99 {} / max {}, \
-             proxy CPU {:.2} s, other processes {:.2} cores{}",
+             proxy CPU {:.2} s{}, other processes {:.2} cores{}",
             run.recorded.total(),
             run.achieved_rate,
             ms(run.dispatch_lag.value_at_quantile(0.99)),
             ms(run.dispatch_lag.max()),
             run.cpu.proxy.as_secs_f64(),
+            db_note(probe, &run.cpu),
             other,
             errors_note(&run.recorded),
         ));
@@ -747,24 +799,22 @@ impl Bench {
         }
     }
 
-    /// A team's month: a ledger with [`SCALE_ROWS`] rows in the current month, written with the
+    /// A team's month: a ledger with [`scale_rows`] rows in the current month, written with the
     /// version 4 schema (no rollups), as a ledger from before them is. Measures the first
     /// `serve` on it (which upgrades it: the rollup migration), a second start (ready on a
     /// version 5 ledger), and `usage` for the whole month by user, day and session. Before the
     /// upgrade, one `usage` shows what reading the rows costs.
     fn ledger_scale(&mut self) {
-        let phase = format!(
-            "ledger_scale ({} M rows this month)",
-            SCALE_ROWS / 1_000_000
-        );
+        let rows = scale_rows();
+        let phase = format!("ledger_scale ({} this month)", rows_label(rows));
         let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target"))
             .expect("tempdir under target/");
         let ledger = dir.path().join("ledger.db");
         let now = chrono::Utc::now();
-        let (first, last, built) = build_v4_ledger(&ledger, now);
+        let (first, last, built) = build_v4_ledger(&ledger, now, rows);
         let size = std::fs::metadata(&ledger).map(|m| m.len()).unwrap_or(0);
         eprintln!(
-            "overhead: ledger_scale: {SCALE_ROWS} rows written in {:.1} s ({})",
+            "overhead: ledger_scale: {rows} rows written in {:.1} s ({})",
             built.as_secs_f64(),
             mb(size)
         );
@@ -799,12 +849,16 @@ impl Bench {
         let (before, before_out) = usage(None);
 
         // First start: the v4 -> v5 migration rolls the rows up, then counters are rebuilt.
-        let (mut proxy, first_start) = self.start_and_probe(&models, &ledger);
+        let setup = proxy::Setup {
+            ledger: Some(ledger.clone()),
+            ..proxy::Setup::default()
+        };
+        let (mut proxy, first_start) = self.start_and_probe(&models, &setup);
         let log = proxy.stderr();
         proxy.terminate();
         let migrated = log.contains("rolling its rows up");
         // Second start: a version 5 ledger, counters from the rollups.
-        let (mut proxy, ready) = self.start_and_probe(&models, &ledger);
+        let (mut proxy, ready) = self.start_and_probe(&models, &setup);
         let mut runs: Vec<(String, Duration)> = Vec::new();
         let mut after_out = String::new();
         for by in [None, Some("user"), Some("day"), Some("session")] {
@@ -869,7 +923,7 @@ impl Bench {
                 .target("byte-for-byte", Verdict::of(same)),
         );
         self.notes.push(format!(
-            "ledger_scale: {SCALE_ROWS} rows ({SCALE_USERS} users, {} models, {SCALE_SESSIONS} \
+            "ledger_scale: {rows} rows ({SCALE_USERS} users, {} models, {SCALE_SESSIONS} \
              sessions, {first} to {last}) written in {:.0} s with the version 4 schema, {}; \
              {lines} usage_daily lines after the migration; `usage` run with `--since {first} \
              --until {last}`",
@@ -880,17 +934,20 @@ impl Bench {
         if !same {
             eprintln!("before:\n{before_out}\nafter:\n{after_out}");
         }
+        self.scale = Some(ScaleLedger {
+            _dir: dir,
+            path: ledger,
+            first,
+            last,
+            usage_out: after_out,
+        });
     }
 
-    /// Starts `serve` on `ledger` and returns it with the time from spawn until `/healthz`
+    /// Starts `serve` as `setup` says and returns it with the time from spawn until `/healthz`
     /// answered 200.
-    fn start_and_probe(
-        &self,
-        models: &[(&str, &str)],
-        ledger: &std::path::Path,
-    ) -> (Proxy, Duration) {
+    fn start_and_probe(&self, models: &[(&str, &str)], setup: &proxy::Setup) -> (Proxy, Duration) {
         let t = Instant::now();
-        let proxy = Proxy::start_on(self.fake.addr, models, Some(ledger));
+        let proxy = Proxy::start_with(self.fake.addr, models, setup);
         loop {
             if healthz(proxy.addr) {
                 return (proxy, t.elapsed());
@@ -959,8 +1016,574 @@ impl Bench {
     }
 }
 
-/// Rows the `ledger_scale` phase writes into the current month.
+/// A bedrock-gate on the SQLite ledger and one on a PostgreSQL store, started fresh side by
+/// side for a store phase, each with its ledger file in a directory of its own (as the Docker
+/// image has it), so neither one's writes wake its config watcher.
+struct StorePair {
+    db: pg::Db,
+    sqlite: Proxy,
+    pg: Proxy,
+    postmaster: Option<u32>,
+    /// How each ledger syncs a commit, for the notes.
+    sync: String,
+}
+
+impl StorePair {
+    /// SIGTERM to both; then (SQLite rows, complete) and (PostgreSQL rows, complete).
+    fn finish(mut self) -> (StoreRows, pg::Db) {
+        let sqlite_exit = self.sqlite.terminate();
+        let pg_exit = self.pg.terminate();
+        let sqlite = rusqlite::Connection::open_with_flags(
+            self.sqlite.ledger_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|c| {
+            c.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(complete), 0) FROM requests",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .unwrap_or((-1, -1));
+        let problems = |p: &Proxy| {
+            p.stderr()
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .count()
+        };
+        let rows = StoreRows {
+            sqlite,
+            pg: self.db.rows(),
+            clean: sqlite_exit.is_some_and(|s| s.success()) && pg_exit.is_some_and(|s| s.success()),
+            problems: (problems(&self.sqlite), problems(&self.pg)),
+        };
+        (rows, self.db)
+    }
+}
+
+/// What the ledgers of a [`StorePair`] hold once both proxies stopped.
+struct StoreRows {
+    sqlite: (i64, i64),
+    pg: (i64, i64),
+    clean: bool,
+    /// WARN/ERROR log lines of (SQLite, PostgreSQL).
+    problems: (usize, usize),
+}
+
+/// The notes' mention of the database's CPU and of the disk, in the store phases (whose
+/// probes count the database).
+fn db_note(probe: &Probe, cpu: &sys::CpuDelta) -> String {
+    if probe.db_pid.is_some() {
+        format!(
+            ", PostgreSQL CPU {:.2} s, disk stalled {:.0} % of the window (PSI io full)",
+            cpu.db.as_secs_f64(),
+            cpu.io_stalled() * 100.0
+        )
+    } else {
+        String::new()
+    }
+}
+
+impl Bench {
+    /// Notes that a store phase did not run, and why.
+    fn skip_pg(&mut self, phase: &str) {
+        eprintln!("overhead: {phase}: skipped: {}", pg::HOW_TO_ENABLE);
+        self.notes
+            .push(format!("{phase}: skipped: {}", pg::HOW_TO_ENABLE));
+    }
+
+    fn store_pair(&self, cluster: &str, prefix: &str) -> StorePair {
+        let db = pg::Db::create(cluster, prefix);
+        let models = [(SONNET, FAST_PROFILE)];
+        let sqlite = Proxy::start_with(
+            self.fake.addr,
+            &models,
+            &proxy::Setup {
+                ledger_in_subdir: true,
+                ..proxy::Setup::default()
+            },
+        );
+        let pg = Proxy::start_with(
+            self.fake.addr,
+            &models,
+            &proxy::Setup {
+                ledger_in_subdir: true,
+                store_url: Some(db.url.clone()),
+                ..proxy::Setup::default()
+            },
+        );
+        let postmaster = db.postmaster_pid();
+        let sync: String = db.query_one("SHOW synchronous_commit", |r| r.get(0));
+        let sync = format!(
+            "SQLite ledger.synchronous = {}, PostgreSQL synchronous_commit = {sync}",
+            std::env::var("BENCH_LEDGER_SYNCHRONOUS")
+                .unwrap_or_else(|_| "normal (the default)".into())
+        );
+        eprintln!("overhead: store: {sync}");
+        eprintln!(
+            "overhead: store: bedrock-gate on SQLite pid {} on {}, on PostgreSQL ({}) pid {} on {}; postmaster {:?}",
+            sqlite.pid(),
+            sqlite.addr,
+            db.name,
+            pg.pid(),
+            pg.addr,
+            postmaster
+        );
+        StorePair {
+            db,
+            sqlite,
+            pg,
+            postmaster,
+            sync,
+        }
+    }
+
+    /// The rows every store phase ends with: each request one row in its ledger, all
+    /// complete, both proxies exit 0.
+    fn store_rows(&mut self, phase: &str, rows: &StoreRows, sent: (u64, u64)) {
+        let ok = |(n, complete): (i64, i64), sent: u64| {
+            let sent = i64::try_from(sent).unwrap_or(i64::MAX);
+            n == sent && complete == sent
+        };
+        self.rows.push(
+            Row::new(
+                phase,
+                "ledger rows (complete) / requests sent: SQLite | PostgreSQL",
+            )
+            .direct(format!(
+                "{} ({}) / {}",
+                rows.sqlite.0, rows.sqlite.1, sent.0
+            ))
+            .through(format!("{} ({}) / {}", rows.pg.0, rows.pg.1, sent.1))
+            .target(
+                "all, all complete; exit 0",
+                Verdict::of(ok(rows.sqlite, sent.0) && ok(rows.pg, sent.1) && rows.clean),
+            ),
+        );
+        if rows.problems != (0, 0) {
+            self.notes.push(format!(
+                "{phase}: WARN/ERROR log lines: SQLite {}, PostgreSQL {}",
+                rows.problems.0, rows.problems.1
+            ));
+        }
+    }
+
+    /// The 1,000 req/s Converse load of `small`, direct, through a bedrock-gate on SQLite and
+    /// through one on PostgreSQL, in that order: what the store adds to a request's latency.
+    fn store_pg(&mut self) {
+        let Some(cluster) = pg::cluster_url() else {
+            self.skip_pg("store_pg");
+            return;
+        };
+        let pair = self.store_pair(&cluster, "bench_store");
+        self.notes.push(format!("store_pg: {}", pair.sync));
+        let body = converse_body(2048);
+        let schedule = self.plan.small;
+        let phase = format!(
+            "store: Converse {} B @ {} req/s, SQLite vs PostgreSQL",
+            body.len(),
+            schedule.rate
+        );
+        let accept = "application/json";
+        let d = self.direct(FAST_PROFILE, "converse", body.clone(), accept);
+        let ts = self.through_at(pair.sqlite.addr, SONNET, "converse", body.clone(), accept);
+        let tp = self.through_at(pair.pg.addr, SONNET, "converse", body, accept);
+        let sqlite_probe = Probe::with_db(pair.sqlite.pid(), pair.postmaster);
+        let pg_probe = Probe::with_db(pair.pg.pid(), pair.postmaster);
+        let dr = self.open_probed("store direct", &d, schedule, &sqlite_probe);
+        let sr = self.open_probed("store via SQLite", &ts, schedule, &sqlite_probe);
+        let commits = pair.db.commits();
+        let pr = self.open_probed("store via PostgreSQL", &tp, schedule, &pg_probe);
+        let sent = (sr.sent_total, pr.sent_total);
+        let (rows, db) = pair.finish();
+        // The statistics are current once the proxy's connections have closed.
+        let commits = db.commits() - commits;
+
+        for (what, r) in [("via SQLite", &sr), ("via PostgreSQL", &pr)] {
+            self.rows.extend(report::latency_rows(
+                &phase,
+                &format!("latency {what}"),
+                &dr.recorded.ttlb,
+                &r.recorded.ttlb,
+                None,
+                true,
+            ));
+        }
+        let (s, p) = (&sr.recorded.ttlb, &pr.recorded.ttlb);
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            let (sq, pq) = (s.value_at_quantile(q), p.value_at_quantile(q));
+            let mut row = Row::new(
+                &phase,
+                &format!("added {name}: PostgreSQL − SQLite (SQLite | PostgreSQL)"),
+            )
+            .direct(ms(sq))
+            .through(ms(pq))
+            .added(added_ms(pq, sq));
+            if name == "p99" {
+                row = row.target("≤ +0.300 ms", Verdict::of(pq <= sq + 300));
+            }
+            self.rows.push(row);
+        }
+        let errs =
+            |r: &load::OpenRun| format!("{} / {}", r.recorded.error_count(), r.recorded.total());
+        let no_errors = [&dr, &sr, &pr]
+            .iter()
+            .all(|r| r.recorded.error_count() == 0);
+        self.rows.push(
+            Row::new(&phase, "errors: direct | SQLite | PostgreSQL")
+                .direct(errs(&dr))
+                .through(format!("{} | {}", errs(&sr), errs(&pr)))
+                .target("0", Verdict::of(no_errors)),
+        );
+        self.rows.push(
+            Row::new(&phase, "proxy CPU per request (SQLite | PostgreSQL)")
+                .direct(cpu_per(sr.cpu.proxy, sr.recorded.total()))
+                .through(cpu_per(pr.cpu.proxy, pr.recorded.total())),
+        );
+        self.rows.push(
+            Row::new(&phase, "PostgreSQL server CPU per request")
+                .through(cpu_per(pr.cpu.db, pr.recorded.total())),
+        );
+        self.rows.push(
+            Row::new(
+                &phase,
+                "database transactions per request sent (PostgreSQL)",
+            )
+            .through(format!(
+                "{:.2}",
+                commits as f64 / pr.sent_total.max(1) as f64
+            )),
+        );
+        self.store_rows(&phase, &rows, sent);
+        self.notes.push(format!(
+            "{phase}: {commits} transactions in the database for {} requests (warm-up included): \
+             the writer's group commits (a call's sent marker and its row) plus the twice-a-second \
+             read of the other replicas' spend",
+            pr.sent_total
+        ));
+    }
+
+    /// The closed loop of `max`, direct, through a bedrock-gate on SQLite and through one on
+    /// PostgreSQL: how many requests a second one replica and one database carry.
+    fn store_pg_max(&mut self) {
+        let Some(cluster) = pg::cluster_url() else {
+            self.skip_pg("store_pg_max");
+            return;
+        };
+        let pair = self.store_pair(&cluster, "bench_store_max");
+        self.notes.push(format!("store_pg_max: {}", pair.sync));
+        let body = converse_body(2048);
+        let conns = self.plan.connections;
+        let phase = format!(
+            "store: closed loop, {conns} connections, Converse {} B, SQLite vs PostgreSQL",
+            body.len()
+        );
+        let accept = "application/json";
+        let d = self.direct(FAST_PROFILE, "converse", body.clone(), accept);
+        let ts = self.through_at(pair.sqlite.addr, SONNET, "converse", body.clone(), accept);
+        let tp = self.through_at(pair.pg.addr, SONNET, "converse", body, accept);
+        let (warmup, measure) = (self.plan.closed_warmup, self.plan.closed_measure);
+        let mut runs = Vec::new();
+        let mut commits = 0;
+        for (label, target, pid) in [
+            ("store max direct", &d, pair.sqlite.pid()),
+            ("store max via SQLite", &ts, pair.sqlite.pid()),
+            ("store max via PostgreSQL", &tp, pair.pg.pid()),
+        ] {
+            let probe = Probe::with_db(pid, pair.postmaster);
+            eprintln!(
+                "overhead: {label}: {conns} connections for {} s (+{} s warm-up)",
+                measure.as_secs(),
+                warmup.as_secs()
+            );
+            if target.addr == pair.pg.addr {
+                commits = pair.db.commits();
+            }
+            let run = load::closed_loop(self.rt.handle(), target, conns, warmup, measure, &probe);
+            let other = self.noise(run.cpu.other_cores());
+            self.notes.push(format!(
+                "{label}: {} requests in {} s, proxy CPU {:.2} s, this process {:.2} s{}, \
+                 other processes {:.2} cores{}",
+                run.recorded.total(),
+                run.window.as_secs(),
+                run.cpu.proxy.as_secs_f64(),
+                run.cpu.own.as_secs_f64(),
+                db_note(&probe, &run.cpu),
+                other,
+                errors_note(&run.recorded),
+            ));
+            runs.push(run);
+        }
+        let (dr, sr, pr) = (&runs[0], &runs[1], &runs[2]);
+        let sent = (sr.sent_total, pr.sent_total);
+        let (rows, db) = pair.finish();
+        let commits = db.commits() - commits;
+        drop(db);
+        let ratio = pr.throughput() / sr.throughput().max(1e-9);
+        self.rows.push(
+            Row::new(&phase, "throughput (SQLite | PostgreSQL); direct")
+                .direct(format!("{:.0} req/s", sr.throughput()))
+                .through(format!("{:.0} req/s", pr.throughput()))
+                .added(format!("×{ratio:.2}"))
+                .target(
+                    format!("direct {:.0} req/s", dr.throughput()),
+                    Verdict::None,
+                ),
+        );
+        let lat = |r: &load::ClosedRun| {
+            format!(
+                "{} / {}",
+                ms(r.recorded.ttlb.value_at_quantile(0.5)),
+                ms(r.recorded.ttlb.value_at_quantile(0.99))
+            )
+        };
+        self.rows.push(
+            Row::new(&phase, "latency p50 / p99 (SQLite | PostgreSQL)")
+                .direct(lat(sr))
+                .through(lat(pr)),
+        );
+        let errs =
+            |r: &load::ClosedRun| format!("{} / {}", r.recorded.error_count(), r.recorded.total());
+        let no_errors = runs.iter().all(|r| r.recorded.error_count() == 0);
+        self.rows.push(
+            Row::new(&phase, "errors (SQLite | PostgreSQL); direct")
+                .direct(errs(sr))
+                .through(errs(pr))
+                .target(format!("0; direct {}", errs(dr)), Verdict::of(no_errors)),
+        );
+        self.rows.push(
+            Row::new(&phase, "proxy CPU per request (SQLite | PostgreSQL)")
+                .direct(cpu_per(sr.cpu.proxy, sr.recorded.total()))
+                .through(cpu_per(pr.cpu.proxy, pr.recorded.total())),
+        );
+        self.rows.push(
+            Row::new(&phase, "PostgreSQL server CPU per request")
+                .through(cpu_per(pr.cpu.db, pr.recorded.total())),
+        );
+        self.rows.push(
+            Row::new(&phase, "requests per database transaction (group commit)").through(format!(
+                "{:.1}",
+                pr.sent_total as f64 / commits.max(1) as f64
+            )),
+        );
+        self.store_rows(&phase, &rows, sent);
+    }
+
+    /// `ledger_scale` on PostgreSQL: the month's rows moved into an empty database with
+    /// `store import-sqlite` (timed), then `serve` started on it twice and `usage` for the month
+    /// run against it. The SQLite ledger is the one `ledger_scale` just measured when both run,
+    /// else a new one built the same way.
+    fn ledger_scale_pg(&mut self) {
+        let Some(cluster) = pg::cluster_url() else {
+            self.skip_pg("ledger_scale_pg");
+            return;
+        };
+        let rows = scale_rows();
+        let phase = format!("ledger_scale_pg ({} this month)", rows_label(rows));
+        let models: Vec<(&str, &str)> = vec![(SONNET, FAST_PROFILE)];
+        let exe = env!("CARGO_BIN_EXE_bedrock-gate");
+        let hermetic = |home: &std::path::Path| {
+            let mut cmd = std::process::Command::new(exe);
+            cmd.env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("HOME", home);
+            cmd
+        };
+        let scale = match self.scale.take() {
+            Some(s) => s,
+            None => {
+                let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target"))
+                    .expect("tempdir under target/");
+                let path = dir.path().join("ledger.db");
+                let (first, last, built) = build_v4_ledger(&path, chrono::Utc::now(), rows);
+                eprintln!(
+                    "overhead: ledger_scale_pg: {rows} SQLite rows written in {:.1} s",
+                    built.as_secs_f64()
+                );
+                // What `usage` says on SQLite (from the rows of this version 4 ledger), to
+                // compare with PostgreSQL's.
+                let config_dir = tempfile::tempdir().expect("tempdir");
+                let config = config_dir.path().join("bedrock-gate.toml");
+                std::fs::write(&config, proxy::config(self.fake.addr, &models, &path))
+                    .expect("write config");
+                let out = hermetic(config_dir.path())
+                    .args(["usage", "--config"])
+                    .arg(&config)
+                    .args(["--since", &first, "--until", &last])
+                    .output()
+                    .expect("run usage");
+                assert!(out.status.success(), "usage on SQLite failed");
+                ScaleLedger {
+                    _dir: dir,
+                    path,
+                    first,
+                    last,
+                    usage_out: String::from_utf8_lossy(&out.stdout).into_owned(),
+                }
+            }
+        };
+        let db = pg::Db::create(&cluster, "bench_scale");
+        let config_dir = tempfile::tempdir().expect("tempdir");
+        let config = config_dir.path().join("bedrock-gate.toml");
+        // `ledger.path` holds only the sign-in sessions on a store.
+        let sessions = config_dir.path().join("sessions.db");
+        std::fs::write(
+            &config,
+            proxy::config_with(self.fake.addr, &models, &sessions, Some(&db.url)),
+        )
+        .expect("write config");
+
+        eprintln!(
+            "overhead: ledger_scale_pg: store import-sqlite into {}",
+            db.name
+        );
+        let t = Instant::now();
+        let out = hermetic(config_dir.path())
+            .args(["store", "import-sqlite"])
+            .arg(&scale.path)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run store import-sqlite");
+        let imported = t.elapsed();
+        assert!(
+            out.status.success(),
+            "store import-sqlite failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        eprintln!(
+            "overhead: ledger_scale_pg: {said} ({:.1} s)",
+            imported.as_secs_f64()
+        );
+        let size = db.size_bytes();
+        let (in_pg, _) = db.rows();
+
+        let setup = proxy::Setup {
+            ledger: Some(sessions.clone()),
+            store_url: Some(db.url.clone()),
+            ..proxy::Setup::default()
+        };
+        let (mut proxy, first_start) = self.start_and_probe(&models, &setup);
+        proxy.terminate();
+        let (mut proxy, ready) = self.start_and_probe(&models, &setup);
+        let usage = |by: Option<&str>| -> (Duration, String) {
+            let mut cmd = hermetic(config_dir.path());
+            cmd.args(["usage", "--config"]).arg(&config).args([
+                "--since",
+                &scale.first,
+                "--until",
+                &scale.last,
+            ]);
+            if let Some(by) = by {
+                cmd.args(["--by", by]);
+            }
+            let t = Instant::now();
+            let out = cmd.output().expect("run bedrock-gate usage");
+            let took = t.elapsed();
+            assert!(
+                out.status.success(),
+                "usage failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (took, String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let mut runs: Vec<(String, Duration)> = Vec::new();
+        let mut pg_out = String::new();
+        for by in [None, Some("user"), Some("day"), Some("session")] {
+            let mut best = Duration::MAX;
+            for _ in 0..3 {
+                let (took, out) = usage(by);
+                best = best.min(took);
+                if by.is_none() {
+                    pg_out = out;
+                }
+            }
+            runs.push((
+                by.map_or("default (by user)".into(), |b| format!("--by {b}")),
+                best,
+            ));
+        }
+        let exit = proxy.terminate();
+        let lines: i64 = db.query_one("SELECT count(*) FROM usage_daily", |r| r.get(0));
+        drop(db);
+
+        let secs = |d: Duration| format!("{:.3} s", d.as_secs_f64());
+        let all = i64::try_from(rows).unwrap_or(i64::MAX) == in_pg;
+        self.rows.push(
+            Row::new(
+                &phase,
+                "`store import-sqlite` of the SQLite ledger into an empty database",
+            )
+            .through(format!(
+                "{} ({:.0} rows/s)",
+                secs(imported),
+                rows as f64 / imported.as_secs_f64().max(1e-9)
+            ))
+            .target(format!("all {rows} rows"), Verdict::of(all)),
+        );
+        self.rows
+            .push(Row::new(&phase, "first `serve` on it → /healthz").through(secs(first_start)));
+        self.rows.push(
+            Row::new(&phase, "`serve` start → /healthz answers")
+                .through(secs(ready))
+                .target("< 1 s", Verdict::of(ready < Duration::from_secs(1))),
+        );
+        for (what, took) in &runs {
+            self.rows.push(
+                Row::new(&phase, &format!("`usage` for the month, {what}"))
+                    .through(secs(*took))
+                    .target("< 0.5 s", Verdict::of(*took < Duration::from_millis(500))),
+            );
+        }
+        let same = pg_out == scale.usage_out;
+        self.rows.push(
+            Row::new(&phase, "`usage` output on PostgreSQL = on SQLite")
+                .through(if same { "identical" } else { "differs" })
+                .target("byte-for-byte", Verdict::of(same)),
+        );
+        self.rows.push(
+            Row::new(&phase, "SIGTERM → exit status")
+                .through(exit.map_or("did not exit".into(), |s| s.to_string()))
+                .target("0", Verdict::of(exit.is_some_and(|s| s.success()))),
+        );
+        self.notes.push(format!(
+            "ledger_scale_pg: {rows} rows ({} to {}); the database {} after the import, \
+             {lines} usage_daily lines; `usage` best of 3, while the second `serve` ran; \
+             import said: {said}",
+            scale.first,
+            scale.last,
+            mb(size),
+        ));
+        if !same {
+            eprintln!("SQLite:\n{}\nPostgreSQL:\n{pg_out}", scale.usage_out);
+        }
+    }
+}
+
+/// Rows the `ledger_scale` phases write into the current month, unless `BENCH_SCALE_ROWS` says
+/// otherwise (see [`scale_rows`]).
 const SCALE_ROWS: u64 = 10_000_000;
+
+/// `BENCH_SCALE_ROWS` (`_` allowed as a separator: `1_000_000`), else [`SCALE_ROWS`].
+fn scale_rows() -> u64 {
+    std::env::var("BENCH_SCALE_ROWS")
+        .ok()
+        .and_then(|v| v.replace('_', "").trim().parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(SCALE_ROWS)
+}
+
+/// `10 M rows`, `2.5 M rows`, `50000 rows`.
+fn rows_label(rows: u64) -> String {
+    if rows % 1_000_000 == 0 {
+        format!("{} M rows", rows / 1_000_000)
+    } else if rows >= 100_000 {
+        format!("{:.1} M rows", rows as f64 / 1e6)
+    } else {
+        format!("{rows} rows")
+    }
+}
 const SCALE_USERS: u64 = 200;
 const SCALE_SESSIONS: u64 = 20_000;
 /// (model, USD per million input tokens, per million output tokens); `None`: unpriced.
@@ -978,7 +1601,7 @@ const SCALE_MODELS: [(&str, Option<(f64, f64)>); 5] = [
     ("mistral.new-model-v1:0", None),
 ];
 
-/// Writes [`SCALE_ROWS`] rows spread evenly from the start of `now`'s month to `now` into a new
+/// Writes `rows` rows spread evenly from the start of `now`'s month to `now` into a new
 /// ledger with the version 4 schema, in one transaction of prepared inserts, in time order (as
 /// the writer does). Not beyond `now`: a row can't be from the future, and the start-up reads
 /// the last minute's rows, from a minute ago on. Each session belongs to one user and one day;
@@ -987,6 +1610,7 @@ const SCALE_MODELS: [(&str, Option<(f64, f64)>); 5] = [
 fn build_v4_ledger(
     path: &std::path::Path,
     now: chrono::DateTime<chrono::Utc>,
+    rows: u64,
 ) -> (String, String, Duration) {
     use chrono::{Datelike as _, TimeZone as _};
     let t = Instant::now();
@@ -1029,11 +1653,11 @@ fn build_v4_ledger(
                     NULL, ?14, 1, ?15, ?16, ?17, ?18)",
             )
             .expect("prepare");
-        let rows = i64::try_from(SCALE_ROWS).expect("rows");
-        for i in 0..SCALE_ROWS {
+        let total = i64::try_from(rows).expect("rows");
+        for i in 0..rows {
             // A cheap, well-spread pseudo-random number per row.
             let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
-            let ts = start.timestamp_millis() + i64::try_from(i).expect("i") * month_ms / rows;
+            let ts = start.timestamp_millis() + i64::try_from(i).expect("i") * month_ms / total;
             let day = u64::try_from((ts - start.timestamp_millis()) / 86_400_000).expect("day");
             let session = day * sessions_per_day + h % sessions_per_day;
             let user = &users[usize::try_from(session % SCALE_USERS).expect("user")];

@@ -32,10 +32,34 @@ impl Proxy {
         models: &[(&str, &str)],
         ledger: Option<&std::path::Path>,
     ) -> Proxy {
+        Proxy::start_with(
+            upstream,
+            models,
+            &Setup {
+                ledger: ledger.map(std::path::Path::to_path_buf),
+                ..Setup::default()
+            },
+        )
+    }
+
+    /// As [`Proxy::start`], set up as `setup` says.
+    pub fn start_with(upstream: SocketAddr, models: &[(&str, &str)], setup: &Setup) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("bedrock-gate.toml");
-        let ledger = ledger.map_or_else(|| dir.path().join("ledger.db"), |p| p.to_path_buf());
-        std::fs::write(&config_path, config(upstream, models, &ledger)).expect("write config");
+        let ledger = setup.ledger.clone().unwrap_or_else(|| {
+            if setup.ledger_in_subdir {
+                let sub = dir.path().join("ledger");
+                std::fs::create_dir(&sub).expect("ledger dir");
+                sub.join("ledger.db")
+            } else {
+                dir.path().join("ledger.db")
+            }
+        });
+        std::fs::write(
+            &config_path,
+            config_with(upstream, models, &ledger, setup.store_url.as_deref()),
+        )
+        .expect("write config");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_bedrock-gate"))
             .env_clear()
@@ -130,7 +154,30 @@ impl Drop for Proxy {
     }
 }
 
+/// How a proxy is set up beyond its models.
+#[derive(Debug, Default, Clone)]
+pub struct Setup {
+    /// The SQLite ledger (`ledger.path`); `None`: a fresh one in the temp dir.
+    pub ledger: Option<PathBuf>,
+    /// The fresh ledger goes into a directory of its own, not the config's (as in the Docker
+    /// image), so its writes don't wake the config watcher.
+    pub ledger_in_subdir: bool,
+    /// `[store] url`: the ledger lives in PostgreSQL (`ledger.path` then only holds sign-in
+    /// sessions).
+    pub store_url: Option<String>,
+}
+
 pub fn config(upstream: SocketAddr, models: &[(&str, &str)], ledger: &std::path::Path) -> String {
+    config_with(upstream, models, ledger, None)
+}
+
+/// The config, with a `[store]` table when `store_url` is set.
+pub fn config_with(
+    upstream: SocketAddr,
+    models: &[(&str, &str)],
+    ledger: &std::path::Path,
+    store_url: Option<&str>,
+) -> String {
     use sha2::Digest as _;
     let hash = hex::encode(sha2::Sha256::digest(KEY.as_bytes()));
     let mut s = format!(
@@ -146,6 +193,7 @@ control_endpoint = "http://{upstream}"
 path = "{ledger}"
 {synchronous}
 
+{store}
 [users.bench]
 keys = ["sha256:{hash}"]
 
@@ -155,6 +203,10 @@ keys = ["sha256:{hash}"]
         // To measure what each sync level costs: `full` (the default) or `normal`.
         synchronous = std::env::var("BENCH_LEDGER_SYNCHRONOUS")
             .map(|v| format!("synchronous = \"{v}\""))
+            .unwrap_or_default(),
+        // A stable replica name, as a deployment gives each replica.
+        store = store_url
+            .map(|url| format!("[store]\nurl = \"{url}\"\nreplica = \"bench\"\n"))
             .unwrap_or_default(),
     );
     for (model, arn) in models {

@@ -59,6 +59,17 @@ fn machine_busy_ticks() -> Option<u64> {
     Some(total - v.get(3)? - v.get(4)?)
 }
 
+/// Microseconds all non-idle tasks have stalled on I/O at once since boot (the `full` line of
+/// /proc/pressure/io; absent without PSI).
+fn io_full_us() -> Option<u64> {
+    let psi = std::fs::read_to_string("/proc/pressure/io").ok()?;
+    let line = psi.lines().find(|l| l.starts_with("full"))?;
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
 /// (VmRSS, VmHWM) of a process in bytes.
 pub fn memory(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -78,6 +89,8 @@ pub struct CpuSnapshot {
     own: u64,
     proxy: u64,
     relay: u64,
+    db: u64,
+    io_full_us: u64,
 }
 
 /// CPU used between two snapshots.
@@ -90,6 +103,11 @@ pub struct CpuDelta {
     pub own: Duration,
     /// CPU time of the reference relay's threads (part of `own`).
     pub relay: Duration,
+    /// CPU time of the PostgreSQL cluster's processes, when the probe has a postmaster.
+    pub db: Duration,
+    /// Time every task of the machine waited for the disk at once (PSI `io full`); a shared
+    /// disk busy with something else shows here, and slows every synced commit.
+    pub io_full: Duration,
     /// CPU time of everything else on the machine (another build, say): noise.
     pub other: Duration,
 }
@@ -99,12 +117,20 @@ impl CpuDelta {
     pub fn other_cores(&self) -> f64 {
         self.other.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
     }
+
+    /// `io_full` as a share of the window.
+    pub fn io_stalled(&self) -> f64 {
+        self.io_full.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
+    }
 }
 
 /// Takes snapshots of the machine, this process and (when set) the proxy.
 #[derive(Debug, Clone, Copy)]
 pub struct Probe {
     pub proxy_pid: Option<u32>,
+    /// The postmaster of the PostgreSQL cluster a proxy writes to: its processes' CPU is the
+    /// store's, not noise.
+    pub db_pid: Option<u32>,
     tck: u64,
 }
 
@@ -112,7 +138,16 @@ impl Probe {
     pub fn new(proxy_pid: Option<u32>) -> Probe {
         Probe {
             proxy_pid,
+            db_pid: None,
             tck: clk_tck(),
+        }
+    }
+
+    /// A probe of `proxy_pid` that also counts the cluster under `postmaster`.
+    pub fn with_db(proxy_pid: u32, postmaster: Option<u32>) -> Probe {
+        Probe {
+            db_pid: postmaster,
+            ..Probe::new(Some(proxy_pid))
         }
     }
 
@@ -126,6 +161,8 @@ impl Probe {
                 .and_then(|p| process_ticks(&p.to_string()))
                 .unwrap_or(0),
             relay: own_threads_ticks(crate::relay::THREAD_PREFIX),
+            db: self.db_pid.map_or(0, crate::pg::cluster_ticks),
+            io_full_us: io_full_us().unwrap_or(0),
         }
     }
 
@@ -134,12 +171,15 @@ impl Probe {
         let proxy = b.proxy.saturating_sub(a.proxy);
         let own = b.own.saturating_sub(a.own);
         let machine = b.machine.saturating_sub(a.machine);
+        let db = b.db.saturating_sub(a.db);
         CpuDelta {
             wall: b.at - a.at,
             proxy: ticks(proxy),
             own: ticks(own),
             relay: ticks(b.relay.saturating_sub(a.relay)),
-            other: ticks(machine.saturating_sub(proxy + own)),
+            db: ticks(db),
+            io_full: Duration::from_micros(b.io_full_us.saturating_sub(a.io_full_us)),
+            other: ticks(machine.saturating_sub(proxy + own + db)),
         }
     }
 }
