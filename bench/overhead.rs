@@ -133,9 +133,9 @@ struct Bench {
 struct ScaleLedger {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
-    first: String,
-    last: String,
-    /// `usage --since first --until last` (by user) on SQLite.
+    /// The `now` its rows were written up to ([`ScaleMonth::new`]).
+    now: chrono::DateTime<chrono::Utc>,
+    /// `usage` for the month (by user) on SQLite.
     usage_out: String,
 }
 
@@ -937,8 +937,7 @@ impl Bench {
         self.scale = Some(ScaleLedger {
             _dir: dir,
             path: ledger,
-            first,
-            last,
+            now,
             usage_out: after_out,
         });
     }
@@ -1369,15 +1368,20 @@ impl Bench {
         self.store_rows(&phase, &rows, sent);
     }
 
-    /// `ledger_scale` on PostgreSQL: the month's rows moved into an empty database with
-    /// `store import-sqlite` (timed), then `serve` started on it twice and `usage` for the month
-    /// run against it. The SQLite ledger is the one `ledger_scale` just measured when both run,
-    /// else a new one built the same way.
+    /// `ledger_scale` on PostgreSQL: the month's rows in an empty database, then `serve`
+    /// started on it twice and `usage` for the month run against it. The rows get there by
+    /// `store import-sqlite` of the SQLite ledger (timed; the default, the way a ledger
+    /// migrates), or with `BENCH_SCALE_PG_LOAD=copy` by COPY straight into `requests` plus
+    /// their rollup (for a month too big to import in the time at hand). The SQLite ledger is
+    /// the one `ledger_scale` just measured when both run, else a new one built the same way
+    /// (not needed for `copy`: then the output of `usage` is compared only when `ledger_scale`
+    /// ran too).
     fn ledger_scale_pg(&mut self) {
         let Some(cluster) = pg::cluster_url() else {
             self.skip_pg("ledger_scale_pg");
             return;
         };
+        let copy = std::env::var("BENCH_SCALE_PG_LOAD").is_ok_and(|v| v == "copy");
         let rows = scale_rows();
         let phase = format!("ledger_scale_pg ({} this month)", rows_label(rows));
         let models: Vec<(&str, &str)> = vec![(SONNET, FAST_PROFILE)];
@@ -1389,13 +1393,15 @@ impl Bench {
                 .env("HOME", home);
             cmd
         };
-        let scale = match self.scale.take() {
-            Some(s) => s,
-            None => {
+        let scale = match (self.scale.take(), copy) {
+            (Some(s), _) => Some(s),
+            (None, true) => None,
+            (None, false) => {
                 let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target"))
                     .expect("tempdir under target/");
                 let path = dir.path().join("ledger.db");
-                let (first, last, built) = build_v4_ledger(&path, chrono::Utc::now(), rows);
+                let now = chrono::Utc::now();
+                let (first, last, built) = build_v4_ledger(&path, now, rows);
                 eprintln!(
                     "overhead: ledger_scale_pg: {rows} SQLite rows written in {:.1} s",
                     built.as_secs_f64()
@@ -1413,15 +1419,19 @@ impl Bench {
                     .output()
                     .expect("run usage");
                 assert!(out.status.success(), "usage on SQLite failed");
-                ScaleLedger {
+                Some(ScaleLedger {
                     _dir: dir,
                     path,
-                    first,
-                    last,
+                    now,
                     usage_out: String::from_utf8_lossy(&out.stdout).into_owned(),
-                }
+                })
             }
         };
+        let month = ScaleMonth::new(
+            scale.as_ref().map_or_else(chrono::Utc::now, |s| s.now),
+            rows,
+        );
+        let (first, last) = month.days();
         let db = pg::Db::create(&cluster, "bench_scale");
         let config_dir = tempfile::tempdir().expect("tempdir");
         let config = config_dir.path().join("bedrock-gate.toml");
@@ -1432,29 +1442,55 @@ impl Bench {
             proxy::config_with(self.fake.addr, &models, &sessions, Some(&db.url)),
         )
         .expect("write config");
+        let run_cli = |args: &[&std::ffi::OsStr]| -> String {
+            let out = hermetic(config_dir.path())
+                .args(args)
+                .arg("--config")
+                .arg(&config)
+                .output()
+                .expect("run bedrock-gate");
+            assert!(
+                out.status.success(),
+                "bedrock-gate {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
 
-        eprintln!(
-            "overhead: ledger_scale_pg: store import-sqlite into {}",
-            db.name
-        );
         let t = Instant::now();
-        let out = hermetic(config_dir.path())
-            .args(["store", "import-sqlite"])
-            .arg(&scale.path)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .expect("run store import-sqlite");
-        let imported = t.elapsed();
-        assert!(
-            out.status.success(),
-            "store import-sqlite failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let (load_what, said) = match (&scale, copy) {
+            (Some(s), false) => {
+                eprintln!(
+                    "overhead: ledger_scale_pg: store import-sqlite into {}",
+                    db.name
+                );
+                let said = run_cli(&[
+                    "store".as_ref(),
+                    "import-sqlite".as_ref(),
+                    s.path.as_os_str(),
+                ]);
+                (
+                    "`store import-sqlite` of the SQLite ledger into an empty database",
+                    said,
+                )
+            }
+            _ => {
+                eprintln!(
+                    "overhead: ledger_scale_pg: store migrate, COPY into {}",
+                    db.name
+                );
+                let said = run_cli(&["store".as_ref(), "migrate".as_ref()]);
+                let lines = pg::block_on(copy_scale_month(&db.url, &month, rows));
+                (
+                    "`store migrate`, then COPY of the rows and their rollup into the empty database, then ANALYZE",
+                    format!("{said}; {lines} usage_daily lines written"),
+                )
+            }
+        };
+        let loaded = t.elapsed();
         eprintln!(
             "overhead: ledger_scale_pg: {said} ({:.1} s)",
-            imported.as_secs_f64()
+            loaded.as_secs_f64()
         );
         let size = db.size_bytes();
         let (in_pg, _) = db.rows();
@@ -1469,12 +1505,9 @@ impl Bench {
         let (mut proxy, ready) = self.start_and_probe(&models, &setup);
         let usage = |by: Option<&str>| -> (Duration, String) {
             let mut cmd = hermetic(config_dir.path());
-            cmd.args(["usage", "--config"]).arg(&config).args([
-                "--since",
-                &scale.first,
-                "--until",
-                &scale.last,
-            ]);
+            cmd.args(["usage", "--config"])
+                .arg(&config)
+                .args(["--since", &first, "--until", &last]);
             if let Some(by) = by {
                 cmd.args(["--by", by]);
             }
@@ -1511,16 +1544,13 @@ impl Bench {
         let secs = |d: Duration| format!("{:.3} s", d.as_secs_f64());
         let all = i64::try_from(rows).unwrap_or(i64::MAX) == in_pg;
         self.rows.push(
-            Row::new(
-                &phase,
-                "`store import-sqlite` of the SQLite ledger into an empty database",
-            )
-            .through(format!(
-                "{} ({:.0} rows/s)",
-                secs(imported),
-                rows as f64 / imported.as_secs_f64().max(1e-9)
-            ))
-            .target(format!("all {rows} rows"), Verdict::of(all)),
+            Row::new(&phase, load_what)
+                .through(format!(
+                    "{} ({:.0} rows/s)",
+                    secs(loaded),
+                    rows as f64 / loaded.as_secs_f64().max(1e-9)
+                ))
+                .target(format!("all {rows} rows"), Verdict::of(all)),
         );
         self.rows
             .push(Row::new(&phase, "first `serve` on it → /healthz").through(secs(first_start)));
@@ -1536,29 +1566,188 @@ impl Bench {
                     .target("< 0.5 s", Verdict::of(*took < Duration::from_millis(500))),
             );
         }
-        let same = pg_out == scale.usage_out;
-        self.rows.push(
-            Row::new(&phase, "`usage` output on PostgreSQL = on SQLite")
-                .through(if same { "identical" } else { "differs" })
-                .target("byte-for-byte", Verdict::of(same)),
-        );
+        match &scale {
+            Some(s) => {
+                let same = pg_out == s.usage_out;
+                self.rows.push(
+                    Row::new(&phase, "`usage` output on PostgreSQL = on SQLite")
+                        .through(compare_lines(&s.usage_out, &pg_out))
+                        .target("byte-for-byte", Verdict::of(same)),
+                );
+                if !same {
+                    eprintln!("SQLite:\n{}\nPostgreSQL:\n{pg_out}", s.usage_out);
+                }
+            }
+            None => self.rows.push(
+                Row::new(&phase, "`usage` output on PostgreSQL = on SQLite")
+                    .through("not compared (no SQLite ledger in this run)"),
+            ),
+        }
         self.rows.push(
             Row::new(&phase, "SIGTERM → exit status")
                 .through(exit.map_or("did not exit".into(), |s| s.to_string()))
                 .target("0", Verdict::of(exit.is_some_and(|s| s.success()))),
         );
         self.notes.push(format!(
-            "ledger_scale_pg: {rows} rows ({} to {}); the database {} after the import, \
+            "ledger_scale_pg: {rows} rows ({first} to {last}); the database {} after loading, \
              {lines} usage_daily lines; `usage` best of 3, while the second `serve` ran; \
-             import said: {said}",
-            scale.first,
-            scale.last,
+             loading said: {said}",
             mb(size),
         ));
-        if !same {
-            eprintln!("SQLite:\n{}\nPostgreSQL:\n{pg_out}", scale.usage_out);
-        }
     }
+}
+
+/// Writes `month`'s `rows` straight into the store's `requests` with a binary COPY, and their
+/// daily rollup into `usage_daily` as `store::pg::insert_in` computes it (the ledger's own
+/// `day_of` and `classify`), under the replica name `store import-sqlite` writes (`import`);
+/// then ANALYZE, as autovacuum would within a minute. The schema must be there. Returns the
+/// number of rollup lines.
+async fn copy_scale_month(url: &str, month: &ScaleMonth, rows: u64) -> u64 {
+    use bedrock_gate::meter::ledger::{classify, day_of};
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::Type;
+    const REPLICA: &str = "import";
+    let client = pg::connect(url).await;
+    let sink = client
+        .copy_in(
+            r#"COPY requests (ts_ms, "user", operation, model, base_model, profile_arn, status,
+                   input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
+                   latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted,
+                   outcome, front, project, session, replica) FROM STDIN BINARY"#,
+        )
+        .await
+        .expect("COPY requests");
+    let (i8, text, i4) = (Type::INT8, Type::TEXT, Type::INT4);
+    let types = [
+        i8.clone(),
+        text.clone(),
+        text.clone(),
+        text.clone(),
+        text.clone(),
+        text.clone(),
+        i4,
+        i8.clone(),
+        i8.clone(),
+        i8.clone(),
+        i8.clone(),
+        Type::FLOAT8,
+        i8.clone(),
+        i8,
+        text.clone(),
+        text.clone(),
+        Type::BOOL,
+        Type::BOOL,
+        text.clone(),
+        text.clone(),
+        text.clone(),
+        text.clone(),
+        text,
+    ];
+    let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
+    // (day, user, model, profile, project, session, front) → requests, input, output,
+    // cache read, cost, unpriced, incomplete, errors.
+    type Sums = (i64, i64, i64, i64, f64, i64, i64, i64);
+    let mut days: std::collections::BTreeMap<[String; 7], Sums> = Default::default();
+    let none: Option<&str> = None;
+    for i in 0..rows {
+        let r = month.row(i);
+        writer
+            .as_mut()
+            .write(&[
+                &r.ts,
+                &r.user,
+                &"Converse",
+                &r.model,
+                &r.model,
+                &r.profile,
+                &r.status,
+                &r.input,
+                &r.output,
+                &r.cache_read,
+                &0i64,
+                &r.cost,
+                &r.latency,
+                &Some(r.ttfb),
+                &r.request_id,
+                &none,
+                &r.complete,
+                &true,
+                &r.outcome,
+                &r.front,
+                &r.project,
+                &r.session,
+                &REPLICA,
+            ])
+            .await
+            .expect("COPY a row");
+        let tokens = u64::try_from(r.input + r.output + r.cache_read).unwrap_or(0);
+        let class = classify(
+            u16::try_from(r.status).unwrap_or(0),
+            r.complete,
+            r.outcome,
+            tokens,
+            r.cost,
+        );
+        let s = days
+            .entry([
+                day_of(r.ts),
+                r.user.to_string(),
+                r.model.to_string(),
+                r.profile,
+                r.project,
+                r.session,
+                r.front.to_string(),
+            ])
+            .or_default();
+        s.0 += 1;
+        s.1 += r.input;
+        s.2 += r.output;
+        s.3 += r.cache_read;
+        s.4 += r.cost.unwrap_or(0.0);
+        s.5 += i64::from(class.unpriced);
+        s.6 += i64::from(class.incomplete);
+        s.7 += i64::from(class.error);
+    }
+    writer.as_mut().finish().await.expect("finish COPY");
+    let key = |i: usize| days.keys().map(|k| k[i].clone()).collect::<Vec<_>>();
+    let sum = |f: &dyn Fn(&Sums) -> i64| days.values().map(f).collect::<Vec<i64>>();
+    let costs: Vec<f64> = days.values().map(|s| s.4).collect();
+    client
+        .execute(
+            r#"INSERT INTO usage_daily (day, "user", model, profile, project, session, front, replica,
+                   requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                   cost_usd, unpriced, incomplete, errors)
+               SELECT d, u, m, p, pr, s, f, $8::text, rq, i, o, cr, 0, c, up, inc, e
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                   $7::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
+                   $13::float8[], $14::bigint[], $15::bigint[], $16::bigint[])
+                   AS t(d, u, m, p, pr, s, f, rq, i, o, cr, c, up, inc, e)"#,
+            &[
+                &key(0),
+                &key(1),
+                &key(2),
+                &key(3),
+                &key(4),
+                &key(5),
+                &key(6),
+                &REPLICA,
+                &sum(&|s| s.0),
+                &sum(&|s| s.1),
+                &sum(&|s| s.2),
+                &sum(&|s| s.3),
+                &costs,
+                &sum(&|s| s.5),
+                &sum(&|s| s.6),
+                &sum(&|s| s.7),
+            ],
+        )
+        .await
+        .expect("write the rollup");
+    client
+        .batch_execute("ANALYZE requests; ANALYZE usage_daily")
+        .await
+        .expect("ANALYZE");
+    days.len() as u64
 }
 
 /// Rows the `ledger_scale` phases write into the current month, unless `BENCH_SCALE_ROWS` says
@@ -1612,14 +1801,8 @@ fn build_v4_ledger(
     now: chrono::DateTime<chrono::Utc>,
     rows: u64,
 ) -> (String, String, Duration) {
-    use chrono::{Datelike as _, TimeZone as _};
     let t = Instant::now();
-    let start = chrono::Utc
-        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
-        .single()
-        .expect("month start");
-    let month_ms = (now - start).num_milliseconds().max(1);
-    let days = u64::try_from(month_ms / 86_400_000 + 1).expect("days");
+    let month = ScaleMonth::new(now, rows);
     let mut conn = rusqlite::Connection::open(path).expect("open ledger");
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;
@@ -1639,8 +1822,6 @@ fn build_v4_ledger(
          PRAGMA user_version = 4;",
     )
     .expect("v4 schema");
-    let users: Vec<String> = (0..SCALE_USERS).map(|u| format!("dev{u:03}")).collect();
-    let sessions_per_day = SCALE_SESSIONS / days;
     let tx = conn.transaction().expect("begin");
     {
         let mut insert = tx
@@ -1653,54 +1834,28 @@ fn build_v4_ledger(
                     NULL, ?14, 1, ?15, ?16, ?17, ?18)",
             )
             .expect("prepare");
-        let total = i64::try_from(rows).expect("rows");
         for i in 0..rows {
-            // A cheap, well-spread pseudo-random number per row.
-            let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
-            let ts = start.timestamp_millis() + i64::try_from(i).expect("i") * month_ms / total;
-            let day = u64::try_from((ts - start.timestamp_millis()) / 86_400_000).expect("day");
-            let session = day * sessions_per_day + h % sessions_per_day;
-            let user = &users[usize::try_from(session % SCALE_USERS).expect("user")];
-            let (model, price) =
-                SCALE_MODELS[usize::try_from((session + (h >> 20) % 3) % 5).expect("m")];
-            let input = 500 + (h >> 8) % 20_000;
-            let output = 50 + (h >> 24) % 2_000;
-            let cache_read = if h % 3 == 0 { (h >> 32) % 50_000 } else { 0 };
-            let (status, complete, outcome) = match h % 200 {
-                0 => (429, false, "ThrottlingException"),
-                1 | 2 => (200, false, "client_gone"),
-                3 => (200, false, "upstream_idle"),
-                _ => (200, true, "complete"),
-            };
-            let (input, output, cache_read) = if status == 200 {
-                (input, output, cache_read)
-            } else {
-                (0, 0, 0)
-            };
-            let cost = price.map(|(pi, po)| {
-                (input as f64 * pi + output as f64 * po + cache_read as f64 * pi / 10.0) / 1e6
-            });
-            let i64_ = |v: u64| i64::try_from(v).expect("fits");
+            let r = month.row(i);
             insert
                 .execute(rusqlite::params![
-                    ts,
-                    user,
-                    model,
-                    format!("arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/{user}-{}", &model[..6]),
-                    status,
-                    i64_(input),
-                    i64_(output),
-                    i64_(cache_read),
+                    r.ts,
+                    r.user,
+                    r.model,
+                    r.profile,
+                    r.status,
+                    r.input,
+                    r.output,
+                    r.cache_read,
                     0,
-                    cost,
-                    i64_(200 + h % 5_000),
-                    i64_(100 + h % 900),
-                    format!("{i:016x}"),
-                    complete,
-                    outcome,
-                    if session % 4 == 0 { "bedrock" } else { "anthropic" },
-                    format!("project-{}", session % SCALE_USERS % 10),
-                    format!("session-{session:05}"),
+                    r.cost,
+                    r.latency,
+                    r.ttfb,
+                    r.request_id,
+                    r.complete,
+                    r.outcome,
+                    r.front,
+                    r.project,
+                    r.session,
                 ])
                 .expect("insert");
         }
@@ -1708,8 +1863,153 @@ fn build_v4_ledger(
     tx.commit().expect("commit");
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
         .expect("checkpoint");
-    let last = now.format("%Y-%m-%d").to_string();
-    (start.format("%Y-%m-%d").to_string(), last, t.elapsed())
+    let (first, last) = month.days();
+    (first, last, t.elapsed())
+}
+
+/// The month the scale phases write: rows spread evenly from the first of `now`'s month to
+/// `now`, the same rows for the same `now` and count, whichever ledger they go to.
+struct ScaleMonth {
+    start: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+    month_ms: i64,
+    total: i64,
+    sessions_per_day: u64,
+    users: Vec<String>,
+}
+
+/// One row of a [`ScaleMonth`] (operation `Converse`, base model = model, no cache writes,
+/// admitted).
+struct ScaleRow<'a> {
+    ts: i64,
+    user: &'a str,
+    model: &'static str,
+    profile: String,
+    status: i32,
+    input: i64,
+    output: i64,
+    cache_read: i64,
+    cost: Option<f64>,
+    latency: i64,
+    ttfb: i64,
+    request_id: String,
+    complete: bool,
+    outcome: &'static str,
+    front: &'static str,
+    project: String,
+    session: String,
+}
+
+impl ScaleMonth {
+    fn new(now: chrono::DateTime<chrono::Utc>, rows: u64) -> ScaleMonth {
+        use chrono::{Datelike as _, TimeZone as _};
+        let start = chrono::Utc
+            .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+            .single()
+            .expect("month start");
+        let month_ms = (now - start).num_milliseconds().max(1);
+        let days = u64::try_from(month_ms / 86_400_000 + 1).expect("days");
+        ScaleMonth {
+            start,
+            now,
+            month_ms,
+            total: i64::try_from(rows).expect("rows"),
+            sessions_per_day: SCALE_SESSIONS / days,
+            users: (0..SCALE_USERS).map(|u| format!("dev{u:03}")).collect(),
+        }
+    }
+
+    /// The month's first day and today, `YYYY-MM-DD`.
+    fn days(&self) -> (String, String) {
+        (
+            self.start.format("%Y-%m-%d").to_string(),
+            self.now.format("%Y-%m-%d").to_string(),
+        )
+    }
+
+    fn row(&self, i: u64) -> ScaleRow<'_> {
+        // A cheap, well-spread pseudo-random number per row.
+        let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+        let start_ms = self.start.timestamp_millis();
+        let ts = start_ms + i64::try_from(i).expect("i") * self.month_ms / self.total;
+        let day = u64::try_from((ts - start_ms) / 86_400_000).expect("day");
+        let session = day * self.sessions_per_day + h % self.sessions_per_day;
+        let user = &self.users[usize::try_from(session % SCALE_USERS).expect("user")];
+        let (model, price) =
+            SCALE_MODELS[usize::try_from((session + (h >> 20) % 3) % 5).expect("m")];
+        let input = 500 + (h >> 8) % 20_000;
+        let output = 50 + (h >> 24) % 2_000;
+        let cache_read = if h % 3 == 0 { (h >> 32) % 50_000 } else { 0 };
+        let (status, complete, outcome) = match h % 200 {
+            0 => (429, false, "ThrottlingException"),
+            1 | 2 => (200, false, "client_gone"),
+            3 => (200, false, "upstream_idle"),
+            _ => (200, true, "complete"),
+        };
+        let (input, output, cache_read) = if status == 200 {
+            (input, output, cache_read)
+        } else {
+            (0, 0, 0)
+        };
+        let cost = price.map(|(pi, po)| {
+            (input as f64 * pi + output as f64 * po + cache_read as f64 * pi / 10.0) / 1e6
+        });
+        let i64_ = |v: u64| i64::try_from(v).expect("fits");
+        ScaleRow {
+            ts,
+            user,
+            model,
+            profile: format!(
+                "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/{user}-{}",
+                &model[..6]
+            ),
+            status,
+            input: i64_(input),
+            output: i64_(output),
+            cache_read: i64_(cache_read),
+            cost,
+            latency: i64_(200 + h % 5_000),
+            ttfb: i64_(100 + h % 900),
+            request_id: format!("{i:016x}"),
+            complete,
+            outcome,
+            front: if session % 4 == 0 {
+                "bedrock"
+            } else {
+                "anthropic"
+            },
+            project: format!("project-{}", session % SCALE_USERS % 10),
+            session: format!("session-{session:05}"),
+        }
+    }
+}
+
+/// `identical`, or how many lines of `b` differ from `a` and the first that does.
+fn compare_lines(a: &str, b: &str) -> String {
+    if a == b {
+        return "identical".into();
+    }
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let differing: Vec<(&str, &str)> = la
+        .iter()
+        .zip(&lb)
+        .filter(|(x, y)| x != y)
+        .map(|(x, y)| (*x, *y))
+        .collect();
+    let first = differing.first().map_or(String::new(), |(x, y)| {
+        let squeeze = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
+        format!("; first: `{}` vs `{}`", squeeze(x), squeeze(y))
+    });
+    format!(
+        "differs: {} of {} lines{}{first}",
+        differing.len(),
+        la.len(),
+        if la.len() == lb.len() {
+            ""
+        } else {
+            " (and in length)"
+        }
+    )
 }
 
 /// Whether `GET /healthz` on `addr` answers 200 (plain HTTP/1.1, one connection).
