@@ -1045,10 +1045,13 @@ impl StorePair {
         })
         .unwrap_or((-1, -1));
         let problems = |p: &Proxy| {
-            p.stderr()
+            let log = p.stderr();
+            let lines: Vec<String> = log
                 .lines()
                 .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-                .count()
+                .map(|l| l.trim().to_string())
+                .collect();
+            (lines.len(), lines.into_iter().next())
         };
         let rows = StoreRows {
             sqlite,
@@ -1065,8 +1068,8 @@ struct StoreRows {
     sqlite: (i64, i64),
     pg: (i64, i64),
     clean: bool,
-    /// WARN/ERROR log lines of (SQLite, PostgreSQL).
-    problems: (usize, usize),
+    /// WARN/ERROR log lines of (SQLite, PostgreSQL), and the first of each.
+    problems: ((usize, Option<String>), (usize, Option<String>)),
 }
 
 /// The notes' mention of the database's CPU and of the disk, in the store phases (whose
@@ -1159,10 +1162,16 @@ impl Bench {
                 Verdict::of(ok(rows.sqlite, sent.0) && ok(rows.pg, sent.1) && rows.clean),
             ),
         );
-        if rows.problems != (0, 0) {
+        let ((sn, sf), (pn, pf)) = &rows.problems;
+        if *sn + *pn > 0 {
+            let first = |f: &Option<String>| {
+                f.as_ref()
+                    .map_or(String::new(), |l| format!(" (first: `{l}`)"))
+            };
             self.notes.push(format!(
-                "{phase}: WARN/ERROR log lines: SQLite {}, PostgreSQL {}",
-                rows.problems.0, rows.problems.1
+                "{phase}: WARN/ERROR log lines: SQLite {sn}{}, PostgreSQL {pn}{}",
+                first(sf),
+                first(pf)
             ));
         }
     }
