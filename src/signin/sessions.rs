@@ -499,19 +499,12 @@ impl SessionStore {
                 id
             }
             Db::Postgres(pg) => {
-                let row = crate::store::sessions::NewSession {
-                    access_hash: &access_hash,
-                    refresh_hash: refresh_hash.as_deref(),
-                    user: &grant.user,
-                    subject: &grant.subject,
-                    email: grant.email.as_deref(),
-                    groups: &groups,
-                    idp_refresh: grant.idp_refresh.as_deref(),
-                    surface: grant.surface.as_deref(),
-                    now_ms: now,
-                    expires_ms,
-                    refresh_expires_ms: refresh_expires,
-                };
+                let row = crate::store::sessions::NewSession::of(
+                    grant,
+                    (&access_hash, refresh_hash.as_deref()),
+                    &groups,
+                    (now, expires_ms, refresh_expires),
+                );
                 pg.block(async {
                     crate::store::sessions::insert(&mut *pg.client().await?, &row).await
                 })?
@@ -636,19 +629,12 @@ impl SessionStore {
                 n > 0
             }
             Db::Postgres(pg) => {
-                let row = crate::store::sessions::NewSession {
-                    access_hash: &access_hash,
-                    refresh_hash: refresh_hash.as_deref(),
-                    user: &grant.user,
-                    subject: &grant.subject,
-                    email: grant.email.as_deref(),
-                    groups: &groups,
-                    idp_refresh: grant.idp_refresh.as_deref(),
-                    surface: grant.surface.as_deref(),
-                    now_ms: now,
-                    expires_ms,
-                    refresh_expires_ms: Some(refresh_expires),
-                };
+                let row = crate::store::sessions::NewSession::of(
+                    grant,
+                    (&access_hash, refresh_hash.as_deref()),
+                    &groups,
+                    (now, expires_ms, Some(refresh_expires)),
+                );
                 pg.block(async {
                     crate::store::sessions::rotate(&mut *pg.client().await?, id, &row).await
                 })?

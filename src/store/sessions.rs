@@ -87,6 +87,31 @@ pub struct NewSession<'a> {
     pub refresh_expires_ms: Option<i64>,
 }
 
+impl<'a> NewSession<'a> {
+    /// The row for `grant` with these token hashes, groups (JSON) and times
+    /// (now, bearer expiry, refresh expiry).
+    pub fn of(
+        grant: &'a crate::signin::sessions::Grant,
+        (access_hash, refresh_hash): (&'a str, Option<&'a str>),
+        groups: &'a str,
+        (now_ms, expires_ms, refresh_expires_ms): (i64, i64, Option<i64>),
+    ) -> NewSession<'a> {
+        NewSession {
+            access_hash,
+            refresh_hash,
+            user: &grant.user,
+            subject: &grant.subject,
+            email: grant.email.as_deref(),
+            groups,
+            idp_refresh: grant.idp_refresh.as_deref(),
+            surface: grant.surface.as_deref(),
+            now_ms,
+            expires_ms,
+            refresh_expires_ms,
+        }
+    }
+}
+
 /// Inserts a session; returns its id.
 pub async fn insert(client: &mut Client, s: &NewSession<'_>) -> anyhow::Result<i64> {
     let tx = client.transaction().await?;
