@@ -212,7 +212,9 @@ async fn a_refusal_for_uploads_in_flight_is_a_503_that_says_why() {
     let _w = written.acquire().await.expect("written");
     // The held upload's Content-Length is reserved as soon as its head is read; wait for it
     // to show in the refusal of a second one.
-    let r = eventually("a 503 while the first upload is held", || async {
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let r = loop {
         let r = post(
             &proxy,
             &format!("/model/{SONNET}/count-tokens"),
@@ -220,9 +222,18 @@ async fn a_refusal_for_uploads_in_flight_is_a_503_that_says_why() {
             &format!("\"{}\"", "b".repeat(1000)),
         )
         .await;
-        (r.status == 503).then_some(r)
-    })
-    .await;
+        if r.status == 503 {
+            break r;
+        }
+        seen.push(r.status);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 503 while the first upload was held (held upload finished: {}); statuses seen: {seen:?}\n{}",
+            held.is_finished(),
+            proxy.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
     assert_eq!(r.error_type(), "ServiceUnavailableException");
     assert!(
         r.message().contains("limits.max_inflight_body_bytes"),
