@@ -355,8 +355,21 @@ fn spawn_session_poll(state: Arc<AppState>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(crate::signin::sessions::POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune: Option<std::time::Instant> = None;
         loop {
             tick.tick().await;
+            // Hourly (and at start): rows of sessions dead for a month go.
+            if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+                last_prune = Some(std::time::Instant::now());
+                let s = state.clone();
+                match tokio::task::spawn_blocking(move || s.signin.store.prune()).await {
+                    Ok(Ok(n)) if n > 0 => tracing::info!(sessions = n, "dead sessions pruned"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %format!("{e:#}"), "could not prune the sessions table")
+                    }
+                    _ => {}
+                }
+            }
             let s = state.clone();
             match tokio::task::spawn_blocking(move || s.signin.store.poll()).await {
                 Ok(Ok(true)) => tracing::debug!("sessions reloaded"),

@@ -282,6 +282,8 @@ impl std::fmt::Debug for SessionStore {
 
 /// Misses remembered at most (beyond it, unknown bearers are not looked up until they age out).
 const MAX_MISSES: usize = 10_000;
+/// How long a dead session's row is kept (for `sessions list` history and audits).
+pub const KEEP_DEAD: Duration = Duration::from_secs(30 * 86_400);
 /// The longest a request waits to look a bearer up in the shared store.
 const FIND_WAIT: Duration = Duration::from_millis(300);
 
@@ -371,6 +373,22 @@ impl SessionStore {
         self.replace_live(rows);
         *seen = generation;
         Ok(true)
+    }
+
+    /// Deletes sessions dead (revoked, or past both their bearer's and refresh token's
+    /// expiry) for more than [`KEEP_DEAD`]: the table stays the size of the live ones plus a
+    /// month, on either store. Blocking. Returns how many went.
+    pub fn prune(&self) -> anyhow::Result<u64> {
+        let cutoff = now_ms() - i64::try_from(KEEP_DEAD.as_millis()).unwrap_or(i64::MAX / 2);
+        match &self.db {
+            Db::Sqlite(conn) => Ok(Self::sqlite(conn).execute(
+                "DELETE FROM sessions WHERE revoked_ms < ?1
+                    OR max(expires_ms, coalesce(refresh_expires_ms, expires_ms)) < ?1",
+                [cutoff],
+            )? as u64),
+            Db::Postgres(pg) => pg
+                .block(async { crate::store::sessions::prune(&*pg.client().await?, cutoff).await }),
+        }
     }
 
     async fn poll_async(&self) -> anyhow::Result<bool> {
@@ -748,6 +766,41 @@ mod tests {
         assert!(store.revoke_token(&rotated.access_token).unwrap());
         assert_eq!(store.lookup(&rotated.access_token), Lookup::Unknown);
         assert!(!store.revoke_token(&rotated.access_token).unwrap());
+    }
+
+    #[test]
+    fn sessions_dead_for_a_month_are_pruned_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let store = SessionStore::open(&path).unwrap();
+        let old = store.issue(&grant("alice", true), HOUR, HOUR).unwrap();
+        let revoked = store.issue(&grant("bob", true), HOUR, HOUR).unwrap();
+        let live = store.issue(&grant("carol", true), HOUR, HOUR).unwrap();
+        let long_ago = now_ms() - 40 * 86_400_000;
+        let other = open_db(&path).unwrap();
+        other
+            .execute(
+                "UPDATE sessions SET expires_ms = ?1, refresh_expires_ms = ?1 WHERE access_hash = ?2",
+                params![long_ago, hash(&old.access_token)],
+            )
+            .unwrap();
+        other
+            .execute(
+                "UPDATE sessions SET revoked_ms = ?1 WHERE access_hash = ?2",
+                params![long_ago, hash(&revoked.access_token)],
+            )
+            .unwrap();
+        assert_eq!(store.prune().unwrap(), 2);
+        let left: Vec<String> = other
+            .prepare("SELECT user FROM sessions")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, ["carol"]);
+        assert!(matches!(store.lookup(&live.access_token), Lookup::Live(_)));
+        assert_eq!(store.prune().unwrap(), 0);
     }
 
     #[test]

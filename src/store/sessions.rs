@@ -279,3 +279,14 @@ pub async fn list(client: &Client, now_ms: i64) -> anyhow::Result<Vec<Listed>> {
         })
         .collect()
 }
+
+/// Deletes sessions revoked, or past both expiries, before `cutoff_ms`; returns how many.
+pub async fn prune(client: &Client, cutoff_ms: i64) -> anyhow::Result<u64> {
+    Ok(client
+        .execute(
+            "DELETE FROM sessions WHERE revoked_ms < $1
+                OR greatest(expires_ms, coalesce(refresh_expires_ms, expires_ms)) < $1",
+            &[&cutoff_ms],
+        )
+        .await?)
+}

@@ -734,6 +734,10 @@ async fn on_a_shared_store_a_sign_in_spans_replicas_and_a_revocation_anywhere_en
         .unwrap()
         .get(0);
     assert_eq!(n, 2, "both sign-ins are rows of the shared store");
+    for proxy in [&a, &b] {
+        let logs = proxy.logs();
+        assert!(!logs.contains("could not"), "{logs}");
+    }
 }
 
 #[tokio::test]
