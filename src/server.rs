@@ -464,15 +464,17 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         }
         None => Meter::open(&ledger_path, config.ledger.synchronous)?,
     };
-    let store = match &on_store {
-        Some((_, settings)) => {
-            crate::signin::sessions::SessionStore::open_store(settings, &config_dir).await?
-        }
-        None => crate::signin::sessions::SessionStore::open(&ledger_path)?,
-    };
-    let flows = match &on_store {
-        Some((_, settings)) => crate::signin::device::DeviceFlows::on_store(settings, &config_dir),
-        None => crate::signin::device::DeviceFlows::default(),
+    // On the store, the sessions and the sign-ins in progress take turns on the meter's
+    // connection for reads off the ledger's path: one per replica, not one each.
+    let (store, flows) = match &meter.reader {
+        Some(conn) => (
+            crate::signin::sessions::SessionStore::open_store(conn.clone()).await?,
+            crate::signin::device::DeviceFlows::on_store(conn.clone()),
+        ),
+        None => (
+            crate::signin::sessions::SessionStore::open(&ledger_path)?,
+            crate::signin::device::DeviceFlows::default(),
+        ),
     };
     let signin = crate::signin::SignInState::new(store, flows);
     let state = AppState::new(

@@ -32,7 +32,7 @@ pub struct Meter {
     /// The PostgreSQL store's state, when the ledger is there.
     pub store: Option<std::sync::Arc<crate::store::writer::Health>>,
     /// A connection to the store for reads off the request path (the gateway's `/usage`).
-    pub reader: Option<crate::store::Lazy>,
+    pub reader: Option<std::sync::Arc<crate::store::Lazy>>,
     pub accounts: Accounts,
     pub metrics: Metrics,
     /// How many refusals each user had written this minute.
@@ -315,7 +315,7 @@ impl Meter {
         Ok(Meter {
             ledger,
             store,
-            reader: Some(crate::store::Lazy::new(settings, dir)),
+            reader: Some(std::sync::Arc::new(crate::store::Lazy::new(settings, dir))),
             accounts,
             metrics: Metrics::new(),
             refusals: RefusalCap::default(),

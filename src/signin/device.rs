@@ -348,7 +348,7 @@ impl Memory {
 #[derive(Debug, Default)]
 pub struct DeviceFlows {
     memory: Memory,
-    store: Option<crate::store::Lazy>,
+    store: Option<std::sync::Arc<crate::store::Lazy>>,
 }
 
 fn now_ms() -> i64 {
@@ -368,11 +368,11 @@ fn store_failed(e: &anyhow::Error) {
 }
 
 impl DeviceFlows {
-    /// Flows in the shared store.
-    pub fn on_store(settings: &crate::store::Settings, dir: &std::path::Path) -> DeviceFlows {
+    /// Flows in the shared store, over `conn`.
+    pub fn on_store(conn: std::sync::Arc<crate::store::Lazy>) -> DeviceFlows {
         DeviceFlows {
             memory: Memory::default(),
-            store: Some(crate::store::Lazy::new(settings, dir)),
+            store: Some(conn),
         }
     }
 

@@ -248,7 +248,7 @@ enum Db {
 /// The shared store, and a handle to run its calls for the blocking callers (they run off
 /// the async threads).
 struct Pg {
-    conn: crate::store::Lazy,
+    conn: Arc<crate::store::Lazy>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -295,13 +295,10 @@ impl SessionStore {
         Ok(store)
     }
 
-    /// Sessions in the shared PostgreSQL store (its schema migrated already).
-    pub async fn open_store(
-        settings: &crate::store::Settings,
-        dir: &Path,
-    ) -> anyhow::Result<SessionStore> {
+    /// Sessions in the shared PostgreSQL store (its schema migrated already), over `conn`.
+    pub async fn open_store(conn: Arc<crate::store::Lazy>) -> anyhow::Result<SessionStore> {
         let store = SessionStore::with_db(Db::Postgres(Box::new(Pg {
-            conn: crate::store::Lazy::new(settings, dir),
+            conn,
             runtime: tokio::runtime::Handle::current(),
         })));
         store
