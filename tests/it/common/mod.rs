@@ -210,6 +210,37 @@ impl Proxy {
         Self::start_with_args(config, &[]).await
     }
 
+    /// The spool of a proxy whose ledger is in PostgreSQL: the file its answers commit to.
+    fn spool_path(&self) -> Option<std::path::PathBuf> {
+        let config: toml::Table = std::fs::read_to_string(&self.config_path)
+            .ok()?
+            .parse()
+            .ok()?;
+        let store = config.get("store")?;
+        store.get("url")?;
+        let name = store
+            .get("spool_path")
+            .and_then(|p| p.as_str())
+            .unwrap_or("bedrock-gate.spool");
+        Some(self.dir.path().join(name))
+    }
+
+    /// Whether everything this proxy's answers committed is in the store (its spool is empty);
+    /// always for a proxy on SQLite, where the answer's commit is the ledger's.
+    pub fn is_shipped(&self) -> bool {
+        self.spool_path()
+            .is_none_or(|p| std::fs::metadata(p).map_or(true, |m| m.len() == 0))
+    }
+
+    /// Waits until [`Proxy::is_shipped`]: on PostgreSQL an answer ends once its row is in the
+    /// spool, and the row reaches the database a moment later.
+    pub async fn shipped(&self) {
+        eventually("the proxy's spool is shipped to the store", || async {
+            self.is_shipped().then_some(())
+        })
+        .await;
+    }
+
     pub async fn start_with_args(config: &str, args: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = with_test_store(config).await;
@@ -241,12 +272,23 @@ impl Proxy {
 
     /// Kills this proxy with SIGKILL, as a crash would (nothing is flushed or closed), and
     /// starts a new one on the same directory (config and ledger).
-    pub async fn kill9(mut self, args: &[&str]) -> Proxy {
+    pub async fn kill9(self, args: &[&str]) -> Proxy {
+        let dir = self.crash();
+        Self::launch(dir, args, &[]).await
+    }
+
+    /// Kills this proxy with SIGKILL and hands back its directory, for a test that changes
+    /// the world before [`Proxy::relaunch`].
+    pub fn crash(mut self) -> tempfile::TempDir {
         // `Child::kill` is SIGKILL on Unix.
         self.child.kill().expect("SIGKILL");
         let status = self.child.wait().expect("wait");
         assert!(!status.success(), "killed, not exited: {status:?}");
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// Starts a proxy on the directory (config and ledger) of one that [`Proxy::crash`]ed.
+    pub async fn relaunch(dir: tempfile::TempDir, args: &[&str]) -> Proxy {
         Self::launch(dir, args, &[]).await
     }
 
@@ -545,7 +587,16 @@ pub fn ledger_query<T>(
     mut row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
 ) -> Vec<T> {
     let conn = match proxy.store_url() {
-        Some(url) => pg_requests_in_memory(&url),
+        Some(url) => {
+            // The rows of answers that ended may still be on their way from the spool.
+            for _ in 0..400 {
+                if proxy.is_shipped() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            pg_requests_in_memory(&url)
+        }
         None => rusqlite::Connection::open(proxy.ledger_path()).expect("open the ledger"),
     };
     let Ok(mut stmt) = conn.prepare(sql) else {
