@@ -96,7 +96,8 @@ async fn the_same_refusals_in_each_fronts_shape_recorded_once() {
         "one row per identified call, the refusal named alike on both fronts"
     );
     // Give the unidentified calls as long as the others had: still no row.
-    let logs = proxy.wait_for_log("\"bob\"").await;
+    // (A log line is written once its answer has ended, so wait for the last call's.)
+    let logs = proxy.wait_for_log("user=\"bob\" front=\"anthropic\"").await;
     assert_eq!(ledger(&proxy).len(), 4);
     assert!(
         logs.matches("bedrock_gate::access").count() >= 6,
