@@ -460,7 +460,13 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
     let config_dir = crate::config::dir_of(&opts.config_path);
     let meter = match &on_store {
         Some((replica, settings)) => {
-            Meter::open_store(settings, &config_dir, replica.clone()).await?
+            Meter::open_store(
+                settings,
+                &config_dir,
+                config.ledger.synchronous,
+                replica.clone(),
+            )
+            .await?
         }
         None => Meter::open(&ledger_path, config.ledger.synchronous)?,
     };

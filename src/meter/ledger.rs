@@ -671,7 +671,8 @@ pub fn recover_interrupted(conn: &mut Connection) -> rusqlite::Result<usize> {
     Ok(cut.len())
 }
 
-/// Where the writer commits: the SQLite file, or PostgreSQL (with its spool).
+/// Where the writer commits: the SQLite file, or the spool a shipper thread moves into
+/// PostgreSQL (see [`crate::store::writer`]).
 enum Sink {
     Sqlite(Connection),
     Postgres(Box<crate::store::writer::PgSink>),
@@ -695,14 +696,10 @@ impl Sink {
         }
     }
 
-    /// Entries wait in the PostgreSQL spool: the writer retries them on its own.
-    fn has_spooled(&self) -> bool {
-        matches!(self, Sink::Postgres(pg) if pg.has_spooled())
-    }
-
-    fn replay(&mut self) {
+    /// Before the writer stops: lets the PostgreSQL shipper take what the spool holds.
+    fn close(&mut self) {
         if let Sink::Postgres(pg) = self {
-            pg.replay();
+            pg.close();
         }
     }
 }
@@ -763,20 +760,13 @@ impl Writer {
     /// commits falls as the rate of requests rises.
     fn run(mut self) {
         loop {
-            let first = if self.batch.is_empty() && self.sink.has_spooled() {
-                // The spool waits for the database: try it every second, traffic or not.
-                match self.rx.recv_timeout(Duration::from_secs(1)) {
-                    Ok(msg) => Some(msg),
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.sink.replay();
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-            } else if self.batch.is_empty() {
+            let first = if self.batch.is_empty() {
                 match self.rx.recv() {
                     Ok(msg) => Some(msg),
-                    Err(_) => return,
+                    Err(_) => {
+                        self.sink.close();
+                        return;
+                    }
                 }
             } else {
                 // A batch whose commit failed: try again soon even if nothing new comes.
@@ -785,6 +775,7 @@ impl Writer {
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => {
                         self.commit();
+                        self.sink.close();
                         return;
                     }
                 }
@@ -806,6 +797,7 @@ impl Writer {
                     Msg::Close(ack) => {
                         self.drain();
                         self.commit();
+                        self.sink.close();
                         let _ = ack.send(());
                         return;
                     }

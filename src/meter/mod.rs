@@ -253,12 +253,14 @@ impl RefusalCap {
 }
 
 impl Meter {
-    /// Opens the ledger in PostgreSQL: migrates the schema (under its lock), records the calls
-    /// this replica had in flight when it last died as `interrupted`, rebuilds the counters from
-    /// the rollup, and starts the writer with its spool. `dir` is the config's directory.
+    /// Opens the ledger in PostgreSQL: migrates the schema (under its lock), ships what its
+    /// spool kept from the last run, records the calls this replica had in flight when it last
+    /// died as `interrupted`, rebuilds the counters from the rollup, and starts the writer on
+    /// its spool. `dir` is the config's directory.
     pub async fn open_store(
         settings: &crate::store::Settings,
         dir: &Path,
+        synchronous: Synchronous,
         replica: String,
     ) -> anyhow::Result<Meter> {
         use crate::store::pg;
@@ -269,13 +271,44 @@ impl Meter {
         if !applied.is_empty() {
             tracing::info!(versions = ?applied, "store schema migrated");
         }
-        let interrupted = pg::recover_interrupted(&mut client, &replica).await?;
-        if interrupted > 0 {
+        // The spool first: what a crash left in it (rows of calls whose markers may already be
+        // in the store) is shipped before the markers left without a row are taken for
+        // interrupted calls.
+        let spool_path = dir.join(&settings.spool_path);
+        let health = std::sync::Arc::new(crate::store::writer::Health::default());
+        let writer_health = health.clone();
+        let (s, d, p, r) = (
+            settings.clone(),
+            dir.to_path_buf(),
+            spool_path.clone(),
+            replica.clone(),
+        );
+        // The sink owns a runtime of its own for its shipper thread, so it is made off this one.
+        let sink = tokio::task::spawn_blocking(move || {
+            crate::store::writer::PgSink::open(
+                s,
+                &d,
+                &p,
+                synchronous == Synchronous::Full,
+                r,
+                writer_health,
+            )
+        })
+        .await??;
+        if sink.has_spooled() {
             tracing::warn!(
-                calls = interrupted,
                 replica = %replica,
-                "calls this replica had in flight when it last stopped without closing the ledger are recorded as `interrupted`"
+                "the spool from the last run is not all in the store yet, so the calls this replica had in flight then are left to the next start"
             );
+        } else {
+            let interrupted = pg::recover_interrupted(&mut client, &replica).await?;
+            if interrupted > 0 {
+                tracing::warn!(
+                    calls = interrupted,
+                    replica = %replica,
+                    "calls this replica had in flight when it last stopped without closing the ledger are recorded as `interrupted`"
+                );
+            }
         }
         pg::heartbeat(&client, &replica).await?;
         let day = month.start().format("%Y-%m-%d").to_string();
@@ -295,20 +328,6 @@ impl Meter {
         let accounts = Accounts::rebuild(month, totals, recent);
         accounts.set_others(month, others);
         accounts.set_others_window(now, others_window);
-        let spool_path = dir.join(&settings.spool_path);
-        let health = std::sync::Arc::new(crate::store::writer::Health::default());
-        let writer_health = health.clone();
-        let (s, d, p, r) = (
-            settings.clone(),
-            dir.to_path_buf(),
-            spool_path.clone(),
-            replica.clone(),
-        );
-        // The sink owns a runtime of its own for the writer thread, so it is made off this one.
-        let sink = tokio::task::spawn_blocking(move || {
-            crate::store::writer::PgSink::open(s, &d, &p, r, writer_health)
-        })
-        .await??;
         let ledger = Ledger::open_postgres(sink, &spool_path)?;
         let store = Some(health);
         tracing::info!(store = %settings.redacted_url(), replica = %replica, users_with_usage = rebuilt, "ledger open in the store; counters rebuilt for {month}");

@@ -10,6 +10,15 @@ fn config_with(fake: &FakeBedrock, db: &Db) -> String {
     format!("{}\n{}", db.store_table(), two_user_config(fake, ""))
 }
 
+/// [`config_with`], reaching the database through `relay` (which a test may cut).
+fn config_via(fake: &FakeBedrock, db: &Db, relay: &pg::Relay) -> String {
+    format!(
+        "{}\n{}",
+        db.store_table_via(relay),
+        two_user_config(fake, "")
+    )
+}
+
 #[tokio::test]
 async fn migrate_from_three_processes_at_once_applies_each_version_once() {
     let fake = FakeBedrock::start().await;
@@ -198,7 +207,8 @@ async fn serve_on_postgres_records_every_call_once_and_rebuilds_its_counters_aft
     })
     .await;
     assert!(statuses.iter().all(|s| *s == 200));
-    // Every answer ended only once its row was committed: all are there now.
+    // Every answer ended once its row was in the spool, synced; it ships in a moment.
+    proxy.shipped().await;
     assert_eq!(count(&db, "SELECT count(*) FROM requests").await, N as i64);
     assert_eq!(
         count(&db, "SELECT count(DISTINCT request_id) FROM requests").await,
@@ -364,11 +374,7 @@ async fn the_database_going_away_mid_load_loses_nothing_and_writes_nothing_twice
     let fake = FakeBedrock::start().await;
     let db = Db::create().await;
     let relay = pg::Relay::start(db.addr()).await;
-    let config = format!(
-        "{}\n{}",
-        db.store_table_via(&relay),
-        two_user_config(&fake, "")
-    );
+    let config = config_via(&fake, &db, &relay);
     let proxy = Proxy::start(&config).await;
     let spooled =
         load_through_an_outage(&proxy, &db, (N, 16), || relay.cut(), || relay.restore()).await;
@@ -389,9 +395,23 @@ async fn with_on_unavailable_closed_calls_are_refused_cleanly_while_the_database
     );
     let proxy = Proxy::start(&config).await;
     assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
+    proxy.shipped().await;
     relay.cut();
-    // The next call's row finds the database gone (it is spooled, the answer still ends).
+    // The next call's row finds the database gone (it waits in the spool, the answer still
+    // ends); from then on the store is degraded.
     assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
+    eventually("the store is degraded", || async {
+        let health = send(request(
+            http::Method::GET,
+            &format!("{}/healthz", proxy.url()),
+            &[],
+            "",
+        ))
+        .await
+        .json();
+        (health["store"]["degraded"] == true).then_some(())
+    })
+    .await;
     let refused = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(refused.status, 502, "{:?}", refused.body);
     assert!(
@@ -419,6 +439,62 @@ async fn with_on_unavailable_closed_calls_are_refused_cleanly_while_the_database
         (rows == answered).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_row_a_crash_left_in_the_spool_is_shipped_before_its_marker_is_taken_for_an_interrupted_call()
+ {
+    use http_body_util::BodyExt as _;
+    let fake = FakeBedrock::start().await;
+    let db = Db::create().await;
+    let relay = pg::Relay::start(db.addr()).await;
+    // A name of its own, as a restarted replica keeps (the default, HOST:PORT, would change
+    // with the port the relaunch binds), so the relaunch takes the marker for its own.
+    let config = config_via(&fake, &db, &relay)
+        .replace("[store]\n", "[store]\nreplica = \"crashed-and-back\"\n");
+    let proxy = Proxy::start(&config).await;
+    let gate = fake.gate_streams();
+    let req = keyed(
+        &proxy,
+        &format!("/model/{SONNET}/invoke-with-response-stream"),
+        ALICE_KEY,
+        INVOKE_BODY,
+    );
+    let mut body = client().request(req).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    // The call's marker is in the store...
+    proxy.shipped().await;
+    assert_eq!(count(&db, "SELECT count(*) FROM sent").await, 1);
+    relay.cut();
+    for _ in 1..fake::anthropic_events(&alice_sonnet()).len() {
+        gate.send(()).await.unwrap();
+    }
+    body.collect().await.expect("the stream ends");
+    // ...and its row only in the spool when the proxy dies.
+    assert!(!proxy.is_shipped());
+    let dir = proxy.crash();
+    relay.restore();
+    let proxy = Proxy::relaunch(dir, &[]).await;
+    proxy.shipped().await;
+    // Straight from the database: `ledger_query` would block the runtime the relay runs on.
+    let rows = db
+        .client()
+        .await
+        .query("SELECT outcome, input_tokens FROM requests", &[])
+        .await
+        .unwrap();
+    let rows: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        rows[0].0, "complete",
+        "the real row, not an `interrupted` one"
+    );
+    assert!(rows[0].1 > 0, "{rows:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM sent").await, 0);
+    assert_eq!(
+        count(&db, "SELECT sum(requests)::bigint FROM usage_daily").await,
+        1
+    );
 }
 
 #[tokio::test]
