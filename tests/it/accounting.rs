@@ -60,14 +60,7 @@ async fn a_stream_still_open_when_the_grace_period_ends_is_cut_and_recorded() {
     let mut proxy =
         Proxy::start_with_args(&two_user_config(&fake, ""), &["--shutdown-grace-secs", "1"]).await;
     let _gate = fake.gate_streams(); // never released: the stream stays open
-    let req = keyed(
-        &proxy,
-        &format!("/model/{SONNET}/invoke-with-response-stream"),
-        ALICE_KEY,
-        INVOKE_BODY,
-    );
-    let mut body = client().request(req).await.unwrap().into_body();
-    body.frame().await.unwrap().unwrap();
+    let body = alice_stream_in_flight(&proxy).await;
     let status = proxy.terminate();
     assert!(status.success(), "{status:?}");
     assert!(
@@ -86,14 +79,7 @@ async fn a_graceful_shutdown_lets_a_stream_finish_and_records_it() {
     let fake = FakeBedrock::start().await;
     let mut proxy = Proxy::start(&two_user_config(&fake, "")).await;
     let gate = fake.gate_streams();
-    let req = keyed(
-        &proxy,
-        &format!("/model/{SONNET}/invoke-with-response-stream"),
-        ALICE_KEY,
-        INVOKE_BODY,
-    );
-    let mut body = client().request(req).await.unwrap().into_body();
-    body.frame().await.unwrap().unwrap();
+    let body = alice_stream_in_flight(&proxy).await;
     let pid = proxy.pid();
     assert!(
         std::process::Command::new("kill")

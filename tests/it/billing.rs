@@ -329,14 +329,7 @@ keys = ["{kb}"]
 }
 
 async fn generation(proxy: &Proxy) -> u64 {
-    let reply = send(request(
-        http::Method::GET,
-        &format!("{}/healthz", proxy.url()),
-        &[],
-        "",
-    ))
-    .await;
-    reply.json()["config_generation"].as_u64().unwrap()
+    proxy.health().await["config_generation"].as_u64().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,7 +5,6 @@ use crate::common;
 
 use common::*;
 use http::Method;
-use http_body_util::BodyExt;
 
 #[derive(Debug, PartialEq)]
 struct Row {
@@ -81,14 +80,7 @@ async fn exact_token_totals_for_every_operation_including_cache_and_a_cut_stream
     // A stream the client abandons after the first event: read to its end anyway, since
     // Bedrock bills all of it.
     let gate = fake.gate_streams();
-    let req = keyed(
-        &proxy,
-        &format!("/model/{SONNET}/invoke-with-response-stream"),
-        ALICE_KEY,
-        INVOKE_BODY,
-    );
-    let mut body = client().request(req).await.unwrap().into_body();
-    body.frame().await.unwrap().unwrap();
+    let body = alice_stream_in_flight(&proxy).await;
     drop(body);
     for _ in 0..16 {
         if gate.send(()).await.is_err() {

@@ -4,26 +4,14 @@
 use crate::common;
 
 use common::*;
-use http::Method;
 use http_body_util::BodyExt;
-
-async fn health(proxy: &Proxy) -> serde_json::Value {
-    send(request(
-        Method::GET,
-        &format!("{}/healthz", proxy.url()),
-        &[],
-        "",
-    ))
-    .await
-    .json()
-}
 
 /// Polls until `generation` is live. Reload is asynchronous by design; this waits for it
 /// rather than sleeping a guessed time.
 async fn wait_generation(proxy: &Proxy, generation: u64) {
     eventually(
         &format!("config generation {generation} goes live"),
-        || async { (health(proxy).await["config_generation"] == generation).then_some(()) },
+        || async { (proxy.health().await["config_generation"] == generation).then_some(()) },
     )
     .await;
 }
@@ -47,7 +35,7 @@ fn admin(proxy: &Proxy, args: &[&str]) -> String {
 async fn a_key_issued_or_revoked_with_the_cli_takes_effect_on_the_running_proxy() {
     let fake = FakeBedrock::start().await;
     let proxy = Proxy::start(&two_user_config(&fake, "")).await;
-    let h0 = health(&proxy).await;
+    let h0 = proxy.health().await;
     assert_eq!(h0["config_generation"], 1);
 
     let new_key = admin(&proxy, &["keys", "add", "alice"]).trim().to_string();
@@ -69,7 +57,7 @@ async fn a_key_issued_or_revoked_with_the_cli_takes_effect_on_the_running_proxy(
     }
     let r = converse(&proxy, SONNET, BOB_KEY).await;
     assert_eq!(r.status, 200, "other users unaffected");
-    let h = health(&proxy).await;
+    let h = proxy.health().await;
     assert_ne!(h["config_sha256"], h0["config_sha256"]);
     assert!(!proxy.logs().contains(&new_key), "a key reached the log");
 }
@@ -91,7 +79,7 @@ async fn a_broken_file_is_rejected_and_the_old_config_keeps_serving() {
     );
     let r = converse(&proxy, SONNET, ALICE_KEY).await;
     assert_eq!(r.status, 200);
-    assert_eq!(health(&proxy).await["config_generation"], 1);
+    assert_eq!(proxy.health().await["config_generation"], 1);
 
     // Fixing the file is picked up.
     std::fs::write(
@@ -117,14 +105,14 @@ async fn a_truncated_file_is_not_swapped_in_unless_the_admin_allows_it() {
         "{logs}"
     );
     assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
-    assert_eq!(health(&proxy).await["config_generation"], 1);
+    assert_eq!(proxy.health().await["config_generation"], 1);
 
     // With the flag, emptying the config is a decision, and it is carried out.
     let proxy =
         Proxy::start_with_args(&two_user_config(&fake, ""), &["--allow-empty-reload"]).await;
     std::fs::write(&proxy.config_path, "").unwrap();
     wait_generation(&proxy, 2).await;
-    assert_eq!(health(&proxy).await["users"], 0);
+    assert_eq!(proxy.health().await["users"], 0);
 }
 
 #[tokio::test]

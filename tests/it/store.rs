@@ -267,14 +267,7 @@ async fn serve_on_postgres_records_every_call_once_and_rebuilds_its_counters_aft
     .json();
     assert_eq!(after["requests"], before["requests"], "{after}");
     assert_eq!(after["cost_usd"], before["cost_usd"], "{after}");
-    let health = send(request(
-        http::Method::GET,
-        &format!("{}/healthz", proxy2.url()),
-        &[],
-        "",
-    ))
-    .await
-    .json();
+    let health = proxy2.health().await;
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(health["store"]["degraded"], false, "{health}");
 }
@@ -311,14 +304,7 @@ async fn load_through_an_outage(
     .await;
     away();
     let during = eventually("the proxy says the store is degraded", || async {
-        let h = send(request(
-            http::Method::GET,
-            &format!("{}/healthz", proxy.url()),
-            &[],
-            "",
-        ))
-        .await
-        .json();
+        let h = proxy.health().await;
         (h["status"] == "degraded").then_some(h)
     })
     .await;
@@ -401,14 +387,7 @@ async fn with_on_unavailable_closed_calls_are_refused_cleanly_while_the_database
     // ends); from then on the store is degraded.
     assert_eq!(converse(&proxy, SONNET, ALICE_KEY).await.status, 200);
     eventually("the store is degraded", || async {
-        let health = send(request(
-            http::Method::GET,
-            &format!("{}/healthz", proxy.url()),
-            &[],
-            "",
-        ))
-        .await
-        .json();
+        let health = proxy.health().await;
         (health["store"]["degraded"] == true).then_some(())
     })
     .await;
@@ -454,14 +433,7 @@ async fn a_row_a_crash_left_in_the_spool_is_shipped_before_its_marker_is_taken_f
         .replace("[store]\n", "[store]\nreplica = \"crashed-and-back\"\n");
     let proxy = Proxy::start(&config).await;
     let gate = fake.gate_streams();
-    let req = keyed(
-        &proxy,
-        &format!("/model/{SONNET}/invoke-with-response-stream"),
-        ALICE_KEY,
-        INVOKE_BODY,
-    );
-    let mut body = client().request(req).await.unwrap().into_body();
-    body.frame().await.unwrap().unwrap();
+    let body = alice_stream_in_flight(&proxy).await;
     // The call's marker is in the store...
     proxy.shipped().await;
     assert_eq!(count(&db, "SELECT count(*) FROM sent").await, 1);

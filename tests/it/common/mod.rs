@@ -391,6 +391,18 @@ impl Proxy {
         self.logs.lock().expect("lock").clone()
     }
 
+    /// The main listener's `/healthz`.
+    pub async fn health(&self) -> serde_json::Value {
+        send(request(
+            Method::GET,
+            &format!("{}/healthz", self.url()),
+            &[],
+            "",
+        ))
+        .await
+        .json()
+    }
+
     /// Waits until the log contains `needle` (log lines are written when a response body ends).
     pub async fn wait_for_log(&self, needle: &str) -> String {
         for _ in 0..200 {
@@ -556,6 +568,22 @@ pub async fn converse(proxy: &Proxy, model: &str, key: &str) -> Reply {
         CONVERSE_BODY,
     )
     .await
+}
+
+/// Starts alice's invoke-with-response-stream on Sonnet and reads its first event: the call is
+/// in flight, its rest held back by the fake's [`FakeBedrock::gate_streams`] gate (take the
+/// gate before).
+pub async fn alice_stream_in_flight(proxy: &Proxy) -> hyper::body::Incoming {
+    use http_body_util::BodyExt as _;
+    let req = keyed(
+        proxy,
+        &format!("/model/{SONNET}/invoke-with-response-stream"),
+        ALICE_KEY,
+        INVOKE_BODY,
+    );
+    let mut body = client().request(req).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    body
 }
 
 pub const INVOKE_BODY: &str = r#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
