@@ -74,6 +74,8 @@ pub struct Config {
     pub telemetry: signin::Telemetry,
     /// `[auth]`: the master key of issued SigV4 key pairs.
     pub auth: Auth,
+    /// `[admin]`: who may open the dashboard.
+    pub admin: Admin,
     /// `[store]`: PostgreSQL; `None` is the SQLite ledger at `ledger.path`.
     pub store: Option<crate::store::Settings>,
     /// `prices_file` as written (relative to the config file), and the SHA-256 of what it held
@@ -321,6 +323,13 @@ fn store_settings(raw: raw::RawStore) -> Result<crate::store::Settings, ConfigEr
         settings.replica_gone = std::time::Duration::from_secs(secs);
     }
     Ok(settings)
+}
+
+/// `[admin]`: the dashboard's access. No token: the dashboard answers 401 to everyone.
+#[derive(Debug, Clone, Default)]
+pub struct Admin {
+    /// `admin.token_sha256`: the hash of the admin token.
+    pub token: Option<KeyHash>,
 }
 
 /// `[auth]`, and the master key it names once read (only when some user has an access key id).
@@ -948,6 +957,16 @@ impl Config {
         }
         let telemetry = signin::telemetry(raw.telemetry)?;
         let store = raw.store.map(store_settings).transpose()?;
+        let admin = Admin {
+            token: raw
+                .admin
+                .token_sha256
+                .as_deref()
+                .map(|t| {
+                    KeyHash::from_config(t).map_err(|m| ConfigError::new("admin.token_sha256", m))
+                })
+                .transpose()?,
+        };
         let auth = Auth {
             master_key_file: raw.auth.sigv4_master_key_file,
             master_key: None,
@@ -998,6 +1017,7 @@ impl Config {
             settings,
             telemetry,
             auth,
+            admin,
             store,
             prices_file: raw.prices_file.map(|name| (name, String::new())),
         })

@@ -28,6 +28,9 @@ pub struct RawConfig {
     pub telemetry: RawTelemetry,
     #[serde(default)]
     pub auth: RawAuth,
+    /// `[admin]`: who may open the dashboard on `admin_listen`.
+    #[serde(default)]
+    pub admin: RawAdmin,
     /// `[store]`: PostgreSQL for the ledger instead of the SQLite file.
     pub store: Option<RawStore>,
     #[serde(default)]
@@ -81,6 +84,14 @@ pub struct RawStore {
 pub struct RawAuth {
     /// File holding the master key issued SigV4 secrets derive from (relative to the config).
     pub sigv4_master_key_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `sha256:<hex>` of the admin token (`Authorization: Bearer`, or the dashboard's sign-in
+    /// form).
+    pub token_sha256: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
