@@ -43,6 +43,8 @@
 //! - [`logging`]: stderr logs written off the request threads.
 //! - [`admin`]: config-editing commands (users, keys) and profile provisioning (plan, apply,
 //!   verify) against the Bedrock control plane.
+//! - [`dashboard`]: the admin dashboard on `admin_listen` (pages, `/api/` JSON, CSV), read
+//!   from the ledger's rollups; never on the main listener.
 //! - [`meter`]: usage extraction from streams, the SQLite ledger, prices, budgets and rate
 //!   limits, Prometheus metrics, the `usage` report.
 
@@ -52,6 +54,7 @@ pub mod auth;
 pub mod call;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod domain;
 pub mod forward;
 pub mod front;

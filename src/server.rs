@@ -516,7 +516,7 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
     let admin_task = match admin {
         Some(admin) => {
             let addr = admin.local_addr()?;
-            tracing::info!(addr = %addr, "admin listener (GET /metrics) listening");
+            tracing::info!(addr = %addr, "admin listener (GET /metrics, the dashboard) listening");
             println!("bedrock-gate admin listening on http://{addr}");
             let app = admin_router(state.clone());
             Some(tokio::spawn(async move {
@@ -560,10 +560,11 @@ pub fn serve_blocking(opts: ServeOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin listener: Prometheus metrics and health. It accepts no API keys and forwards
-/// nothing; keep it on loopback or behind a network policy.
+/// The admin listener: Prometheus metrics, health and the dashboard (behind the admin token,
+/// see [`crate::dashboard`]). It forwards nothing; keep it on loopback or behind a network
+/// policy.
 pub fn admin_router(state: Arc<AppState>) -> Router {
-    Router::new()
+    crate::dashboard::routes()
         .route(
             "/metrics",
             axum::routing::get(|State(state): State<Arc<AppState>>| async move {

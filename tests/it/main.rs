@@ -18,6 +18,7 @@ mod billing_fakes;
 mod claude_code;
 mod cli;
 mod crash;
+mod dashboard;
 mod faults;
 mod fronts;
 mod hangup;
