@@ -234,14 +234,7 @@ async fn serve_on_postgres_records_every_call_once_and_rebuilds_its_counters_aft
     assert_eq!(before["requests"], N as u64 / 2);
 
     // `usage` reads the store: every replica's rows, the same report as the SQLite ledger's.
-    let config = proxy.config_path.to_str().unwrap().to_string();
-    let usage = run(
-        proxy.dir.path(),
-        &["usage", "--by", "user", "--format", "json", "-c", &config],
-    )
-    .await;
-    assert!(usage.ok, "{usage}");
-    let report: serde_json::Value = serde_json::from_str(usage.stdout.trim()).unwrap();
+    let report = proxy.usage_by_user().await;
     assert_eq!(report["total"]["requests"], N as u64, "{report}");
     assert_eq!(report["total"]["input_tokens"], 9 * N as u64, "{report}");
     let users: Vec<&str> = report["rows"]

@@ -159,6 +159,20 @@ impl std::fmt::Display for Run {
     }
 }
 
+impl Proxy {
+    /// `bedrock-gate usage --by user --format json` on this proxy's config: the month so far.
+    pub async fn usage_by_user(&self) -> serde_json::Value {
+        let config = self.config_path.to_str().expect("utf-8 path").to_string();
+        let usage = run(
+            self.dir.path(),
+            &["usage", "--by", "user", "--format", "json", "-c", &config],
+        )
+        .await;
+        assert!(usage.ok, "{usage}");
+        serde_json::from_str(usage.stdout.trim()).expect("usage prints JSON")
+    }
+}
+
 /// Runs the binary with `args` in `dir` (see [`command`]) to its end.
 pub async fn run(dir: &std::path::Path, args: &[&str]) -> Run {
     let mut cmd = tokio::process::Command::from(command(dir));
