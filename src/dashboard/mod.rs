@@ -44,12 +44,14 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/", get(overview_page))
         .route("/users", get(users_page))
         .route("/users/{name}", get(user_page))
+        .route("/profiles", get(profiles_page))
         .route("/login", get(login_page).post(login))
         .route("/logout", axum::routing::post(logout))
         .route("/api/overview", get(overview_api))
         .route("/api/users", get(users_api))
         .route("/api/users.csv", get(users_csv))
         .route("/api/users/{name}", get(user_api))
+        .route("/api/profiles", get(profiles_api))
 }
 
 /// Who asks: the admin, or why not.
@@ -129,13 +131,30 @@ fn refuse(access: Access, page: bool) -> Response {
             header::HeaderValue::from_static("Bearer realm=\"bedrock-gate admin\""),
         );
     }
-    no_store(resp)
+    secure(resp)
 }
 
-fn no_store(mut resp: Response) -> Response {
-    resp.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
+/// Every answer: not cached, not framed, no referrer, no script or style from anywhere else.
+fn secure(mut resp: Response) -> Response {
+    use header::HeaderValue;
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; form-action 'self'; \
+             frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
     );
     resp
 }
@@ -152,7 +171,7 @@ fn unavailable(e: &anyhow::Error, page: bool) -> Response {
     tracing::warn!(error = %format!("{e:#}"), "dashboard: ledger read failed");
     let why = "the ledger could not be read just now; try again in a moment";
     let status = StatusCode::SERVICE_UNAVAILABLE;
-    no_store(if page {
+    secure(if page {
         (status, render::html(&render::refusal(status, why))).into_response()
     } else {
         (
@@ -269,6 +288,63 @@ pub struct UserDetail {
     pub projects: Vec<Row>,
     pub sessions: Vec<Row>,
     pub recent: Vec<Recent>,
+}
+
+/// A profile the config maps, as the proxy calls it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProfileLine {
+    pub user: String,
+    /// The config key: the base model id the user asks for.
+    pub model: String,
+    /// The profile's ARN; `auto` when `profiles apply` has not made it yet.
+    pub arn: String,
+    pub region: String,
+    /// The cost-allocation tag the profile carries (`provisioning.tag_key`) and its value.
+    pub tag_key: String,
+    pub tag_value: String,
+    /// Mapped to `"auto"` and not provisioned yet.
+    pub pending: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Profiles {
+    pub generated_at: String,
+    pub profiles: Vec<ProfileLine>,
+}
+
+fn profiles(state: &AppState, now: DateTime<Utc>) -> Profiles {
+    let live = state.live.load();
+    let config = &live.config;
+    let tag_key = config.provisioning.tag_key.clone();
+    let mut out = Vec::new();
+    for user in config.users.iter() {
+        for (model, p) in &user.models {
+            out.push(ProfileLine {
+                user: user.name.clone(),
+                model: model.clone(),
+                arn: p.arn.clone(),
+                region: p.parsed.region.clone(),
+                tag_key: tag_key.clone(),
+                tag_value: user.name.clone(),
+                pending: false,
+            });
+        }
+        for model in &user.pending {
+            out.push(ProfileLine {
+                user: user.name.clone(),
+                model: model.clone(),
+                arn: "auto".into(),
+                region: config.aws.region.clone(),
+                tag_key: tag_key.clone(),
+                tag_value: user.name.clone(),
+                pending: true,
+            });
+        }
+    }
+    Profiles {
+        generated_at: stamp(now),
+        profiles: out,
+    }
 }
 
 fn stamp(now: DateTime<Utc>) -> String {
@@ -443,26 +519,75 @@ async fn user_detail(
 
 // ---- handlers ----
 
-async fn overview_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let a = access(&state, &headers);
+/// How an answer is written: a page (HTML by this renderer; refusals as pages too) or the
+/// API (JSON).
+enum As<T> {
+    Page(fn(&T) -> String),
+    Json,
+}
+
+/// The admin's answer: `fetch` the figures, then write them as `how` says; a missing subject
+/// (`Ok(None)`) is a 404, a failed read a 503.
+async fn answer<T, Fut>(state: &AppState, headers: &HeaderMap, how: As<T>, fetch: Fut) -> Response
+where
+    T: Serialize,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let page = matches!(how, As::Page(_));
+    let a = access(state, headers);
     if !matches!(a, Access::Admin) {
-        return page_refusal(a);
+        return refuse(a, page);
     }
-    match overview(&state, Utc::now()).await {
-        Ok(o) => no_store(render::html(&render::overview(&o)).into_response()),
-        Err(e) => unavailable(&e, true),
+    match fetch.await {
+        Ok(Some(v)) => match how {
+            As::Page(write) => secure(render::html(&write(&v)).into_response()),
+            As::Json => secure(axum::Json(v).into_response()),
+        },
+        Ok(None) => {
+            let why = "no such user in the config or in this month's ledger";
+            let status = StatusCode::NOT_FOUND;
+            secure(if page {
+                (status, render::html(&render::refusal(status, why))).into_response()
+            } else {
+                (
+                    status,
+                    axum::Json(serde_json::json!({"error": {"status": 404, "message": why}})),
+                )
+                    .into_response()
+            })
+        }
+        Err(e) => unavailable(&e, page),
     }
 }
 
+async fn overview_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let how = As::Page(render::overview);
+    answer(&state, &headers, how, async {
+        overview(&state, Utc::now()).await.map(Some)
+    })
+    .await
+}
+
+async fn overview_api(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    answer(&state, &headers, As::Json, async {
+        overview(&state, Utc::now()).await.map(Some)
+    })
+    .await
+}
+
 async fn users_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let a = access(&state, &headers);
-    if !matches!(a, Access::Admin) {
-        return page_refusal(a);
-    }
-    match users(&state, Utc::now()).await {
-        Ok(u) => no_store(render::html(&render::users(&u)).into_response()),
-        Err(e) => unavailable(&e, true),
-    }
+    let how = As::Page(render::users);
+    answer(&state, &headers, how, async {
+        users(&state, Utc::now()).await.map(Some)
+    })
+    .await
+}
+
+async fn users_api(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    answer(&state, &headers, As::Json, async {
+        users(&state, Utc::now()).await.map(Some)
+    })
+    .await
 }
 
 async fn user_page(
@@ -470,52 +595,14 @@ async fn user_page(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let a = access(&state, &headers);
-    if !matches!(a, Access::Admin) {
-        return page_refusal(a);
-    }
-    match user_detail(&state, &name, Utc::now()).await {
-        Ok(Some(u)) => no_store(render::html(&render::user(&u)).into_response()),
-        Ok(None) => no_store(
-            (
-                StatusCode::NOT_FOUND,
-                render::html(&render::refusal(
-                    StatusCode::NOT_FOUND,
-                    "no such user in the config or in this month's ledger",
-                )),
-            )
-                .into_response(),
-        ),
-        Err(e) => unavailable(&e, true),
-    }
-}
-
-/// A page asked for without the admin's credential: the sign-in form for a browser that has
-/// none (401), the refusal for a wrong one (403).
-fn page_refusal(a: Access) -> Response {
-    refuse(a, true)
-}
-
-async fn overview_api(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let a = access(&state, &headers);
-    if !matches!(a, Access::Admin) {
-        return refuse(a, false);
-    }
-    match overview(&state, Utc::now()).await {
-        Ok(o) => no_store(axum::Json(o).into_response()),
-        Err(e) => unavailable(&e, false),
-    }
-}
-
-async fn users_api(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let a = access(&state, &headers);
-    if !matches!(a, Access::Admin) {
-        return refuse(a, false);
-    }
-    match users(&state, Utc::now()).await {
-        Ok(u) => no_store(axum::Json(u).into_response()),
-        Err(e) => unavailable(&e, false),
-    }
+    let how = As::Page(render::user);
+    answer(
+        &state,
+        &headers,
+        how,
+        user_detail(&state, &name, Utc::now()),
+    )
+    .await
 }
 
 async fn user_api(
@@ -523,22 +610,28 @@ async fn user_api(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let a = access(&state, &headers);
-    if !matches!(a, Access::Admin) {
-        return refuse(a, false);
-    }
-    match user_detail(&state, &name, Utc::now()).await {
-        Ok(Some(u)) => no_store(axum::Json(u).into_response()),
-        Ok(None) => no_store(
-            (
-                StatusCode::NOT_FOUND,
-                axum::Json(serde_json::json!({"error": {"status": 404,
-                    "message": "no such user in the config or in this month's ledger"}})),
-            )
-                .into_response(),
-        ),
-        Err(e) => unavailable(&e, false),
-    }
+    answer(
+        &state,
+        &headers,
+        As::Json,
+        user_detail(&state, &name, Utc::now()),
+    )
+    .await
+}
+
+async fn profiles_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let how = As::Page(render::profiles);
+    answer(&state, &headers, how, async {
+        Ok(Some(profiles(&state, Utc::now())))
+    })
+    .await
+}
+
+async fn profiles_api(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    answer(&state, &headers, As::Json, async {
+        Ok(Some(profiles(&state, Utc::now())))
+    })
+    .await
 }
 
 async fn users_csv(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -560,20 +653,20 @@ async fn users_csv(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Re
             {
                 h.insert(header::CONTENT_DISPOSITION, v);
             }
-            no_store(resp)
+            secure(resp)
         }
         Err(e) => unavailable(&e, false),
     }
 }
 
 async fn login_page() -> Response {
-    no_store(render::html(&render::login(None)).into_response())
+    secure(render::html(&render::login(None)).into_response())
 }
 
 /// The sign-in form's POST: a right token sets the cookie and goes to the overview.
 async fn login(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
     if body.len() > MAX_FORM_BYTES {
-        return no_store(
+        return secure(
             (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 render::html(&render::login(Some("that is not an admin token"))),
@@ -594,7 +687,7 @@ async fn login(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> R
         .as_ref()
         .is_some_and(|h| *h == KeyHash::of_key(&token));
     if !right {
-        return no_store(
+        return secure(
             (
                 StatusCode::FORBIDDEN,
                 render::html(&render::login(Some(
@@ -610,7 +703,7 @@ async fn login(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> R
     if let Ok(v) = header::HeaderValue::from_str(&cookie) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
-    no_store(resp)
+    secure(resp)
 }
 
 async fn logout() -> Response {
@@ -621,5 +714,5 @@ async fn logout() -> Response {
             "bedrock_gate_admin=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
         ),
     );
-    no_store(resp)
+    secure(resp)
 }

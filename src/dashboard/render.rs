@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use axum::http::StatusCode;
 use axum::response::Html;
 
-use super::{AMBER_AT, Overview, UserDetail, UserLine, Users};
+use super::{AMBER_AT, Overview, Profiles, UserDetail, UserLine, Users};
 use crate::meter::report::Row;
 
 /// Seconds between two refreshes of a page.
@@ -53,21 +53,7 @@ pub fn html(body: &str) -> Html<String> {
     Html(body.to_string())
 }
 
-/// `&`, `<`, `>`, `"` and `'` as entities.
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use crate::signin::page::escape as esc;
 
 fn page(title: &str, here: &str, main: &str, live: bool) -> String {
     let nav = |href: &str, label: &str| {
@@ -85,11 +71,12 @@ fn page(title: &str, here: &str, main: &str, live: bool) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <title>{title} · bedrock-gate</title><style>{STYLE}</style></head><body>\
-         <header><strong>bedrock-gate</strong>{}{}\
+         <header><strong>bedrock-gate</strong>{}{}{}\
          <form method=\"post\" action=\"/logout\"><button>Sign out</button></form></header>\
          <main>{main}</main>{script}</body></html>",
         nav("/", "Overview"),
         nav("/users", "Users"),
+        nav("/profiles", "Profiles"),
         title = esc(title),
     )
 }
@@ -450,6 +437,40 @@ pub fn user(d: &UserDetail) -> String {
     page(&l.user, "", &main, true)
 }
 
+pub fn profiles(p: &Profiles) -> String {
+    let mut main = String::from(
+        "<h1>Profiles</h1><table id=\"profiles\"><tr><th>user</th><th>model</th>\
+         <th>profile</th><th>region</th><th>cost tag</th></tr>",
+    );
+    for l in &p.profiles {
+        let arn = if l.pending {
+            "<span class=\"muted\">auto: not made yet (<code>profiles apply</code>)</span>"
+                .to_string()
+        } else {
+            format!("<code>{}</code>", esc(&l.arn))
+        };
+        let _ = write!(
+            main,
+            "<tr data-user=\"{}\"><td>{}</td><td>{}</td><td>{arn}</td><td>{}</td><td>{}={}</td></tr>",
+            esc(&l.user),
+            esc(&l.user),
+            esc(&l.model),
+            esc(&l.region),
+            esc(&l.tag_key),
+            esc(&l.tag_value)
+        );
+    }
+    main.push_str("</table>");
+    let _ = write!(
+        main,
+        "<p class=\"muted\">From the config as loaded {}. Whether each profile exists with this \
+         model and tag is what <code>bedrock-gate profiles verify</code> checks, and whether the \
+         bill agrees, <code>bedrock-gate reconcile</code>; their results are not shown here yet.</p>",
+        esc(&p.generated_at)
+    );
+    page("Profiles", "/profiles", &main, false)
+}
+
 /// The users table as CSV, one line per user.
 pub fn users_csv(u: &Users) -> String {
     let mut out = String::from(
@@ -498,11 +519,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strings_are_escaped_and_csv_fields_quoted() {
-        assert_eq!(
-            esc("<a href=\"x\">'&'</a>"),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
-        );
+    fn csv_fields_are_quoted_and_numbers_grouped() {
         assert_eq!(csv("a,b"), "\"a,b\"");
         assert_eq!(csv("=SUM(A1)"), "'=SUM(A1)");
         assert_eq!(csv("plain"), "plain");

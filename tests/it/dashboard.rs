@@ -29,9 +29,11 @@ async fn only_the_admin_token_opens_the_dashboard_and_only_on_the_admin_listener
         "/",
         "/users",
         "/users/alice",
+        "/profiles",
         "/api/overview",
         "/api/users",
         "/api/users.csv",
+        "/api/profiles",
     ] {
         let url = format!("{admin}{path}");
         let none = get(&url, None).await;
@@ -45,6 +47,8 @@ async fn only_the_admin_token_opens_the_dashboard_and_only_on_the_admin_listener
         let ok = get(&url, Some(ADMIN_TOKEN)).await;
         assert_eq!(ok.status, 200, "{path}: {:?}", ok.body);
         assert_eq!(ok.headers["cache-control"], "no-store", "{path}");
+        assert_eq!(ok.headers["x-frame-options"], "DENY", "{path}");
+        assert!(ok.headers.contains_key("content-security-policy"), "{path}");
         // The main listener has no dashboard, whatever the credential.
         let main = get(&format!("{}{path}", proxy.url()), Some(ADMIN_TOKEN)).await;
         assert_ne!(main.status, 200, "{path} on the main listener");
@@ -100,14 +104,7 @@ async fn some_traffic(proxy: &Proxy) -> Value {
     // One refusal: a model bob does not map.
     assert_ne!(converse(proxy, HAIKU, BOB_KEY).await.status, 200);
     proxy.shipped().await;
-    let config = proxy.config_path.to_str().unwrap().to_string();
-    let usage = run(
-        proxy.dir.path(),
-        &["usage", "--by", "user", "--format", "json", "-c", &config],
-    )
-    .await;
-    assert!(usage.ok, "{usage}");
-    serde_json::from_str(usage.stdout.trim()).unwrap()
+    proxy.usage_by_user().await
 }
 
 #[tokio::test]
@@ -213,6 +210,37 @@ async fn the_api_answers_what_usage_reports_for_the_same_month() {
             .status,
         404
     );
+
+    // The profiles the config maps, with the tag each carries.
+    let profiles = get(&format!("{admin}/api/profiles"), Some(ADMIN_TOKEN))
+        .await
+        .json();
+    let mut seen: Vec<(String, String, String)> = profiles["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let region = p["region"].as_str().unwrap();
+            assert!(
+                p["arn"].as_str().unwrap().contains(&format!(":{region}:")),
+                "the ARN's region: {p}"
+            );
+            assert_eq!(p["tag_value"], p["user"], "{p}");
+            (
+                p["user"].as_str().unwrap().to_string(),
+                p["model"].as_str().unwrap().to_string(),
+                p["arn"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let mut want = vec![
+        ("alice".to_string(), HAIKU.to_string(), alice_haiku()),
+        ("alice".to_string(), SONNET.to_string(), alice_sonnet()),
+        ("bob".to_string(), SONNET.to_string(), bob_sonnet()),
+    ];
+    want.sort();
+    assert_eq!(seen, want);
 
     // The CSV export: a header and a line per user, the same numbers.
     let csv = get(&format!("{admin}/api/users.csv"), Some(ADMIN_TOKEN)).await;
