@@ -857,7 +857,11 @@ impl Bench {
         let log = proxy.stderr();
         proxy.terminate();
         let migrated = log.contains("rolling its rows up");
-        // Second start: a version 5 ledger, counters from the rollups.
+        // Second start: a version 5 ledger, counters from the rollups; with the dashboard.
+        let setup = proxy::Setup {
+            admin: true,
+            ..setup
+        };
         let (mut proxy, ready) = self.start_and_probe(&models, &setup);
         let mut runs: Vec<(String, Duration)> = Vec::new();
         let mut after_out = String::new();
@@ -876,6 +880,7 @@ impl Bench {
                 best,
             ));
         }
+        let pages = dashboard_times(proxy.admin.expect("the admin listener"));
         proxy.terminate();
         let lines: i64 = rusqlite::Connection::open_with_flags(
             &ledger,
@@ -916,6 +921,7 @@ impl Bench {
                     .target("< 0.5 s", Verdict::of(*took < Duration::from_millis(500))),
             );
         }
+        self.dashboard_rows(&phase, &pages);
         let same = before_out == after_out;
         self.rows.push(
             Row::new(&phase, "`usage` output from rollups = from the rows")
@@ -940,6 +946,29 @@ impl Bench {
             now,
             usage_out: after_out,
         });
+    }
+
+    /// The dashboard's answers on the scale ledger, one row each: best and worst of the runs,
+    /// against the issue's < 200 ms.
+    fn dashboard_rows(&mut self, phase: &str, pages: &[(String, Duration, Duration, bool)]) {
+        for (path, best, worst, ok) in pages {
+            self.rows.push(
+                Row::new(
+                    phase,
+                    &format!("dashboard `{path}`, best / worst of {DASHBOARD_RUNS}"),
+                )
+                .through(format!(
+                    "{:.1} / {:.1} ms{}",
+                    best.as_secs_f64() * 1e3,
+                    worst.as_secs_f64() * 1e3,
+                    if *ok { "" } else { " (not 200)" }
+                ))
+                .target(
+                    "< 200 ms, 200",
+                    Verdict::of(*ok && *worst < Duration::from_millis(200)),
+                ),
+            );
+        }
     }
 
     /// Starts `serve` as `setup` says and returns it with the time from spawn until `/healthz`
@@ -1507,6 +1536,7 @@ impl Bench {
         let setup = proxy::Setup {
             ledger: Some(sessions.clone()),
             store_url: Some(db.url.clone()),
+            admin: true,
             ..proxy::Setup::default()
         };
         let (mut proxy, first_start) = self.start_and_probe(&models, &setup);
@@ -1546,6 +1576,7 @@ impl Bench {
                 best,
             ));
         }
+        let pages = dashboard_times(proxy.admin.expect("the admin listener"));
         let exit = proxy.terminate();
         let lines: i64 = db.query_one("SELECT count(*) FROM usage_daily", |r| r.get(0));
         drop(db);
@@ -1575,6 +1606,7 @@ impl Bench {
                     .target("< 0.5 s", Verdict::of(*took < Duration::from_millis(500))),
             );
         }
+        self.dashboard_rows(&phase, &pages);
         match &scale {
             Some(s) => {
                 let same = pg_out == s.usage_out;
@@ -2022,6 +2054,56 @@ fn compare_lines(a: &str, b: &str) -> String {
 }
 
 /// Whether `GET /healthz` on `addr` answers 200 (plain HTTP/1.1, one connection).
+/// Runs of each dashboard request in [`dashboard_times`].
+const DASHBOARD_RUNS: u32 = 5;
+
+/// Times every dashboard page and API answer on the admin listener `admin` ([`DASHBOARD_RUNS`]
+/// each, after one untimed warm-up): (path, best, worst, all 200).
+fn dashboard_times(admin: std::net::SocketAddr) -> Vec<(String, Duration, Duration, bool)> {
+    use std::io::{Read as _, Write as _};
+    let get = |path: &str| -> (Duration, bool) {
+        let t = Instant::now();
+        let Ok(mut s) = std::net::TcpStream::connect(admin) else {
+            return (t.elapsed(), false);
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            proxy::ADMIN_TOKEN
+        );
+        if s.write_all(req.as_bytes()).is_err() {
+            return (t.elapsed(), false);
+        }
+        let mut body = Vec::new();
+        let _ = s.read_to_end(&mut body);
+        (t.elapsed(), body.starts_with(b"HTTP/1.1 200"))
+    };
+    let user = format!("/users/dev{:03}", 0);
+    let api_user = format!("/api/users/dev{:03}", 0);
+    [
+        "/",
+        "/users",
+        user.as_str(),
+        "/api/overview",
+        "/api/users",
+        "/api/users.csv",
+        api_user.as_str(),
+    ]
+    .iter()
+    .map(|path| {
+        let _ = get(path);
+        let (mut best, mut worst, mut ok) = (Duration::MAX, Duration::ZERO, true);
+        for _ in 0..DASHBOARD_RUNS {
+            let (took, fine) = get(path);
+            best = best.min(took);
+            worst = worst.max(took);
+            ok &= fine;
+        }
+        ((*path).to_string(), best, worst, ok)
+    })
+    .collect()
+}
+
 fn healthz(addr: std::net::SocketAddr) -> bool {
     use std::io::{Read as _, Write as _};
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {

@@ -10,10 +10,14 @@ use std::time::{Duration, Instant};
 
 /// The key the benchmark's user calls with.
 pub const KEY: &str = "bgk_bench_0123456789abcdefghijklmnopqrstuvwxyzABCDE";
+/// The dashboard's admin token, with [`Setup::admin`].
+pub const ADMIN_TOKEN: &str = "bgadmin_bench_0123456789abcdefghijklmnopqrstuvwxyz";
 
 /// A running `bedrock-gate serve`.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener (the dashboard), with [`Setup::admin`].
+    pub admin: Option<SocketAddr>,
     child: Child,
     dir: tempfile::TempDir,
     ledger: PathBuf,
@@ -55,11 +59,16 @@ impl Proxy {
                 dir.path().join("ledger.db")
             }
         });
-        std::fs::write(
-            &config_path,
-            config_with(upstream, models, &ledger, setup.store_url.as_deref()),
-        )
-        .expect("write config");
+        let mut config = config_with(upstream, models, &ledger, setup.store_url.as_deref());
+        if setup.admin {
+            use sha2::Digest as _;
+            config = config.replace("admin_listen = \"\"", "admin_listen = \"127.0.0.1:0\"");
+            config.push_str(&format!(
+                "\n[admin]\ntoken_sha256 = \"sha256:{}\"\n",
+                hex::encode(sha2::Sha256::digest(ADMIN_TOKEN.as_bytes()))
+            ));
+        }
+        std::fs::write(&config_path, config).expect("write config");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_bedrock-gate"))
             .env_clear()
@@ -83,13 +92,15 @@ impl Proxy {
         let stdout = child.stdout.take().expect("stdout");
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        let mut addr = None;
+        let (mut addr, mut admin) = (None, None);
         while reader.read_line(&mut line).unwrap_or(0) > 0 {
-            if let Some(a) = line
-                .trim()
-                .strip_prefix("bedrock-gate listening on http://")
-            {
+            let l = line.trim();
+            if let Some(a) = l.strip_prefix("bedrock-gate listening on http://") {
                 addr = a.parse().ok();
+            } else if let Some(a) = l.strip_prefix("bedrock-gate admin listening on http://") {
+                admin = a.parse().ok();
+            }
+            if addr.is_some() && (admin.is_some() || !setup.admin) {
                 break;
             }
             line.clear();
@@ -106,6 +117,7 @@ impl Proxy {
         };
         Proxy {
             addr,
+            admin,
             child,
             dir,
             ledger,
@@ -165,6 +177,8 @@ pub struct Setup {
     /// `[store] url`: the ledger lives in PostgreSQL (`ledger.path` then only holds sign-in
     /// sessions).
     pub store_url: Option<String>,
+    /// The admin listener on a free port, with an admin token ([`ADMIN_TOKEN`]).
+    pub admin: bool,
 }
 
 pub fn config(upstream: SocketAddr, models: &[(&str, &str)], ledger: &std::path::Path) -> String {
