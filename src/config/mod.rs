@@ -325,11 +325,29 @@ fn store_settings(raw: raw::RawStore) -> Result<crate::store::Settings, ConfigEr
     Ok(settings)
 }
 
-/// `[admin]`: the dashboard's access. No token: the dashboard answers 401 to everyone.
+/// `[admin]`: the dashboard's access. Neither a token nor admins to sign in: the dashboard
+/// answers 401 to everyone.
 #[derive(Debug, Clone, Default)]
 pub struct Admin {
     /// `admin.token_sha256`: the hash of the admin token.
     pub token: Option<KeyHash>,
+    /// `admin.groups`: IdP groups whose members sign in as admins.
+    pub groups: Vec<String>,
+    /// `admin.emails`: admins by email (lowercase), signing in through the IdP.
+    pub emails: Vec<String>,
+}
+
+impl Admin {
+    /// Whether someone the IdP vouches for is an admin.
+    pub fn admits(&self, email: Option<&str>, groups: &[String]) -> bool {
+        email.is_some_and(|e| self.emails.iter().any(|a| a == e))
+            || groups.iter().any(|g| self.groups.contains(g))
+    }
+
+    /// Whether admins sign in through the IdP.
+    pub fn sso(&self) -> bool {
+        !self.groups.is_empty() || !self.emails.is_empty()
+    }
 }
 
 /// `[auth]`, and the master key it names once read (only when some user has an access key id).
@@ -966,7 +984,35 @@ impl Config {
                     KeyHash::from_config(t).map_err(|m| ConfigError::new("admin.token_sha256", m))
                 })
                 .transpose()?,
+            emails: raw
+                .admin
+                .emails
+                .iter()
+                .map(|e| signin::normalize_email("admin.emails", e))
+                .collect::<Result<_, _>>()?,
+            groups: raw.admin.groups,
         };
+        if admin.sso() {
+            match &signin {
+                None => {
+                    return Err(ConfigError::new(
+                        if admin.groups.is_empty() {
+                            "admin.emails"
+                        } else {
+                            "admin.groups"
+                        },
+                        "admins sign in through the IdP: configure [oidc] too",
+                    ));
+                }
+                Some(s) if !admin.groups.is_empty() && s.groups_claim.is_none() => {
+                    return Err(ConfigError::new(
+                        "admin.groups",
+                        "the IdP's groups are read from oidc.groups_claim; set it",
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
         let auth = Auth {
             master_key_file: raw.auth.sigv4_master_key_file,
             master_key: None,
@@ -1267,6 +1313,34 @@ mod tests {
 
     fn err(text: &str) -> ConfigError {
         Config::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn admins_by_group_or_email_need_the_idp_and_its_groups() {
+        let e = err("[admin]\ngroups = [\"platform\"]").to_string();
+        assert!(e.contains("admin.groups") && e.contains("[oidc]"), "{e}");
+        let e = err("[admin]\nemails = [\"not an email\"]").to_string();
+        assert!(e.contains("admin.emails"), "{e}");
+        let e = err("[admin]\ntoken_sha256 = \"abc\"").to_string();
+        assert!(e.contains("admin.token_sha256"), "{e}");
+        let e = err(
+            "public_url = \"http://127.0.0.1:8787\"\n[oidc]\nissuer = \"https://idp.example\"\n\
+             client_id = \"c\"\n[admin]\ngroups = [\"platform\"]",
+        )
+        .to_string();
+        assert!(e.contains("groups_claim"), "{e}");
+        let c = Config::parse(
+            "public_url = \"http://127.0.0.1:8787\"\n[oidc]\nissuer = \"https://idp.example\"\n\
+             client_id = \"c\"\ngroups_claim = \"groups\"\n[admin]\ngroups = [\"platform\"]\n\
+             emails = [\"Erin@Corp.Example\"]",
+        )
+        .unwrap();
+        assert!(c.admin.admits(Some("erin@corp.example"), &[]));
+        assert!(c.admin.admits(None, &["platform".to_string()]));
+        assert!(
+            !c.admin
+                .admits(Some("dave@corp.example"), &["dev".to_string()])
+        );
     }
 
     #[test]

@@ -92,6 +92,12 @@ pub struct RawAdmin {
     /// `sha256:<hex>` of the admin token (`Authorization: Bearer`, or the dashboard's sign-in
     /// form).
     pub token_sha256: Option<String>,
+    /// IdP groups whose members are admins (signing in through `[oidc]`).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Emails of admins (signing in through `[oidc]`).
+    #[serde(default)]
+    pub emails: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
