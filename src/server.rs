@@ -516,6 +516,7 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
     let admin_task = match admin {
         Some(admin) => {
             let addr = admin.local_addr()?;
+            state.admin_sso.set_origin(format!("http://{addr}"));
             tracing::info!(addr = %addr, "admin listener (GET /metrics, the dashboard) listening");
             println!("bedrock-gate admin listening on http://{addr}");
             let app = admin_router(state.clone());

@@ -50,6 +50,8 @@ pub struct AppState {
     pub requests: TaskTracker,
     /// Request body bytes held right now, against `limits.max_inflight_body_bytes`.
     pub bodies: Arc<crate::inflight::BodyBudget>,
+    /// Admins' sign-ins to the dashboard through the IdP, and their sessions.
+    pub admin_sso: crate::dashboard::sso::Sso,
 }
 
 impl AppState {
@@ -77,6 +79,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             requests: TaskTracker::new(),
             bodies: Arc::default(),
+            admin_sso: crate::dashboard::sso::Sso::default(),
         })
     }
 }

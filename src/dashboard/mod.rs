@@ -11,6 +11,7 @@
 
 pub mod data;
 mod render;
+pub mod sso;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/users/{name}", get(user_page))
         .route("/profiles", get(profiles_page))
         .route("/login", get(login_page).post(login))
+        .route("/login/sso", get(sso::start))
+        .route("/oauth/callback", get(sso::finish))
         .route("/logout", axum::routing::post(logout))
         .route("/api/overview", get(overview_api))
         .route("/api/users", get(users_api))
@@ -65,7 +68,12 @@ enum Access {
 
 fn access(state: &AppState, headers: &HeaderMap) -> Access {
     let live = state.live.load();
-    let presented = bearer(headers).or_else(|| cookie(headers));
+    if let Some(session) = sso::cookie(headers, sso::SESSION_COOKIE)
+        && state.admin_sso.session(&session)
+    {
+        return Access::Admin;
+    }
+    let presented = bearer(headers).or_else(|| sso::cookie(headers, COOKIE));
     let Some(token) = presented else {
         return Access::Unauthenticated(
             "sign in with the admin token (Authorization: Bearer, or the form at /login)",
@@ -90,22 +98,6 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     scheme
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim().to_string())
-        .filter(|t| !t.is_empty())
-}
-
-fn cookie(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| {
-            percent_encoding::percent_decode_str(v)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
         .filter(|t| !t.is_empty())
 }
 
@@ -659,8 +651,9 @@ async fn users_csv(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Re
     }
 }
 
-async fn login_page() -> Response {
-    secure(render::html(&render::login(None)).into_response())
+async fn login_page(State(state): State<Arc<AppState>>) -> Response {
+    let sso = state.live.load().config.admin.sso();
+    secure(render::html(&render::login(None, sso)).into_response())
 }
 
 /// The sign-in form's POST: a right token sets the cookie and goes to the overview.
@@ -669,7 +662,7 @@ async fn login(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> R
         return secure(
             (
                 StatusCode::PAYLOAD_TOO_LARGE,
-                render::html(&render::login(Some("that is not an admin token"))),
+                render::html(&render::login(Some("that is not an admin token"), false)),
             )
                 .into_response(),
         );
@@ -690,9 +683,10 @@ async fn login(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> R
         return secure(
             (
                 StatusCode::FORBIDDEN,
-                render::html(&render::login(Some(
-                    "not the admin token ([admin] token_sha256 in the config)",
-                ))),
+                render::html(&render::login(
+                    Some("not the admin token ([admin] token_sha256 in the config)"),
+                    state.live.load().config.admin.sso(),
+                )),
             )
                 .into_response(),
         );
@@ -706,13 +700,20 @@ async fn login(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> R
     secure(resp)
 }
 
-async fn logout() -> Response {
+async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(session) = sso::cookie(&headers, sso::SESSION_COOKIE) {
+        if let Some(who) = state.admin_sso.who(&session) {
+            tracing::info!(who = %who, "admin signed out of the dashboard");
+        }
+        state.admin_sso.end(&session);
+    }
     let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response();
-    resp.headers_mut().insert(
-        header::SET_COOKIE,
-        header::HeaderValue::from_static(
-            "bedrock_gate_admin=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
-        ),
-    );
+    for gone in [
+        "bedrock_gate_admin=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        "bedrock_gate_admin_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+    ] {
+        resp.headers_mut()
+            .append(header::SET_COOKIE, header::HeaderValue::from_static(gone));
+    }
     secure(resp)
 }

@@ -130,17 +130,32 @@ pub fn refusal(status: StatusCode, why: &str) -> String {
     page("Refused", "", &main, false)
 }
 
-pub fn login(error: Option<&str>) -> String {
+pub fn login(error: Option<&str>, sso: bool) -> String {
     let err = error.map_or_else(String::new, |e| {
         format!("<p id=\"why\" style=\"color:#d62728\">{}</p>", esc(e))
     });
+    let sso = if sso {
+        "<p><a id=\"sso\" href=\"/login/sso\">Sign in with the company's sign-in provider</a></p><p>or</p>"
+    } else {
+        ""
+    };
     let main = format!(
-        "<h1>Sign in</h1>{err}<form method=\"post\" action=\"/login\">\
+        "<h1>Sign in</h1>{err}{sso}<form method=\"post\" action=\"/login\">\
          <label>Admin token <input type=\"password\" name=\"token\" autocomplete=\"off\" size=\"50\"></label> \
          <button type=\"submit\">Sign in</button></form>\
          <p class=\"muted\">The token whose hash is <code>[admin] token_sha256</code> in the config.</p>"
     );
     page("Sign in", "/login", &main, false)
+}
+
+/// After an admin's sign-in through the IdP: on to the overview from a page of our own.
+pub fn signed_in(who: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"0;url=/\"><title>Signed in · bedrock-gate</title>\
+         </head><body><p id=\"who\">Signed in as {}. <a href=\"/\">Open the dashboard</a>.</p></body></html>",
+        esc(who)
+    )
 }
 
 pub fn overview(o: &Overview) -> String {

@@ -506,3 +506,136 @@ async fn the_pages_in_a_real_browser_show_the_users_their_budgets_and_one_series
     assert_eq!(detail["recent"], 4, "{detail}");
     browser.screenshot("user-alice").await;
 }
+
+const CLIENT_ID: &str = "bedrock-gate-admin-test";
+const SECRET: &str = "admin-test-client-secret";
+
+/// Follows an admin's sign-in through the fake IdP from `/login/sso` to the callback's
+/// answer; returns it and the session cookie (`name=value`) it set, if any.
+async fn sso_sign_in(admin: &str) -> (Reply, Option<String>) {
+    let to_idp = get(&format!("{admin}/login/sso"), None).await;
+    assert_eq!(to_idp.status, 303, "{:?}", to_idp.body);
+    let bind = to_idp.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let at_idp = get(to_idp.headers["location"].to_str().unwrap(), None).await;
+    assert_eq!(at_idp.status, 302, "{:?}", at_idp.body);
+    let back = at_idp.headers["location"].to_str().unwrap().to_string();
+    assert!(
+        back.starts_with(&format!("{admin}/oauth/callback?")),
+        "{back}"
+    );
+    let answer = send(request(
+        http::Method::GET,
+        &back,
+        &[("cookie", bind.as_str())],
+        "",
+    ))
+    .await;
+    let session = answer
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("bedrock_gate_admin_session=") && !c.contains("Max-Age=0"))
+        .map(|c| c.split(';').next().unwrap().to_string());
+    (answer, session)
+}
+
+#[tokio::test]
+async fn admins_sign_in_through_the_idp_by_group_or_email_and_nobody_else_does() {
+    use crate::common::idp::{FakeIdp, Identity};
+    let fake = FakeBedrock::start().await;
+    let idp = FakeIdp::start(CLIENT_ID, SECRET).await;
+    let port = free_port();
+    let config = two_user_config(
+        &fake,
+        &format!(
+            "[oidc]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\ngroups_claim = \"groups\"\n\
+             sign_ins_per_ip_per_minute = 1000\ntimeout_secs = 2\n\
+             [admin]\ngroups = [\"platform\"]\nemails = [\"Erin@Corp.Example\"]\n",
+            idp.issuer()
+        ),
+    );
+    let config = format!("public_url = \"http://127.0.0.1:{port}\"\n{config}");
+    let listen = format!("127.0.0.1:{port}");
+    let proxy = Proxy::start_with_env(
+        &config,
+        &["--listen", &listen],
+        &[("BEDROCK_GATE_OIDC_CLIENT_SECRET", SECRET)],
+    )
+    .await;
+    let admin = proxy.admin_url();
+    let login = get(&format!("{admin}/login"), None).await;
+    assert!(
+        String::from_utf8_lossy(&login.body).contains("href=\"/login/sso\""),
+        "the form offers the IdP"
+    );
+
+    // A member of `platform`.
+    idp.sign_in_as(Identity::new(
+        "sub-carol",
+        "carol@corp.example",
+        &["dev", "platform"],
+    ));
+    let (answer, session) = sso_sign_in(&admin).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert!(String::from_utf8_lossy(&answer.body).contains("carol@corp.example"));
+    let session = session.expect("a session cookie");
+    let cookie = [("cookie", session.as_str())];
+    let page = send(request(
+        http::Method::GET,
+        &format!("{admin}/users"),
+        &cookie,
+        "",
+    ))
+    .await;
+    assert_eq!(page.status, 200);
+    // The IdP's redirect came back to the admin listener, not the main one.
+    let asked = idp.authorize_requests();
+    assert_eq!(
+        asked.last().unwrap()["redirect_uri"],
+        format!("{admin}/oauth/callback")
+    );
+
+    // By email, whatever the case the IdP spells it in.
+    idp.sign_in_as(Identity::new("sub-erin", "erin@corp.example", &["finance"]));
+    let (answer, session) = sso_sign_in(&admin).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert!(session.is_some());
+
+    // Signed in at the IdP, but neither in the group nor on the list: 403, and no session.
+    idp.sign_in_as(Identity::new("sub-dave", "dave@corp.example", &["dev"]));
+    let (answer, session) = sso_sign_in(&admin).await;
+    assert_eq!(answer.status, 403, "{:?}", answer.body);
+    assert!(String::from_utf8_lossy(&answer.body).contains("not an admin"));
+    assert!(session.is_none());
+
+    // A callback without the browser's binding cookie, or replayed: refused.
+    let to_idp = get(&format!("{admin}/login/sso"), None).await;
+    let at_idp = get(to_idp.headers["location"].to_str().unwrap(), None).await;
+    let back = at_idp.headers["location"].to_str().unwrap().to_string();
+    assert_eq!(get(&back, None).await.status, 400, "no binding cookie");
+
+    // Signing out ends the session at once.
+    let out = send(request(
+        http::Method::POST,
+        &format!("{admin}/logout"),
+        &cookie,
+        "",
+    ))
+    .await;
+    assert_eq!(out.status, 303);
+    let after = send(request(
+        http::Method::GET,
+        &format!("{admin}/users"),
+        &cookie,
+        "",
+    ))
+    .await;
+    assert_eq!(after.status, 401);
+}
