@@ -6,6 +6,7 @@
 //! These run from the CLI; a running `serve` picks their edits up through live reload.
 
 pub mod billing;
+pub mod checks;
 pub mod doc;
 pub mod iam;
 pub mod prices;
@@ -282,6 +283,16 @@ pub async fn profiles(cmd: ProfilesCommand) -> anyhow::Result<ExitCode> {
             } else {
                 println!("verify: {drift} of {} profile(s) drifted", rows.len());
             }
+            let tags: std::collections::BTreeMap<&String, String> =
+                states.iter().map(|(k, s)| (k, s.describe(k))).collect();
+            checks::record(
+                &config,
+                &path,
+                checks::VERIFY,
+                drift == 0 && inactive == 0,
+                &serde_json::json!({"profiles": rows, "tags": tags}),
+            )
+            .await;
             if drift == 0 && inactive == 0 {
                 Ok(ExitCode::SUCCESS)
             } else {
@@ -576,6 +587,18 @@ pub async fn reconcile(
         println!();
     }
     let over = rows.iter().filter(|r| r.over).count();
+    let mut result: serde_json::Value = serde_json::from_str(&billing::render(
+        &rows,
+        report::Format::Json,
+        &since,
+        &until,
+    ))
+    .unwrap_or_default();
+    if let Some(o) = result.as_object_mut() {
+        o.insert("tolerance_pct".into(), serde_json::json!(tolerance));
+        o.insert("days_over".into(), serde_json::json!(over));
+    }
+    checks::record(&config, &path, checks::RECONCILE, over == 0, &result).await;
     if over > 0 {
         eprintln!(
             "reconcile: {over} final day(s) differ from the bill by more than {tolerance}% (and $0.01)"

@@ -676,7 +676,7 @@ pub async fn apply(
 }
 
 /// One row of `profiles verify`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct VerifyRow {
     pub user: String,
     pub model: String,

@@ -28,7 +28,7 @@ const MIGRATION_LOCK: i64 = 0x6265_6472_6f63_6b67; // "bedrockg"
 
 /// The schema, one entry per version, applied in order and never edited once released: a
 /// change is a new entry.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
 
 const V1: &str = r#"
 CREATE TABLE requests (
@@ -150,6 +150,16 @@ CREATE TABLE replicas (
 
 /// Sign-ins in progress (RFC 8628 device flows and their browser logins), so each step may
 /// reach any replica.
+/// The last result of each admin check (`profiles verify`, `reconcile`), for the dashboard.
+const V5: &str = r#"
+CREATE TABLE checks (
+    kind   TEXT PRIMARY KEY,
+    at_ms  BIGINT NOT NULL,
+    ok     BOOLEAN NOT NULL,
+    result TEXT NOT NULL
+);
+"#;
+
 const V4: &str = r#"
 CREATE TABLE device_flows (
     device_hash   TEXT PRIMARY KEY,
