@@ -292,6 +292,38 @@ impl Source {
             .collect())
     }
 
+    /// The last `profiles verify` and `reconcile` results (see [`crate::admin::checks`]).
+    pub async fn checks(&self) -> anyhow::Result<Vec<crate::admin::checks::Check>> {
+        if let Source::Sqlite(_) = self {
+            // The table is made by the first check recorded.
+            let n = self
+                .query(
+                    "SELECT count(*)::bigint FROM sqlite_master WHERE type = 'table' AND name = 'checks'",
+                    vec![],
+                )
+                .await?;
+            if n.first().and_then(|r| r.first()).map(Cell::int) != Some(1) {
+                return Ok(Vec::new());
+            }
+        }
+        let rows = self
+            .query(
+                "SELECT kind, at_ms::bigint, (CASE WHEN ok THEN 1 ELSE 0 END)::bigint, result
+                 FROM checks ORDER BY kind",
+                vec![],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::admin::checks::Check {
+                kind: r[0].text(),
+                at_ms: r[1].int(),
+                ok: r[2].int() == 1,
+                result: serde_json::from_str(&r[3].text()).unwrap_or(serde_json::Value::Null),
+            })
+            .collect())
+    }
+
     /// Runs `sql`, written for PostgreSQL (`$n` parameters, `::bigint`/`::float8` casts so the
     /// sums come back as the types read here); on SQLite the casts are dropped and `$n` is
     /// `?n`.

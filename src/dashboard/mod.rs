@@ -296,21 +296,63 @@ pub struct ProfileLine {
     pub tag_value: String,
     /// Mapped to `"auto"` and not provisioned yet.
     pub pending: bool,
+    /// This profile's line in the last `profiles verify` (`exists`, `status`,
+    /// `model_matches`, `tags`, `shared`), if it was checked.
+    pub verify: Option<serde_json::Value>,
+    /// Whether that line was all right.
+    pub verify_ok: Option<bool>,
+}
+
+/// When a check last ran and whether it passed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Checked {
+    pub at: String,
+    pub ok: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Profiles {
     pub generated_at: String,
     pub profiles: Vec<ProfileLine>,
+    /// The last `profiles verify`: when, whether all was well, and the cost tags' states.
+    pub verify: Option<Checked>,
+    pub tags: Option<serde_json::Value>,
+    /// The last `reconcile`: when, whether every final day agreed, and its result (`since`,
+    /// `until`, `rows`, `total`, `tolerance_pct`, `days_over`).
+    pub reconcile: Option<Checked>,
+    pub reconcile_result: Option<serde_json::Value>,
 }
 
-fn profiles(state: &AppState, now: DateTime<Utc>) -> Profiles {
+async fn profiles(state: &AppState, now: DateTime<Utc>) -> anyhow::Result<Profiles> {
+    let checks = source(state).checks().await?;
+    let find = |kind: &str| checks.iter().find(|c| c.kind == kind);
+    let checked = |c: &crate::admin::checks::Check| Checked {
+        at: chrono::DateTime::from_timestamp_millis(c.at_ms).map_or_else(String::new, stamp),
+        ok: c.ok,
+    };
+    let verify = find(crate::admin::checks::VERIFY);
+    let reconcile = find(crate::admin::checks::RECONCILE);
+    let verified = |user: &str, model: &str, arn: &str| -> Option<serde_json::Value> {
+        verify?.result["profiles"]
+            .as_array()?
+            .iter()
+            .find(|r| r["user"] == user && r["model"] == model && r["arn"] == arn)
+            .cloned()
+    };
+    let row_ok = |v: &serde_json::Value| {
+        v["exists"] == true
+            && v["status"] == "ACTIVE"
+            && v["model_matches"] == true
+            && v["tags"] == "ok"
+            && v["shared"] == false
+    };
     let live = state.live.load();
     let config = &live.config;
     let tag_key = config.provisioning.tag_key.clone();
     let mut out = Vec::new();
     for user in config.users.iter() {
         for (model, p) in &user.models {
+            let v = verified(&user.name, model, &p.arn);
             out.push(ProfileLine {
                 user: user.name.clone(),
                 model: model.clone(),
@@ -319,6 +361,8 @@ fn profiles(state: &AppState, now: DateTime<Utc>) -> Profiles {
                 tag_key: tag_key.clone(),
                 tag_value: user.name.clone(),
                 pending: false,
+                verify_ok: v.as_ref().map(row_ok),
+                verify: v,
             });
         }
         for model in &user.pending {
@@ -330,13 +374,19 @@ fn profiles(state: &AppState, now: DateTime<Utc>) -> Profiles {
                 tag_key: tag_key.clone(),
                 tag_value: user.name.clone(),
                 pending: true,
+                verify: None,
+                verify_ok: None,
             });
         }
     }
-    Profiles {
+    Ok(Profiles {
         generated_at: stamp(now),
         profiles: out,
-    }
+        verify: verify.map(checked),
+        tags: verify.map(|c| c.result["tags"].clone()),
+        reconcile: reconcile.map(checked),
+        reconcile_result: reconcile.map(|c| c.result.clone()),
+    })
 }
 
 fn stamp(now: DateTime<Utc>) -> String {
@@ -614,14 +664,14 @@ async fn user_api(
 async fn profiles_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let how = As::Page(render::profiles);
     answer(&state, &headers, how, async {
-        Ok(Some(profiles(&state, Utc::now())))
+        profiles(&state, Utc::now()).await.map(Some)
     })
     .await
 }
 
 async fn profiles_api(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     answer(&state, &headers, As::Json, async {
-        Ok(Some(profiles(&state, Utc::now())))
+        profiles(&state, Utc::now()).await.map(Some)
     })
     .await
 }

@@ -453,9 +453,22 @@ pub fn user(d: &UserDetail) -> String {
 }
 
 pub fn profiles(p: &Profiles) -> String {
-    let mut main = String::from(
-        "<h1>Profiles</h1><table id=\"profiles\"><tr><th>user</th><th>model</th>\
-         <th>profile</th><th>region</th><th>cost tag</th></tr>",
+    let checked = |c: &Option<super::Checked>, what: &str| match c {
+        Some(c) => format!(
+            "last <code>{what}</code> {} at {}",
+            if c.ok {
+                "passed"
+            } else {
+                "<strong>found problems</strong>"
+            },
+            esc(&c.at)
+        ),
+        None => format!("<code>{what}</code> has not been run here yet"),
+    };
+    let mut main = format!(
+        "<h1>Profiles</h1><p id=\"verified\">{}.</p><table id=\"profiles\"><tr><th>user</th><th>model</th>\
+         <th>profile</th><th>region</th><th>cost tag</th><th>verify</th></tr>",
+        checked(&p.verify, "bedrock-gate profiles verify")
     );
     for l in &p.profiles {
         let arn = if l.pending {
@@ -464,9 +477,36 @@ pub fn profiles(p: &Profiles) -> String {
         } else {
             format!("<code>{}</code>", esc(&l.arn))
         };
+        let verdict = match (&l.verify, l.verify_ok) {
+            (Some(_), Some(true)) => "<span class=\"verdict ok\">ok</span>".to_string(),
+            (Some(v), _) => {
+                let mut why = Vec::new();
+                if v["exists"] != true {
+                    why.push("missing".to_string());
+                } else {
+                    if v["status"] != "ACTIVE" {
+                        why.push(format!("status {}", v["status"].as_str().unwrap_or("?")));
+                    }
+                    if v["model_matches"] != true {
+                        why.push("another model".into());
+                    }
+                    if v["tags"] != "ok" {
+                        why.push(format!("tags: {}", v["tags"].as_str().unwrap_or("?")));
+                    }
+                }
+                if v["shared"] == true {
+                    why.push("shared with another user".into());
+                }
+                format!(
+                    "<span class=\"verdict drift\" style=\"color:#d62728\">DRIFT: {}</span>",
+                    esc(&why.join("; "))
+                )
+            }
+            (None, _) => "<span class=\"verdict muted\">not checked</span>".to_string(),
+        };
         let _ = write!(
             main,
-            "<tr data-user=\"{}\"><td>{}</td><td>{}</td><td>{arn}</td><td>{}</td><td>{}={}</td></tr>",
+            "<tr data-user=\"{}\"><td>{}</td><td>{}</td><td>{arn}</td><td>{}</td><td>{}={}</td><td>{verdict}</td></tr>",
             esc(&l.user),
             esc(&l.user),
             esc(&l.model),
@@ -476,11 +516,40 @@ pub fn profiles(p: &Profiles) -> String {
         );
     }
     main.push_str("</table>");
+    if let Some(tags) = p.tags.as_ref().and_then(|t| t.as_object()) {
+        main.push_str("<h2>Cost allocation tags</h2><ul>");
+        for state in tags.values() {
+            let _ = write!(main, "<li>{}</li>", esc(state.as_str().unwrap_or("")));
+        }
+        main.push_str("</ul>");
+    }
     let _ = write!(
         main,
-        "<p class=\"muted\">From the config as loaded {}. Whether each profile exists with this \
-         model and tag is what <code>bedrock-gate profiles verify</code> checks, and whether the \
-         bill agrees, <code>bedrock-gate reconcile</code>; their results are not shown here yet.</p>",
+        "<h2>The bill</h2><p id=\"reconciled\">{}.</p>",
+        checked(&p.reconcile, "bedrock-gate reconcile")
+    );
+    if let Some(r) = &p.reconcile_result {
+        let t = &r["total"];
+        let f = |v: &serde_json::Value| usd(v.as_f64().unwrap_or(0.0));
+        let _ = write!(
+            main,
+            "<table id=\"reconcile\"><tr><th>period</th><th>ledger</th><th>Cost Explorer</th>\
+             <th>difference</th><th>of which untagged</th><th>final days over {}%</th></tr>\
+             <tr><td>{} to {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
+            r["tolerance_pct"],
+            esc(r["since"].as_str().unwrap_or("")),
+            esc(r["until"].as_str().unwrap_or("")),
+            f(&t["ledger_usd"]),
+            f(&t["billed_usd"]),
+            f(&t["diff_usd"]),
+            f(&t["untagged_usd"]),
+            r["days_over"]
+        );
+    }
+    let _ = write!(
+        main,
+        "<p class=\"muted\">Profiles from the config as loaded {}; the checks as their last run \
+         recorded them.</p>",
         esc(&p.generated_at)
     );
     page("Profiles", "/profiles", &main, false)

@@ -158,6 +158,35 @@ async fn reconcile_passes_an_equal_bill_and_fails_a_final_day_half_off() {
     let bob = run.stdout.lines().find(|l| l.contains(" bob ")).unwrap();
     assert!(bob.ends_with("ok"), "bob still agrees: {bob}");
 
+    // The dashboard's profiles page shows that last run: when, that it failed, the totals.
+    const ADMIN: &str = "bgadmin_billing_0123456789abcdefghijklmnopqrstuvwxy";
+    proxy.edit_config(|c| format!("{c}\n[admin]\ntoken_sha256 = \"{}\"\n", hash(ADMIN)));
+    let shown = eventually("the dashboard shows the last reconcile", || async {
+        let r = send(request(
+            http::Method::GET,
+            &format!("{}/api/profiles", proxy.admin_url()),
+            &[("authorization", &format!("Bearer {ADMIN}"))],
+            "",
+        ))
+        .await;
+        (r.status == 200).then(|| r.json())
+    })
+    .await;
+    assert_eq!(shown["reconcile"]["ok"], false, "{shown}");
+    let result = &shown["reconcile_result"];
+    assert_eq!(result["since"], first, "{shown}");
+    assert_eq!(result["days_over"], 1, "{shown}");
+    let ledger: f64 = costs.iter().map(|(_, _, c)| c).sum();
+    let total = &result["total"];
+    assert!(
+        (total["ledger_usd"].as_f64().unwrap() - ledger).abs() < 1e-9,
+        "{total}"
+    );
+    assert!(
+        (total["billed_usd"].as_f64().unwrap() - (ledger + extra + 0.25)).abs() < 1e-6,
+        "{total}"
+    );
+
     // A looser tolerance lets it through.
     let loose = admin(
         &proxy,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use common::billing::BillingFake;
 use common::control::{FakeControl, Fault, Op, foundation_model_arn, system_profile_arn};
-use common::{ALICE_KEY, HAIKU, OPUS, Run, SONNET, hash};
+use common::{ALICE_KEY, HAIKU, OPUS, Proxy, Run, SONNET, hash, request, send};
 
 const CAROL: &str = "carol@example.com";
 const NONEXISTENT: &str = "anthropic.claude-nonexistent-v1:0";
@@ -912,4 +912,67 @@ async fn a_plan_over_the_quota_fails_and_apply_creates_nothing() {
         "{plan}"
     );
     env.billing.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_shows_each_profile_as_the_last_verify_found_it() {
+    const ADMIN: &str = "bgadmin_provision_0123456789abcdefghijklmnopqrstuvw";
+    let env = Env::applied().await;
+    let text = format!(
+        "{}\n[admin]\ntoken_sha256 = \"{}\"\n",
+        env.text(),
+        hash(ADMIN)
+    );
+    let proxy = Proxy::start(&text).await;
+    let profiles = || async {
+        let r = send(request(
+            http::Method::GET,
+            &format!("{}/api/profiles", proxy.admin_url()),
+            &[("authorization", &format!("Bearer {ADMIN}"))],
+            "",
+        ))
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.json()
+    };
+    // Never verified here: every profile says so.
+    let before = profiles().await;
+    assert_eq!(before["verify"], serde_json::Value::Null, "{before}");
+    let config = proxy.config_path.to_str().unwrap().to_string();
+    let args = ["profiles", "verify", "--config", config.as_str()];
+    let verify = || common::run(proxy.dir.path(), &args);
+
+    let run = verify().await;
+    assert!(run.ok, "{run}");
+    let after = profiles().await;
+    assert_eq!(after["verify"]["ok"], true, "{after}");
+    let lines = after["profiles"].as_array().unwrap();
+    assert_eq!(lines.len(), WANTS.len(), "{after}");
+    assert!(lines.iter().all(|l| l["verify_ok"] == true), "{after}");
+
+    // A profile deleted behind the proxy's back: the next verify's drift is on its line.
+    let gone = env.fake.the(want("alice", SONNET).name);
+    assert!(env.fake.delete(&gone.arn));
+    let run = verify().await;
+    assert!(!run.ok, "{run}");
+    let after = profiles().await;
+    assert_eq!(after["verify"]["ok"], false, "{after}");
+    for l in after["profiles"].as_array().unwrap() {
+        let is_gone = l["arn"] == gone.arn.as_str();
+        assert_eq!(l["verify_ok"], !is_gone, "{l}");
+        if is_gone {
+            assert_eq!(l["verify"]["exists"], false, "{l}");
+        }
+    }
+    // And the page says DRIFT on that line.
+    let page = send(request(
+        http::Method::GET,
+        &format!("{}/profiles", proxy.admin_url()),
+        &[("authorization", &format!("Bearer {ADMIN}"))],
+        "",
+    ))
+    .await;
+    let html = String::from_utf8_lossy(&page.body).to_string();
+    assert_eq!(html.matches("DRIFT: missing").count(), 1, "{html}");
+    assert!(html.contains("found problems"), "{html}");
 }
