@@ -335,6 +335,9 @@ pub struct Admin {
     pub groups: Vec<String>,
     /// `admin.emails`: admins by email (lowercase), signing in through the IdP.
     pub emails: Vec<String>,
+    /// `admin.public_url`: the dashboard's origin for the IdP's redirect, when admins reach
+    /// it at another address than the one `admin_listen` binds (a port-forward, a proxy).
+    pub public_url: Option<String>,
 }
 
 impl Admin {
@@ -991,6 +994,7 @@ impl Config {
                 .map(|e| signin::normalize_email("admin.emails", e))
                 .collect::<Result<_, _>>()?,
             groups: raw.admin.groups,
+            public_url: signin::admin_url(raw.admin.public_url.as_deref())?,
         };
         if admin.sso() {
             match &signin {

@@ -98,6 +98,8 @@ pub struct RawAdmin {
     /// Emails of admins (signing in through `[oidc]`).
     #[serde(default)]
     pub emails: Vec<String>,
+    /// The URL admins open the dashboard at, when it is not `http://` + the bound address.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -205,6 +205,11 @@ pub fn public_url(raw: Option<&str>) -> Result<Option<String>, ConfigError> {
     raw.map(|s| url("public_url", s, true)).transpose()
 }
 
+/// `admin.public_url`, validated as `public_url` is (https, or http on loopback).
+pub fn admin_url(raw: Option<&str>) -> Result<Option<String>, ConfigError> {
+    raw.map(|s| url("admin.public_url", s, true)).transpose()
+}
+
 /// `[oidc]`, validated (the secret is read later, by [`SignIn::load_secret`]).
 pub fn sign_in(
     raw: Option<RawOidc>,

@@ -178,12 +178,24 @@ fn settings(state: &AppState) -> Result<crate::config::signin::SignIn, &'static 
         .signin
         .clone()
         .ok_or("[oidc] is not configured")?;
-    s.public_url = state
-        .admin_sso
-        .origin
-        .get()
-        .cloned()
-        .ok_or("the admin listener is not bound yet")?;
+    s.public_url = match &live.config.admin.public_url {
+        Some(url) => url.clone(),
+        None => {
+            let bound = state
+                .admin_sso
+                .origin
+                .get()
+                .cloned()
+                .ok_or("the admin listener is not bound yet")?;
+            // A wildcard address is no place a browser can come back to.
+            if bound.starts_with("http://0.0.0.0") || bound.starts_with("http://[::]") {
+                return Err(
+                    "admin_listen is a wildcard address: set [admin] public_url to the URL admins open the dashboard at",
+                );
+            }
+            bound
+        }
+    };
     Ok(s)
 }
 

@@ -638,4 +638,24 @@ async fn admins_sign_in_through_the_idp_by_group_or_email_and_nobody_else_does()
     ))
     .await;
     assert_eq!(after.status, 401);
+
+    // Reached at another address (a port-forward, a proxy): [admin] public_url is where the
+    // IdP sends the browser back.
+    drop(proxy);
+    let config = config.replace(
+        "[admin]\n",
+        "[admin]\npublic_url = \"https://gate-admin.corp.example/\"\n",
+    );
+    let proxy = Proxy::start_with_env(
+        &config,
+        &["--listen", &listen],
+        &[("BEDROCK_GATE_OIDC_CLIENT_SECRET", SECRET)],
+    )
+    .await;
+    let to_idp = get(&format!("{}/login/sso", proxy.admin_url()), None).await;
+    let location = to_idp.headers["location"].to_str().unwrap();
+    assert!(
+        location.contains("redirect_uri=https%3A%2F%2Fgate-admin.corp.example%2Foauth%2Fcallback"),
+        "{location}"
+    );
 }
