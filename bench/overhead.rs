@@ -199,6 +199,11 @@ fn main() {
     if run("max") {
         bench.max_throughput();
     }
+    // The rates developers make: a few requests a second, with the do-nothing relay beside
+    // each, so this machine's floor for one extra hop is in the same run.
+    if run("low") {
+        bench.low_rates();
+    }
     // The same load through a bedrock-gate on SQLite and one on PostgreSQL (skipped, and
     // said so, without BEDROCK_GATE_PG_URL).
     if run("store_pg") {
@@ -669,6 +674,111 @@ impl Bench {
                     .extend(report::latency_rows(&phase, what, dh, th, target_ms, true));
                 self.error_and_cpu_rows(&phase, &dr, &tr);
             }
+        }
+    }
+
+    /// Converse 2 KB at 20 req/s, invoke-with-response-stream at 10 req/s (time to first byte)
+    /// and Messages SSE at 10 req/s (time to first event): direct, through bedrock-gate, and
+    /// through the minimal relay (the direct request with one do-nothing hop), open loop.
+    fn low_rates(&mut self) {
+        let quick = self.plan.quick;
+        let schedule = |rate: u64| Schedule {
+            rate,
+            warmup: if quick {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(3)
+            },
+            measure: if quick {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(30)
+            },
+            timeout: Duration::from_secs(10),
+        };
+        let relay = relay::start(self.fake.addr, 2);
+        let via_relay = |d: &Arc<Target>| {
+            Arc::new(Target {
+                addr: relay,
+                ..(**d).clone()
+            })
+        };
+        let converse = converse_body(2048);
+        let stream = anthropic_body(2048);
+        let accept = "application/vnd.amazon.eventstream";
+        // (phase, direct, through, req/s, time to first byte?, issue 15's added-p99 target)
+        type Case = (String, Arc<Target>, Arc<Target>, u64, bool, Option<u64>);
+        let cases: [Case; 3] = [
+            (
+                format!("low rate: Converse {} B @ 20 req/s", converse.len()),
+                self.direct(
+                    FAST_PROFILE,
+                    "converse",
+                    converse.clone(),
+                    "application/json",
+                ),
+                self.through(SONNET, "converse", converse, "application/json"),
+                20,
+                false,
+                Some(350),
+            ),
+            (
+                format!("low rate: stream {} B @ 10 req/s", stream.len()),
+                self.direct(
+                    FAST_PROFILE,
+                    "invoke-with-response-stream",
+                    stream.clone(),
+                    accept,
+                ),
+                self.through(SONNET, "invoke-with-response-stream", stream, accept),
+                10,
+                true,
+                Some(400),
+            ),
+            (
+                "low rate: Messages SSE 2048 B @ 10 req/s".to_string(),
+                self.messages_target(false, true, messages_api_body(2048, true)),
+                self.messages_target(true, true, messages_api_body(2048, true)),
+                10,
+                true,
+                None,
+            ),
+        ];
+        for (phase, d, t, rate, first_byte, target_us) in cases {
+            let r = via_relay(&d);
+            let s = schedule(rate);
+            let dr = self.open(&format!("{phase} direct"), &d, s);
+            let tr = self.open(&format!("{phase} through"), &t, s);
+            let rr = self.open(&format!("{phase} via the minimal relay"), &r, s);
+            let pick = |run: &load::OpenRun| {
+                if first_byte {
+                    run.recorded.ttfb.clone()
+                } else {
+                    run.recorded.ttlb.clone()
+                }
+            };
+            let (dh, th, rh) = (pick(&dr), pick(&tr), pick(&rr));
+            let what = if first_byte { "TTFB" } else { "latency" };
+            self.rows.extend(report::latency_rows(
+                &phase, what, &dh, &th, target_us, false,
+            ));
+            for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+                let (d, rv) = (dh.value_at_quantile(q), rh.value_at_quantile(q));
+                self.rows.push(
+                    Row::new(
+                        &phase,
+                        &format!("{what} {name}: the minimal relay (the floor)"),
+                    )
+                    .direct(ms(d))
+                    .through(ms(rv))
+                    .added(added_ms(rv, d)),
+                );
+            }
+            self.error_and_cpu_rows(&phase, &dr, &tr);
+            self.rows.push(
+                Row::new(&phase, "relay CPU per request (the floor)")
+                    .through(cpu_per(rr.cpu.relay, rr.recorded.total())),
+            );
         }
     }
 
