@@ -162,13 +162,7 @@ async fn reconcile_passes_an_equal_bill_and_fails_a_final_day_half_off() {
     const ADMIN: &str = "bgadmin_billing_0123456789abcdefghijklmnopqrstuvwxy";
     proxy.edit_config(|c| format!("{c}\n[admin]\ntoken_sha256 = \"{}\"\n", hash(ADMIN)));
     let shown = eventually("the dashboard shows the last reconcile", || async {
-        let r = send(request(
-            http::Method::GET,
-            &format!("{}/api/profiles", proxy.admin_url()),
-            &[("authorization", &format!("Bearer {ADMIN}"))],
-            "",
-        ))
-        .await;
+        let r = proxy.admin_get("/api/profiles", ADMIN).await;
         (r.status == 200).then(|| r.json())
     })
     .await;

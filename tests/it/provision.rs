@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use common::billing::BillingFake;
 use common::control::{FakeControl, Fault, Op, foundation_model_arn, system_profile_arn};
-use common::{ALICE_KEY, HAIKU, OPUS, Proxy, Run, SONNET, hash, request, send};
+use common::{ALICE_KEY, HAIKU, OPUS, Proxy, Run, SONNET, hash};
 
 const CAROL: &str = "carol@example.com";
 const NONEXISTENT: &str = "anthropic.claude-nonexistent-v1:0";
@@ -925,13 +925,7 @@ async fn the_dashboard_shows_each_profile_as_the_last_verify_found_it() {
     );
     let proxy = Proxy::start(&text).await;
     let profiles = || async {
-        let r = send(request(
-            http::Method::GET,
-            &format!("{}/api/profiles", proxy.admin_url()),
-            &[("authorization", &format!("Bearer {ADMIN}"))],
-            "",
-        ))
-        .await;
+        let r = proxy.admin_get("/api/profiles", ADMIN).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         r.json()
     };
@@ -965,13 +959,7 @@ async fn the_dashboard_shows_each_profile_as_the_last_verify_found_it() {
         }
     }
     // And the page says DRIFT on that line.
-    let page = send(request(
-        http::Method::GET,
-        &format!("{}/profiles", proxy.admin_url()),
-        &[("authorization", &format!("Bearer {ADMIN}"))],
-        "",
-    ))
-    .await;
+    let page = proxy.admin_get("/profiles", ADMIN).await;
     let html = String::from_utf8_lossy(&page.body).to_string();
     assert_eq!(html.matches("DRIFT: missing").count(), 1, "{html}");
     assert!(html.contains("found problems"), "{html}");

@@ -417,6 +417,17 @@ impl Proxy {
         .json()
     }
 
+    /// GETs `path` on the admin listener (the dashboard) with `Authorization: Bearer token`.
+    pub async fn admin_get(&self, path: &str, token: &str) -> Reply {
+        send(request(
+            Method::GET,
+            &format!("{}{path}", self.admin_url()),
+            &[("authorization", &format!("Bearer {token}"))],
+            "",
+        ))
+        .await
+    }
+
     /// Waits until the log contains `needle` (log lines are written when a response body ends).
     pub async fn wait_for_log(&self, needle: &str) -> String {
         for _ in 0..200 {
