@@ -676,7 +676,7 @@ pub async fn apply(
 }
 
 /// One row of `profiles verify`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VerifyRow {
     pub user: String,
     pub model: String,

@@ -108,7 +108,19 @@ fn refuse(access: Access, page: bool) -> Response {
         Access::Unauthenticated(why) => (StatusCode::UNAUTHORIZED, why),
         Access::Forbidden(why) => (StatusCode::FORBIDDEN, why),
     };
-    let mut resp = if page {
+    let mut resp = failure(status, why, page);
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"bedrock-gate admin\""),
+        );
+    }
+    resp
+}
+
+/// An answer that is not the figures: `status` and why, as a page or as the API's JSON error.
+fn failure(status: StatusCode, why: &str, page: bool) -> Response {
+    secure(if page {
         (status, render::html(&render::refusal(status, why))).into_response()
     } else {
         (
@@ -116,14 +128,7 @@ fn refuse(access: Access, page: bool) -> Response {
             axum::Json(serde_json::json!({"error": {"status": status.as_u16(), "message": why}})),
         )
             .into_response()
-    };
-    if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer realm=\"bedrock-gate admin\""),
-        );
-    }
-    secure(resp)
+    })
 }
 
 /// Every answer: not cached, not framed, no referrer, no script or style from anywhere else.
@@ -161,17 +166,11 @@ fn source(state: &AppState) -> Source {
 /// A read of the ledger failed: 503, saying so (the ledger's own error goes to the log only).
 fn unavailable(e: &anyhow::Error, page: bool) -> Response {
     tracing::warn!(error = %format!("{e:#}"), "dashboard: ledger read failed");
-    let why = "the ledger could not be read just now; try again in a moment";
-    let status = StatusCode::SERVICE_UNAVAILABLE;
-    secure(if page {
-        (status, render::html(&render::refusal(status, why))).into_response()
-    } else {
-        (
-            status,
-            axum::Json(serde_json::json!({"error": {"status": 503, "message": why}})),
-        )
-            .into_response()
-    })
+    failure(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the ledger could not be read just now; try again in a moment",
+        page,
+    )
 }
 
 /// Sums of a period.
@@ -189,19 +188,19 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// The report's TOTAL line of `rows`, with its error rate.
     fn of(rows: &[Row]) -> Totals {
-        let mut t = Totals::default();
-        for r in rows {
-            t.requests += r.requests;
-            t.input_tokens += r.input_tokens;
-            t.output_tokens += r.output_tokens;
-            t.cache_read_tokens += r.cache_read_tokens;
-            t.cache_write_tokens += r.cache_write_tokens;
-            t.cost_usd += r.cost_usd;
-            t.errors += r.error_requests;
+        let t = crate::meter::report::total(rows);
+        Totals {
+            requests: t.requests,
+            input_tokens: t.input_tokens,
+            output_tokens: t.output_tokens,
+            cache_read_tokens: t.cache_read_tokens,
+            cache_write_tokens: t.cache_write_tokens,
+            cost_usd: t.cost_usd,
+            errors: t.error_requests,
+            error_rate: rate(t.error_requests, t.requests),
         }
-        t.error_rate = rate(t.errors, t.requests);
-        t
     }
 }
 
@@ -332,19 +331,16 @@ async fn profiles(state: &AppState, now: DateTime<Utc>) -> anyhow::Result<Profil
     };
     let verify = find(crate::admin::checks::VERIFY);
     let reconcile = find(crate::admin::checks::RECONCILE);
-    let verified = |user: &str, model: &str, arn: &str| -> Option<serde_json::Value> {
-        verify?.result["profiles"]
+    // The last verify's line for a profile, and whether it was all right by verify's own rule.
+    let verified = |user: &str, model: &str, arn: &str| -> Option<(serde_json::Value, bool)> {
+        let line = verify?.result["profiles"]
             .as_array()?
             .iter()
-            .find(|r| r["user"] == user && r["model"] == model && r["arn"] == arn)
-            .cloned()
-    };
-    let row_ok = |v: &serde_json::Value| {
-        v["exists"] == true
-            && v["status"] == "ACTIVE"
-            && v["model_matches"] == true
-            && v["tags"] == "ok"
-            && v["shared"] == false
+            .find(|r| r["user"] == user && r["model"] == model && r["arn"] == arn)?
+            .clone();
+        let ok = serde_json::from_value::<crate::admin::provision::VerifyRow>(line.clone())
+            .is_ok_and(|r| r.ok());
+        Some((line, ok))
     };
     let live = state.live.load();
     let config = &live.config;
@@ -352,7 +348,7 @@ async fn profiles(state: &AppState, now: DateTime<Utc>) -> anyhow::Result<Profil
     let mut out = Vec::new();
     for user in config.users.iter() {
         for (model, p) in &user.models {
-            let v = verified(&user.name, model, &p.arn);
+            let (v, ok) = verified(&user.name, model, &p.arn).unzip();
             out.push(ProfileLine {
                 user: user.name.clone(),
                 model: model.clone(),
@@ -361,7 +357,7 @@ async fn profiles(state: &AppState, now: DateTime<Utc>) -> anyhow::Result<Profil
                 tag_key: tag_key.clone(),
                 tag_value: user.name.clone(),
                 pending: false,
-                verify_ok: v.as_ref().map(row_ok),
+                verify_ok: ok,
                 verify: v,
             });
         }
@@ -413,15 +409,13 @@ async fn overview(state: &AppState, now: DateTime<Utc>) -> anyhow::Result<Overvi
             })
         })
         .collect();
-    let hour_requests = minutes.iter().map(|m| m.requests).sum::<i64>();
-    let hour_errors = minutes.iter().map(|m| m.errors).sum::<i64>();
+    let count =
+        |f: fn(&Minute) -> i64| u64::try_from(minutes.iter().map(f).sum::<i64>()).unwrap_or(0);
+    let (requests, errors) = (count(|m| m.requests), count(|m| m.errors));
     let last_hour = Totals {
-        requests: u64::try_from(hour_requests).unwrap_or(0),
-        errors: u64::try_from(hour_errors).unwrap_or(0),
-        error_rate: rate(
-            u64::try_from(hour_errors).unwrap_or(0),
-            u64::try_from(hour_requests).unwrap_or(0),
-        ),
+        requests,
+        errors,
+        error_rate: rate(errors, requests),
         ..Totals::default()
     };
     Ok(Overview {
@@ -585,19 +579,11 @@ where
             As::Page(write) => secure(render::html(&write(&v)).into_response()),
             As::Json => secure(axum::Json(v).into_response()),
         },
-        Ok(None) => {
-            let why = "no such user in the config or in this month's ledger";
-            let status = StatusCode::NOT_FOUND;
-            secure(if page {
-                (status, render::html(&render::refusal(status, why))).into_response()
-            } else {
-                (
-                    status,
-                    axum::Json(serde_json::json!({"error": {"status": 404, "message": why}})),
-                )
-                    .into_response()
-            })
-        }
+        Ok(None) => failure(
+            StatusCode::NOT_FOUND,
+            "no such user in the config or in this month's ledger",
+            page,
+        ),
         Err(e) => unavailable(&e, page),
     }
 }

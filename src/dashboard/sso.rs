@@ -200,13 +200,7 @@ fn settings(state: &AppState) -> Result<crate::config::signin::SignIn, &'static 
 }
 
 fn page(status: StatusCode, why: &str) -> Response {
-    super::secure(
-        (
-            status,
-            super::render::html(&super::render::refusal(status, why)),
-        )
-            .into_response(),
-    )
+    super::failure(status, why, true)
 }
 
 /// `GET /login/sso`: off to the IdP.

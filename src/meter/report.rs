@@ -237,7 +237,8 @@ pub fn aligned<R: AsRef<[String]>>(out: &mut String, rows: &[R], left: usize) {
     }
 }
 
-fn total(rows: &[Row]) -> Row {
+/// The sums of `rows`, as the report's TOTAL line.
+pub(crate) fn total(rows: &[Row]) -> Row {
     rows.iter().fold(
         Row {
             key: "TOTAL".into(),
