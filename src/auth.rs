@@ -124,6 +124,18 @@ pub fn extract_key(headers: &HeaderMap, how_to: &str) -> Result<ApiKey, Refusal>
     )))
 }
 
+/// The values of the request's cookies called `name`, in order, as sent (not decoded).
+pub fn cookies<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item = &'h str> + 'h {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .filter(move |(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
 fn check_key(key: &str, how_to: &str) -> Result<ApiKey, Refusal> {
     if key.is_empty() {
         return Err(Refusal::unauthenticated(format!(

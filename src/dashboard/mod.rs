@@ -744,12 +744,11 @@ async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
         state.admin_sso.end(&session);
     }
     let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response();
-    for gone in [
-        "bedrock_gate_admin=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
-        "bedrock_gate_admin_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
-    ] {
-        resp.headers_mut()
-            .append(header::SET_COOKIE, header::HeaderValue::from_static(gone));
+    for name in [COOKIE, sso::SESSION_COOKIE] {
+        let gone = format!("{name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+        if let Ok(v) = header::HeaderValue::from_str(&gone) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
     }
     secure(resp)
 }

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 
 use crate::auth::KeyHash;
 use crate::state::AppState;
@@ -142,22 +141,16 @@ impl Sso {
     }
 }
 
+/// 32 random bytes, base64url: a session token, a `state`, a nonce or a PKCE verifier.
 fn random() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    crate::signin::device::random(32).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))
 }
 
-/// A cookie's value from the request.
+/// The first cookie called `name`, percent-decoded; none when empty.
 pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| {
+    crate::auth::cookies(headers, name)
+        .next()
+        .map(|v| {
             percent_encoding::percent_decode_str(v)
                 .decode_utf8_lossy()
                 .into_owned()
@@ -305,18 +298,13 @@ pub async fn finish(
             "this sign-in expired or was already used; start again at /login",
         );
     };
-    let idp = &state.signin.idp;
-    let claims = match idp.exchange_code(&s, &code, &p.verifier).await {
-        Ok(tokens) => match tokens.id_token {
-            Some(t) => idp.verify(&s, &t, Some(&p.nonce)).await,
-            None => Err(crate::signin::oidc::IdpError::Refused(
-                "the sign-in provider sent no id_token".into(),
-            )),
-        },
-        Err(e) => Err(e),
-    };
-    let who = match claims.and_then(|c| crate::signin::oidc::identity(&s, &c)) {
-        Ok(who) => who,
+    let signed_in = state
+        .signin
+        .idp
+        .sign_in(&s, &code, &p.verifier, &p.nonce)
+        .await;
+    let who = match signed_in {
+        Ok((who, _)) => who,
         Err(e) => {
             tracing::warn!(error = %e, "admin sign-in refused");
             return page(StatusCode::FORBIDDEN, &e.to_string());

@@ -411,13 +411,7 @@ fn cookie_value(login_state: &str) -> String {
 
 fn cookie_matches(headers: &HeaderMap, login_state: &str) -> bool {
     let want = cookie_value(login_state);
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .any(|(k, v)| k == LOGIN_COOKIE && v == want)
+    crate::auth::cookies(headers, LOGIN_COOKIE).any(|v| v == want)
 }
 
 /// Who may sign in, and as which user.
@@ -492,22 +486,10 @@ async fn callback(State(state): State<Arc<AppState>>, request: Request) -> Respo
         flows.reopen(&login.user_code).await;
         return stale();
     };
-    let verified = async {
-        let tokens = state
-            .signin
-            .idp
-            .exchange_code(s, code, &login.verifier)
-            .await?;
-        let id_token = tokens
-            .id_token
-            .ok_or_else(|| IdpError::Refused("the sign-in provider sent no id_token".into()))?;
-        let claims = state
-            .signin
-            .idp
-            .verify(s, &id_token, Some(&login.nonce))
-            .await?;
-        Ok::<_, IdpError>((oidc::identity(s, &claims)?, tokens.refresh_token))
-    };
+    let verified = state
+        .signin
+        .idp
+        .sign_in(s, code, &login.verifier, &login.nonce);
     let (who, idp_refresh) = match verified.await {
         Ok(v) => v,
         Err(IdpError::Unavailable(e)) => {

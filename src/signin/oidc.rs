@@ -279,6 +279,23 @@ impl Idp {
         .await
     }
 
+    /// The end of a browser sign-in: exchanges `code` (with the PKCE `verifier`), verifies the
+    /// id_token against `nonce` and reads who it names; with the IdP's refresh token, if any.
+    pub async fn sign_in(
+        &self,
+        settings: &SignIn,
+        code: &str,
+        verifier: &str,
+        nonce: &str,
+    ) -> Result<(Identity, Option<String>), IdpError> {
+        let tokens = self.exchange_code(settings, code, verifier).await?;
+        let id_token = tokens
+            .id_token
+            .ok_or_else(|| IdpError::Refused("the sign-in provider sent no id_token".into()))?;
+        let claims = self.verify(settings, &id_token, Some(nonce)).await?;
+        Ok((identity(settings, &claims)?, tokens.refresh_token))
+    }
+
     /// The refresh grant: the IdP still vouches for the identity, or refuses it.
     pub async fn refresh(
         &self,
