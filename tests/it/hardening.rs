@@ -45,7 +45,7 @@ async fn held_upload(
         "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {ALICE_KEY}\r\n\
          content-type: application/json\r\ncontent-length: {len}\r\n\r\n"
     );
-    let reader = tokio::spawn(async move {
+    let mut reader = tokio::spawn(async move {
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
@@ -74,16 +74,46 @@ async fn held_upload(
     }
     .await;
     written.add_permits(1);
-    if sent.is_ok() {
-        let _ = release.wait_for(|r| *r).await;
-        let _ = wr.write_all(&body[len - 1..]).await;
-    }
-    let status = tokio::time::timeout(Duration::from_secs(60), reader)
-        .await
-        .expect("an answer within 60 s")
-        .expect("reader");
+    // Held until released, unless the proxy answers first (it refused the upload).
+    let early = if sent.is_ok() {
+        tokio::select! {
+            () = async { let _ = release.wait_for(|r| *r).await; } => {
+                let _ = wr.write_all(&body[len - 1..]).await;
+                None
+            }
+            status = &mut reader => Some(status),
+        }
+    } else {
+        None
+    };
+    let status = match early {
+        Some(status) => status.expect("reader"),
+        None => tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("an answer within 60 s")
+            .expect("reader"),
+    };
     drop(wr);
     status
+}
+
+/// Starts a 1 MiB upload to `path` held one byte short of its end until `released`, and
+/// returns once it is written.
+async fn hold_upload(
+    addr: &str,
+    path: &str,
+    released: &tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<u16> {
+    let written = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = tokio::spawn(held_upload(
+        addr.to_string(),
+        path.to_string(),
+        1024 * 1024,
+        written.clone(),
+        released.clone(),
+    ));
+    let _w = written.acquire().await.expect("written");
+    held
 }
 
 /// The largest RSS seen while sampling for `window`.
@@ -200,21 +230,23 @@ async fn a_refusal_for_uploads_in_flight_is_a_503_that_says_why() {
         "[limits]\nmax_body_bytes = 1048576\nmax_inflight_body_bytes = 1048576",
     ))
     .await;
-    let written = Arc::new(tokio::sync::Semaphore::new(0));
     let (release, released) = tokio::sync::watch::channel(false);
-    let held = tokio::spawn(held_upload(
-        proxy.addr.clone(),
-        format!("/model/{SONNET}/count-tokens"),
-        1024 * 1024,
-        written.clone(),
-        released,
-    ));
-    let _w = written.acquire().await.expect("written");
+    let count_tokens = format!("/model/{SONNET}/count-tokens");
+    let mut held = hold_upload(&proxy.addr, &count_tokens, &released).await;
     // The held upload's Content-Length is reserved as soon as its head is read; wait for it
     // to show in the refusal of a second one.
     let mut seen = Vec::new();
+    let mut held_refused = 0;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let r = loop {
+        // Written is not yet read: a probe whose head the proxy takes first holds its own
+        // bytes, and the held upload is the one refused. Hold another, then.
+        if held.is_finished() {
+            let refused = held.await.expect("held");
+            assert_eq!(refused, 503, "a held upload ended early, and not refused");
+            held_refused += 1;
+            held = hold_upload(&proxy.addr, &count_tokens, &released).await;
+        }
         let r = post(
             &proxy,
             &format!("/model/{SONNET}/count-tokens"),
@@ -228,7 +260,8 @@ async fn a_refusal_for_uploads_in_flight_is_a_503_that_says_why() {
         seen.push(r.status);
         assert!(
             std::time::Instant::now() < deadline,
-            "no 503 while the first upload was held (held upload finished: {}); statuses seen: {seen:?}\n{}",
+            "no 503 while an upload was held (held upload finished: {}, held uploads refused \
+             before: {held_refused}); statuses seen: {seen:?}\n{}",
             held.is_finished(),
             proxy.logs()
         );
