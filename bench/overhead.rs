@@ -779,6 +779,15 @@ impl Bench {
                 Row::new(&phase, "relay CPU per request (the floor)")
                     .through(cpu_per(rr.cpu.relay, rr.recorded.total())),
             );
+            // A context switch is a thread put to sleep or woken: the hand-offs this phase is
+            // about, counted rather than inferred.
+            let per = |n: u64, run: &load::OpenRun| {
+                format!("{:.1}", n as f64 / run.recorded.total().max(1) as f64)
+            };
+            self.rows.push(
+                Row::new(&phase, "relay context switches per request (the floor)")
+                    .through(per(rr.cpu.relay_switches, &rr)),
+            );
         }
     }
 
@@ -793,6 +802,12 @@ impl Bench {
         self.rows.push(
             Row::new(phase, "proxy CPU per request")
                 .through(cpu_per(t.cpu.proxy, t.recorded.total())),
+        );
+        self.rows.push(
+            Row::new(phase, "proxy context switches per request").through(format!(
+                "{:.1}",
+                t.cpu.proxy_switches as f64 / t.recorded.total().max(1) as f64
+            )),
         );
     }
 

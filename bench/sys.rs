@@ -46,6 +46,33 @@ fn own_threads_ticks(prefix: &str) -> u64 {
         .sum()
 }
 
+/// Context switches (voluntary and not) of the threads under `/proc/{pid}/task` whose name
+/// starts with `prefix` (all of them with ""): each is a thread that went to sleep or was put
+/// off the CPU, the cost of a hand-off between threads.
+fn switches(pid: &str, prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter(|status| {
+            status
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("Name:"))
+                .is_some_and(|name| name.trim().starts_with(prefix))
+        })
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// Busy ticks of the whole machine (all CPUs, everything but idle and iowait).
 fn machine_busy_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -91,6 +118,8 @@ pub struct CpuSnapshot {
     relay: u64,
     db: u64,
     io_full_us: u64,
+    proxy_switches: u64,
+    relay_switches: u64,
 }
 
 /// CPU used between two snapshots.
@@ -110,6 +139,10 @@ pub struct CpuDelta {
     pub io_full: Duration,
     /// CPU time of everything else on the machine (another build, say): noise.
     pub other: Duration,
+    /// Context switches of the proxy's threads.
+    pub proxy_switches: u64,
+    /// Context switches of the reference relay's threads.
+    pub relay_switches: u64,
 }
 
 impl CpuDelta {
@@ -163,6 +196,8 @@ impl Probe {
             relay: own_threads_ticks(crate::relay::THREAD_PREFIX),
             db: self.db_pid.map_or(0, crate::pg::cluster_ticks),
             io_full_us: io_full_us().unwrap_or(0),
+            proxy_switches: self.proxy_pid.map_or(0, |p| switches(&p.to_string(), "")),
+            relay_switches: switches("self", crate::relay::THREAD_PREFIX),
         }
     }
 
@@ -180,6 +215,8 @@ impl Probe {
             db: ticks(db),
             io_full: Duration::from_micros(b.io_full_us.saturating_sub(a.io_full_us)),
             other: ticks(machine.saturating_sub(proxy + own + db)),
+            proxy_switches: b.proxy_switches.saturating_sub(a.proxy_switches),
+            relay_switches: b.relay_switches.saturating_sub(a.relay_switches),
         }
     }
 }
