@@ -113,39 +113,16 @@ pub async fn serve(
             closing: closing.clone(),
             write_after: live.config.timeouts.client_write,
         };
-        match &tls {
-            None => {
-                connections.spawn(conn.serve(stream, service));
-            }
-            Some(initial) => {
-                // The live config's certificate, so a reload rotates it; the one we started
-                // with if TLS was since removed from the file (that needs a restart).
-                let server = live
-                    .config
-                    .tls
-                    .as_ref()
-                    .and_then(|t| t.server.clone())
-                    .unwrap_or_else(|| initial.clone());
-                connections.spawn(async move {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(server);
-                    let tls_stream =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    conn.serve(tls_stream, service).await;
-                });
-            }
-        }
+        // The live config's certificate, so a reload rotates it; the one we started with if
+        // TLS was since removed from the file (that needs a restart).
+        let server = tls.as_ref().map(|initial| {
+            live.config
+                .tls
+                .as_ref()
+                .and_then(|t| t.server.clone())
+                .unwrap_or_else(|| initial.clone())
+        });
+        connections.spawn(conn.run(stream, peer, server, service));
     }
     drop(listener);
     tracing::debug!(
@@ -179,6 +156,43 @@ struct Conn {
 }
 
 impl Conn {
+    /// Serves an accepted connection: the TLS handshake first with `tls` (bounded by
+    /// [`TLS_HANDSHAKE_TIMEOUT`]), then its requests (see [`Conn::serve`]).
+    async fn run<S>(
+        self,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        service: S,
+    ) where
+        S: hyper::service::Service<
+                http::Request<Incoming>,
+                Response = http::Response<Body>,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let Some(server) = tls else {
+            return self.serve(stream, service).await;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let tls_stream =
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+        self.serve(tls_stream, service).await;
+    }
+
     /// Serves the connection until it ends. One that starts no request within `idle_after`
     /// of opening (silent, or stuck before its first request, HTTP/2 included) is dropped;
     /// one that starts none for that long after earlier requests, and every one at shutdown,
