@@ -46,6 +46,10 @@ pub enum Command {
         /// Ledger database; overrides `ledger.path` (the Docker image points it at its volume).
         #[arg(long, env = "BEDROCK_GATE_LEDGER")]
         ledger: Option<PathBuf>,
+        /// Threads that serve connections (each connection stays on one, with its own pool of
+        /// connections to Bedrock). Default: one per CPU the process may use.
+        #[arg(long, env = "BEDROCK_GATE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        workers: Option<u16>,
     },
     /// Report tokens and estimated cost from the ledger.
     Usage {

@@ -38,6 +38,8 @@
 //! - [`upstream`]: header hygiene, SigV4 signing, the pooled rustls HTTP client. The signature is
 //!   made here.
 //! - [`listen`]: the accept loop (header timeout, TLS handshake, graceful shutdown).
+//! - [`workers`]: the serving threads, one single-threaded runtime per core; a connection and
+//!   its requests stay on the one it was handed to.
 //! - [`tls`]: the listener's certificate and key.
 //! - [`reload`]: live config reload on file change and SIGHUP (validate, then swap whole).
 //! - [`logging`]: stderr logs written off the request threads.
@@ -75,3 +77,4 @@ pub mod store;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
+pub mod workers;

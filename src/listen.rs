@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 use crate::state::AppState;
+use crate::workers::Workers;
 
 /// A client has this long to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,12 +48,14 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, asks every
 /// connection to close after its current request, and waits up to `grace` for them.
-/// With `tls`, every connection must complete a TLS handshake first.
+/// With `tls`, every connection must complete a TLS handshake first. Each connection is served
+/// on one of `workers`, in turn.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     state: Arc<AppState>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    workers: &Workers,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
@@ -122,7 +125,13 @@ pub async fn serve(
                 .and_then(|t| t.server.clone())
                 .unwrap_or_else(|| initial.clone())
         });
-        connections.spawn(conn.run(stream, peer, server, service));
+        // From here on the connection is the worker's: see `workers`.
+        match stream.into_std() {
+            Ok(stream) => {
+                connections.spawn_on(conn.run(stream, peer, server, service), workers.next());
+            }
+            Err(e) => tracing::warn!(%peer, error = %e, "cannot hand the connection to a worker"),
+        }
     }
     drop(listener);
     tracing::debug!(
@@ -156,11 +165,11 @@ struct Conn {
 }
 
 impl Conn {
-    /// Serves an accepted connection: the TLS handshake first with `tls` (bounded by
+    /// Serves an accepted connection on the worker it was handed to: the TLS handshake first with `tls` (bounded by
     /// [`TLS_HANDSHAKE_TIMEOUT`]), then its requests (see [`Conn::serve`]).
     async fn run<S>(
         self,
-        stream: tokio::net::TcpStream,
+        stream: std::net::TcpStream,
         peer: std::net::SocketAddr,
         tls: Option<Arc<rustls::ServerConfig>>,
         service: S,
@@ -174,6 +183,14 @@ impl Conn {
             + 'static,
         S::Future: Send + 'static,
     {
+        // Registered with this worker's runtime, which polls it from now on.
+        let stream = match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot serve the connection");
+                return;
+            }
+        };
         let Some(server) = tls else {
             return self.serve(stream, service).await;
         };

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
             allow_empty_reload,
             admin_listen,
             ledger,
+            workers,
         } => {
             bedrock_gate::logging::init(log_format, std::io::stderr().is_terminal());
             let opts = ServeOptions {
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
                 allow_empty_reload,
                 admin_listen,
                 ledger,
+                workers: workers.map(usize::from),
             };
             let code = match server::serve_blocking(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -37,6 +37,7 @@ use crate::resolve;
 use crate::state::{AppState, Live};
 use crate::upstream::Upstream;
 use crate::upstream::sessions::Sessions;
+use crate::workers::Workers;
 
 /// Builds the router around the state.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -50,11 +51,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         ]))
 }
 
-/// Serves on an already-bound listener until `shutdown` resolves, then stops accepting and
-/// waits up to `grace` for requests in flight (streams included).
+/// Serves on an already-bound listener, each connection on one of `workers`, until `shutdown`
+/// resolves, then stops accepting and waits up to `grace` for requests in flight (streams
+/// included).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
+    workers: &Workers,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
@@ -65,7 +68,16 @@ pub async fn serve(
         .tls
         .as_ref()
         .and_then(|t| t.server.clone());
-    crate::listen::serve(listener, router(state.clone()), state, tls, shutdown, grace).await
+    crate::listen::serve(
+        listener,
+        router(state.clone()),
+        state,
+        tls,
+        workers,
+        shutdown,
+        grace,
+    )
+    .await
 }
 
 /// What the pipeline made of a request.
@@ -418,11 +430,17 @@ pub struct ServeOptions {
     pub admin_listen: Option<SocketAddr>,
     /// Overrides `ledger.path` in the config.
     pub ledger: Option<PathBuf>,
+    /// Serving threads (`--workers`); `None`: one per core.
+    pub workers: Option<usize>,
 }
 
 /// Loads the config, binds, prints the address and serves until SIGTERM or SIGINT. Returns
-/// the meter, whose ledger the caller closes once no request can still record.
-pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Result<()>)> {
+/// the meter, whose ledger the caller closes once no request can still record (after it has
+/// stopped `workers`, the threads connections are served on).
+pub async fn run(
+    opts: ServeOptions,
+    workers: &Workers,
+) -> anyhow::Result<(Arc<Meter>, std::io::Result<()>)> {
     let (config, sha256) = crate::reload::read_config(&opts.config_path)
         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
     let listen = opts.listen.unwrap_or(config.listen);
@@ -510,7 +528,7 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         None => None,
     };
     let scheme = if tls { "https" } else { "http" };
-    tracing::info!(addr = %local, users, tls, config = %opts.config_path.display(), "bedrock-gate listening");
+    tracing::info!(addr = %local, users, tls, workers = workers.len(), config = %opts.config_path.display(), "bedrock-gate listening");
     // Plain lines on stdout for scripts and tests that start us on port 0.
     println!("bedrock-gate listening on {scheme}://{local}");
     let admin_task = match admin {
@@ -528,7 +546,14 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
         }
         None => None,
     };
-    let served = serve(listener, state.clone(), shutdown_signal(), opts.grace).await;
+    let served = serve(
+        listener,
+        state.clone(),
+        workers,
+        shutdown_signal(),
+        opts.grace,
+    )
+    .await;
     if let Some(t) = admin_task {
         t.abort();
     }
@@ -546,14 +571,23 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<(Arc<Meter>, std::io::Res
     Ok((state.meter.clone(), served))
 }
 
-/// Runs `serve` on its own runtime until SIGTERM/SIGINT, then drops every task left (each
-/// records its ledger row as it goes) and only then commits and closes the ledger.
+/// Runs `serve` until SIGTERM/SIGINT, then drops every task left (each records its ledger row
+/// as it goes) and only then commits and closes the ledger.
+///
+/// The main thread runs a single-threaded runtime of its own: start-up, the accept loop, the
+/// admin listener and the background polls. Connections are served on [`Workers`], one per core.
 pub fn serve_blocking(opts: ServeOptions) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-    let (meter, served) = runtime.block_on(run(opts))?;
+    let workers = match opts.workers {
+        Some(n) => Workers::start(n),
+        None => Workers::per_core(),
+    }
+    .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?;
+    let (meter, served) = runtime.block_on(run(opts, &workers))?;
+    workers.stop();
     runtime.shutdown_timeout(Duration::from_secs(2));
     meter.ledger.close();
     tracing::info!("ledger flushed; bedrock-gate stopped");

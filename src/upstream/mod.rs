@@ -103,9 +103,14 @@ impl tower::Service<http::Uri> for Connector {
 }
 
 /// The pooled client and the proxy's AWS credentials.
+///
+/// Each thread that sends gets a pool of its own ([`Upstream::client`]): a connection's task runs
+/// on the runtime that opened it, so a request on a worker (see `workers`) that took another
+/// thread's pooled connection would wake that thread twice, for its send and its answer.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, Chunks>,
+    connector: Connector,
+    pools: Arc<thread_local::ThreadLocal<Client<Connector, Chunks>>>,
     credentials: SharedCredentialsProvider,
 }
 
@@ -171,14 +176,21 @@ impl Upstream {
             inner: https,
             timeout: connect_timeout,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(50))
-            .pool_max_idle_per_host(64)
-            .build(connector);
         Upstream {
-            client,
+            connector,
+            pools: Arc::default(),
             credentials,
         }
+    }
+
+    /// This thread's pooled client, made on its first send.
+    fn client(&self) -> &Client<Connector, Chunks> {
+        self.pools.get_or(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(50))
+                .pool_max_idle_per_host(64)
+                .build(self.connector.clone())
+        })
     }
 
     /// Signs and sends; resolves when response headers arrive (or the first-byte timeout hits).
@@ -206,7 +218,7 @@ impl Upstream {
                 error,
                 maybe_sent: false,
             })?;
-            let e = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+            let e = match tokio::time::timeout_at(deadline, self.client().request(request)).await {
                 Err(_) => return Err(timed_out()),
                 Ok(Ok(resp)) => return Ok(resp),
                 Ok(Err(e)) => e,

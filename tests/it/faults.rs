@@ -158,14 +158,26 @@ async fn a_thousand_requests_with_random_upstream_failures_each_end_cleanly_with
 }
 
 #[tokio::test]
-async fn sequential_requests_reuse_one_upstream_connection() {
-    let fake = FakeBedrock::start().await;
-    let proxy = Proxy::start(&two_user_config(&fake, "")).await;
-    for stream in [false, true, false, true, false, true] {
-        assert_eq!(call(proxy.url(), stream).await, Seen::Full);
+async fn sequential_requests_reuse_one_upstream_connection_per_worker() {
+    // Each call comes on a connection of its own, and connections go to the workers in turn;
+    // each worker keeps its connection to Bedrock alive for the next.
+    for workers in [1, 2] {
+        let fake = FakeBedrock::start().await;
+        let proxy = Proxy::start_with_args(
+            &two_user_config(&fake, ""),
+            &["--workers", &workers.to_string()],
+        )
+        .await;
+        for stream in [false, true, false, true, false, true] {
+            assert_eq!(call(proxy.url(), stream).await, Seen::Full);
+        }
+        assert_eq!(fake.received().len(), 6);
+        assert_eq!(
+            fake.connections(),
+            workers,
+            "keep-alive to Bedrock: one connection per worker ({workers})"
+        );
     }
-    assert_eq!(fake.received().len(), 6);
-    assert_eq!(fake.connections(), 1, "keep-alive to Bedrock");
 }
 
 #[tokio::test]
