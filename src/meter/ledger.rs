@@ -4,7 +4,13 @@
 //! channel and gets a [`Receipt`] back. A writer thread sleeps on the channel and commits as
 //! soon as something arrives, together with whatever queued while it was committing the last
 //! batch (a group commit, [`MAX_BATCH`] rows per transaction at most), then wakes every receipt
-//! of the batch. The response body holds back its end until its receipt resolves (see
+//! of the batch. With `ledger.synchronous = "normal"` a commit waits for no disk (tens of
+//! microseconds of CPU), so a caller that finds the writer idle, with nothing queued, commits its
+//! own entry itself, on its own thread, and its receipt is resolved at once: at the few requests
+//! a second developers make, handing each entry to the writer and back cost several thread
+//! wake-ups, more than the commit. A caller never waits for the database to do so: the sink
+//! is taken only if free, SQLite's busy wait is off for it, and anything in the way (the writer
+//! busy, entries queued, a lock held by another connection) sends the entry to the writer. The response body holds back its end until its receipt resolves (see
 //! `stream`), so a call whose answer a client has read whole is on disk: a crash or `kill -9`
 //! loses no answered call. The database runs in WAL mode with `synchronous` as
 //! `ledger.synchronous` says: `full` syncs the log at every commit (rows survive a power
@@ -37,7 +43,7 @@
 //! much, never holds them.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -55,6 +61,9 @@ const MAX_BATCH: usize = 2_048;
 /// Longest a [`Receipt`] waits for its commit; past it the answer goes on (and a warning says
 /// its row is not on disk yet).
 pub const COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// How long the writer waits for a lock another connection holds (a sign-in, `sessions
+/// revoke`) before its commit fails and is retried.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
 /// How soon a batch whose commit failed is tried again when nothing new arrives.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// How often the checkpoint thread copies the WAL into the database.
@@ -221,6 +230,16 @@ pub struct LedgerStats {
 /// Handle to the ledger writer.
 pub struct Ledger {
     tx: SyncSender<Msg>,
+    /// Where entries are committed, shared by the writer thread and a caller committing its own
+    /// entry (see the module doc).
+    sink: Arc<Mutex<Sink>>,
+    /// Entries handed to the writer and not yet committed or given up on. A caller commits its
+    /// own entry only when this is zero, so an entry never overtakes one queued before it.
+    queued: Arc<AtomicU64>,
+    /// Callers may commit their own entries: the commit syncs nothing (`normal`).
+    inline: bool,
+    /// Set by [`Ledger::close`]: nothing is committed any more, by anyone.
+    closed: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Checkpoints off the writer thread, so a commit (and the answers waiting on it) never
     /// pays for copying the WAL and syncing the database file; stops when its sender drops.
@@ -489,7 +508,7 @@ pub fn open_db_with(path: &Path, sync: Synchronous) -> anyhow::Result<Connection
     }
     let mut conn =
         Connection::open(path).with_context(|| format!("cannot open ledger {}", path.display()))?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_WAIT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", sync.name())?;
     conn.execute_batch(SCHEMA)
@@ -696,6 +715,20 @@ impl Sink {
         }
     }
 
+    /// Commits one entry for a caller, without waiting on a lock another connection holds
+    /// (SQLite's busy wait is off for it): an error sends the entry to the writer instead.
+    fn write_now(&mut self, entry: &[Queued]) -> anyhow::Result<()> {
+        match self {
+            Sink::Sqlite(conn) => {
+                conn.busy_timeout(Duration::ZERO)?;
+                let written = write_batch(conn, entry);
+                conn.busy_timeout(BUSY_WAIT)?;
+                Ok(written?)
+            }
+            Sink::Postgres(_) => self.write(entry),
+        }
+    }
+
     /// Before the writer stops: lets the PostgreSQL shipper take what the spool holds.
     fn close(&mut self) {
         if let Sink::Postgres(pg) = self {
@@ -705,10 +738,18 @@ impl Sink {
 }
 
 struct Writer {
-    sink: Sink,
+    sink: Arc<Mutex<Sink>>,
     rx: Receiver<Msg>,
     stats: Arc<LedgerStats>,
+    /// See [`Ledger::queued`].
+    queued: Arc<AtomicU64>,
     batch: Vec<Queued>,
+}
+
+/// The sink, even if a thread panicked holding it (the SQLite transaction it was in rolled back).
+fn lock_sink(sink: &Mutex<Sink>) -> std::sync::MutexGuard<'_, Sink> {
+    sink.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Writer {
@@ -725,8 +766,13 @@ impl Writer {
         // A failed write is retried (the receipts keep waiting, up to their bound) rather than
         // dropped; only a batch that keeps failing while memory fills is at risk, and that is
         // logged loudly.
-        match self.sink.write(&self.batch) {
+        let written = lock_sink(&self.sink).write(&self.batch);
+        match written {
             Ok(()) => {
+                // Before the receipts wake: whoever waited on one may commit its next entry
+                // itself.
+                self.queued
+                    .fetch_sub(self.batch.len() as u64, Ordering::AcqRel);
                 self.stats.pending.fetch_sub(rows as i64, Ordering::Relaxed);
                 self.stats.written.fetch_add(rows as u64, Ordering::Relaxed);
                 if let Some(t) = oldest {
@@ -748,6 +794,8 @@ impl Writer {
                     self.stats.pending.fetch_sub(rows as i64, Ordering::Relaxed);
                     self.stats.dropped.fetch_add(rows as u64, Ordering::Relaxed);
                     tracing::error!(rows, "ledger rows dropped after repeated write failures");
+                    self.queued
+                        .fetch_sub(self.batch.len() as u64, Ordering::AcqRel);
                     // Dropping the receipts' senders tells their waiters.
                     self.batch.clear();
                 }
@@ -764,7 +812,7 @@ impl Writer {
                 match self.rx.recv() {
                     Ok(msg) => Some(msg),
                     Err(_) => {
-                        self.sink.close();
+                        lock_sink(&self.sink).close();
                         return;
                     }
                 }
@@ -775,7 +823,7 @@ impl Writer {
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => {
                         self.commit();
-                        self.sink.close();
+                        lock_sink(&self.sink).close();
                         return;
                     }
                 }
@@ -797,7 +845,7 @@ impl Writer {
                     Msg::Close(ack) => {
                         self.drain();
                         self.commit();
-                        self.sink.close();
+                        lock_sink(&self.sink).close();
                         let _ = ack.send(());
                         return;
                     }
@@ -828,7 +876,13 @@ impl Ledger {
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
         let checkpointer = spawn_checkpointer(path)?;
         let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
-        Self::start(Sink::Sqlite(conn), Some(checkpointer), path, tx, rx)
+        Self::start(
+            Sink::Sqlite(conn),
+            Some(checkpointer),
+            path,
+            sync == Synchronous::Normal,
+            (tx, rx),
+        )
     }
 
     /// Starts the writer on PostgreSQL (with its spool); `spool_path` also stands in for the
@@ -836,23 +890,32 @@ impl Ledger {
     pub fn open_postgres(
         sink: crate::store::writer::PgSink,
         spool_path: &Path,
+        sync: Synchronous,
     ) -> anyhow::Result<Ledger> {
-        let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
-        Self::start(Sink::Postgres(Box::new(sink)), None, spool_path, tx, rx)
+        Self::start(
+            Sink::Postgres(Box::new(sink)),
+            None,
+            spool_path,
+            sync == Synchronous::Normal,
+            sync_channel(CHANNEL_CAPACITY),
+        )
     }
 
     fn start(
         sink: Sink,
         checkpointer: Option<(SyncSender<()>, JoinHandle<()>)>,
         path: &Path,
-        tx: SyncSender<Msg>,
-        rx: Receiver<Msg>,
+        inline: bool,
+        (tx, rx): (SyncSender<Msg>, Receiver<Msg>),
     ) -> anyhow::Result<Ledger> {
         let stats = Arc::new(LedgerStats::default());
+        let sink = Arc::new(Mutex::new(sink));
+        let queued = Arc::new(AtomicU64::new(0));
         let writer = Writer {
-            sink,
+            sink: sink.clone(),
             rx,
             stats: stats.clone(),
+            queued: queued.clone(),
             batch: Vec::new(),
         };
         let thread = std::thread::Builder::new()
@@ -861,6 +924,10 @@ impl Ledger {
             .context("cannot start the ledger writer")?;
         Ok(Ledger {
             tx,
+            sink,
+            queued,
+            inline,
+            closed: Arc::default(),
             thread: Mutex::new(Some(thread)),
             checkpointer: Mutex::new(checkpointer),
             stats,
@@ -872,6 +939,36 @@ impl Ledger {
         &self.path
     }
 
+    /// Commits `entry` on the caller's thread if the writer is idle with nothing queued (see
+    /// the module doc); hands it back otherwise, for the writer.
+    fn commit_here(&self, entry: Entry) -> Result<(), Entry> {
+        if !self.inline || self.queued.load(Ordering::Acquire) != 0 {
+            return Err(entry);
+        }
+        let Ok(mut sink) = self.sink.try_lock() else {
+            return Err(entry);
+        };
+        // Looked at again with the sink held: the writer takes it for every commit, so what it
+        // has not committed yet is still counted here.
+        if self.queued.load(Ordering::Acquire) != 0 || self.closed.load(Ordering::Acquire) {
+            return Err(entry);
+        }
+        let one = [Queued {
+            entry,
+            at: Instant::now(),
+            ack: None,
+        }];
+        match sink.write_now(&one) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "ledger entry handed to the writer");
+                let [q] = one;
+                Err(q.entry)
+            }
+        }
+    }
+
+    /// Queues `entry` for the writer.
     fn queue(&self, entry: Entry) -> Result<Receipt, ()> {
         let (ack, receipt) = tokio::sync::oneshot::channel();
         let msg = Msg::Entry(Queued {
@@ -879,16 +976,30 @@ impl Ledger {
             at: Instant::now(),
             ack: Some(ack),
         });
+        self.queued.fetch_add(1, Ordering::AcqRel);
         match self.tx.try_send(msg) {
             Ok(()) => Ok(Receipt(Some(receipt))),
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Err(()),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                Err(())
+            }
         }
     }
 
-    /// Queues a row without blocking; the receipt resolves once it is committed. A full queue
-    /// drops the row, counts it and logs (and its receipt resolves at once, uncommitted).
+    /// Commits a row, or queues it without blocking; the receipt resolves once it is
+    /// committed. A full queue drops the row, counts it and logs (and its receipt resolves at
+    /// once, uncommitted).
     pub fn record(&self, record: Record) -> Receipt {
-        match self.queue(Entry::Row(Box::new(record))) {
+        let entry = Entry::Row(Box::new(record));
+        let entry = match self.commit_here(entry) {
+            Ok(()) => {
+                self.stats.written.fetch_add(1, Ordering::Relaxed);
+                self.stats.last_lag_us.store(0, Ordering::Relaxed);
+                return Receipt::none();
+            }
+            Err(entry) => entry,
+        };
+        match self.queue(entry) {
             Ok(receipt) => {
                 self.stats.pending.fetch_add(1, Ordering::Relaxed);
                 receipt
@@ -904,11 +1015,14 @@ impl Ledger {
     /// Queues the marker of a call about to be sent; send it once the receipt resolves (see
     /// the module doc). A full queue loses the marker (logged), never the call.
     pub fn sent(&self, sent: Sent) -> Receipt {
-        self.queue(Entry::Sent(Box::new(sent)))
-            .unwrap_or_else(|()| {
-                tracing::error!("ledger queue full or closed; a sent marker was dropped");
-                Receipt::lost()
-            })
+        let entry = match self.commit_here(Entry::Sent(Box::new(sent))) {
+            Ok(()) => return Receipt::none(),
+            Err(entry) => entry,
+        };
+        self.queue(entry).unwrap_or_else(|()| {
+            tracing::error!("ledger queue full or closed; a sent marker was dropped");
+            Receipt::lost()
+        })
     }
 
     /// Commits every row queued so far; blocks until done (call from a blocking context).
@@ -921,6 +1035,7 @@ impl Ledger {
 
     /// Commits everything queued and stops the writer. Later rows are dropped (and counted).
     pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         let (ack, done) = sync_channel(1);
         if self.tx.send(Msg::Close(ack)).is_ok() {
             let _ = done.recv();
@@ -1507,6 +1622,79 @@ mod tests {
             .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 100);
+        ledger.close();
+    }
+
+    fn count(path: &Path, table: &str) -> i64 {
+        open_read_only(path)
+            .unwrap()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_normal_sync_an_idle_writer_lets_the_caller_commit_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let ledger = Ledger::open(&path, Synchronous::Normal).unwrap();
+        // Committed by the call itself: on disk when it returns, nothing left to wait for.
+        let marker = ledger.sent(sent("r1", 1_000));
+        assert!(marker.0.is_none(), "the marker was committed by its caller");
+        assert_eq!(count(&path, "sent"), 1);
+        let mut row = record("alice", 1_000, 1, Some(0.0));
+        row.request_id = "r1".into();
+        row.marked = true;
+        let receipt = ledger.record(row);
+        assert!(receipt.0.is_none(), "the row was committed by its caller");
+        assert_eq!((count(&path, "requests"), count(&path, "sent")), (1, 0));
+        assert_eq!(ledger.stats.written.load(Ordering::Relaxed), 1);
+        ledger.close();
+        let late = ledger.record(record("alice", 2_000, 1, None));
+        assert!(!late.committed().await, "a closed ledger commits nothing");
+        assert_eq!(count(&path, "requests"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_caller_never_waits_on_another_connections_lock_and_the_writer_commits_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let ledger = Ledger::open(&path, Synchronous::Normal).unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let t = Instant::now();
+        let receipts: Vec<Receipt> = (0..10)
+            .map(|i| ledger.record(record("alice", i, 1, Some(0.0))))
+            .collect();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "the callers waited {:?} on a lock",
+            t.elapsed()
+        );
+        assert!(
+            receipts.iter().all(|r| r.0.is_some()),
+            "with the database locked every row goes to the writer"
+        );
+        other.execute_batch("COMMIT").unwrap();
+        for r in receipts {
+            assert!(r.committed().await);
+        }
+        assert_eq!(count(&path, "requests"), 10);
+        // The writer is idle again: the next caller commits its own row.
+        assert!(ledger.record(record("alice", 11, 1, None)).0.is_none());
+        ledger.close();
+    }
+
+    #[tokio::test]
+    async fn with_full_sync_every_entry_goes_to_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let ledger = Ledger::open(&path, Synchronous::Full).unwrap();
+        let receipt = ledger.record(record("alice", 1, 1, None));
+        assert!(
+            receipt.0.is_some(),
+            "a synced commit is never made on a caller's thread"
+        );
+        assert!(receipt.committed().await);
         ledger.close();
     }
 }

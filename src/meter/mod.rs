@@ -328,7 +328,7 @@ impl Meter {
         let accounts = Accounts::rebuild(month, totals, recent);
         accounts.set_others(month, others);
         accounts.set_others_window(now, others_window);
-        let ledger = Ledger::open_postgres(sink, &spool_path)?;
+        let ledger = Ledger::open_postgres(sink, &spool_path, synchronous)?;
         let store = Some(health);
         tracing::info!(store = %settings.redacted_url(), replica = %replica, users_with_usage = rebuilt, "ledger open in the store; counters rebuilt for {month}");
         Ok(Meter {
