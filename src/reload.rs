@@ -93,7 +93,7 @@ fn reload_and_log(state: &AppState, path: &Path, why: &str) {
 
 /// Keeps the watcher alive; dropping it stops watching.
 pub struct Reloader {
-    _watcher: Option<notify::RecommendedWatcher>,
+    _watcher: Option<Watcher>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -146,31 +146,113 @@ pub fn spawn(state: Arc<AppState>, path: PathBuf, watch: bool) -> anyhow::Result
     })
 }
 
-/// Watches the file's directory, so a file replaced by rename (editors, `bedrock-gate` admin
-/// commands, Kubernetes ConfigMap symlink swaps) is still seen.
-fn watch_file(
+/// Whether a change to `name` in the config's directory asks for a reload: the config file,
+/// the prices file beside it, or a Kubernetes ConfigMap's `..data` symlink swap.
+fn relevant(
+    name: Option<&std::ffi::OsStr>,
+    config: Option<&std::ffi::OsStr>,
+    prices: Option<&std::ffi::OsStr>,
+) -> bool {
+    name.is_some_and(|n| {
+        Some(n) == config || Some(n) == prices || n.to_string_lossy().starts_with("..")
+    })
+}
+
+/// The names [`relevant`] looks for: the config's directory, its file name and the prices
+/// file's, when that lives in the same directory.
+fn watched(
     path: &Path,
     prices: Option<&Path>,
-    tx: mpsc::Sender<&'static str>,
-) -> anyhow::Result<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
+) -> (
+    PathBuf,
+    Option<std::ffi::OsString>,
+    Option<std::ffi::OsString>,
+) {
     let dir = crate::config::dir_of(path);
     let name = path.file_name().map(|n| n.to_os_string());
     let prices_name = prices
         .filter(|p| crate::config::dir_of(p) == dir)
         .and_then(|p| p.file_name().map(|n| n.to_os_string()));
+    (dir, name, prices_name)
+}
+
+/// What keeps watching while it is held.
+#[cfg(target_os = "linux")]
+type Watcher = ();
+#[cfg(not(target_os = "linux"))]
+type Watcher = notify::RecommendedWatcher;
+
+/// Watches the file's directory, so a file replaced by rename (editors, `bedrock-gate` admin
+/// commands, Kubernetes ConfigMap symlink swaps) is still seen.
+///
+/// On Linux, with inotify and only the events that end a change: a file closed after writing,
+/// created, renamed, deleted, or its attributes changed. Not every write (`IN_MODIFY`) nor every
+/// open: a ledger in the same directory writes a page at a time, and each write would wake this
+/// thread, several times per request. A file written in place is seen when its writer closes it.
+/// The thread ends at the first change after the reloader is gone.
+#[cfg(target_os = "linux")]
+fn watch_file(
+    path: &Path,
+    prices: Option<&Path>,
+    tx: mpsc::Sender<&'static str>,
+) -> anyhow::Result<Watcher> {
+    use inotify::{Inotify, WatchMask};
+    let (dir, name, prices_name) = watched(path, prices);
+    let mut inotify = Inotify::init()?;
+    inotify.watches().add(
+        &dir,
+        WatchMask::CLOSE_WRITE
+            | WatchMask::CREATE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::DELETE
+            | WatchMask::ATTRIB,
+    )?;
+    std::thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || {
+            let mut buffer = [0u8; 4096];
+            loop {
+                let events = match inotify.read_events_blocking(&mut buffer) {
+                    Ok(events) => events,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "config watch stopped; SIGHUP still reloads");
+                        return;
+                    }
+                };
+                let changed = events
+                    .into_iter()
+                    .any(|e| relevant(e.name, name.as_deref(), prices_name.as_deref()));
+                // A full channel already means "reload soon"; dropping this event loses nothing.
+                if changed
+                    && let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send("file changed")
+                {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Watches the file's directory (see the Linux version) with the platform's watcher.
+#[cfg(not(target_os = "linux"))]
+fn watch_file(
+    path: &Path,
+    prices: Option<&Path>,
+    tx: mpsc::Sender<&'static str>,
+) -> anyhow::Result<Watcher> {
+    use notify::Watcher as _;
+    let (dir, name, prices_name) = watched(path, prices);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
             return;
         }
-        let relevant = event.paths.iter().any(|p| {
-            let n = p.file_name();
-            n == name.as_deref()
-                || (prices_name.is_some() && n == prices_name.as_deref())
-                || n.is_some_and(|n| n.to_string_lossy().starts_with(".."))
-        });
-        if relevant {
+        if event
+            .paths
+            .iter()
+            .any(|p| relevant(p.file_name(), name.as_deref(), prices_name.as_deref()))
+        {
             // A full channel already means "reload soon"; dropping this event loses nothing.
             let _ = tx.try_send("file changed");
         }
