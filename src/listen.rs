@@ -149,6 +149,31 @@ pub async fn serve(
     Ok(())
 }
 
+/// What a connection serves: the router behind hyper's service adapter.
+trait AppService:
+    hyper::service::Service<
+        http::Request<Incoming>,
+        Response = http::Response<Body>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> AppService for S where
+    S: hyper::service::Service<
+            http::Request<Incoming>,
+            Response = http::Response<Body>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// One accepted connection and what decides when it ends.
 struct Conn {
     builder: auto::Builder<TokioExecutor>,
@@ -165,24 +190,16 @@ struct Conn {
 }
 
 impl Conn {
-    /// Serves an accepted connection on the worker it was handed to: the TLS handshake first with `tls` (bounded by
-    /// [`TLS_HANDSHAKE_TIMEOUT`]), then its requests (see [`Conn::serve`]).
-    async fn run<S>(
+    /// Serves an accepted connection on the worker it was handed to: the TLS handshake first
+    /// with `tls` (bounded by [`TLS_HANDSHAKE_TIMEOUT`]), then its requests (see
+    /// [`Conn::serve`]).
+    async fn run<S: AppService>(
         self,
         stream: std::net::TcpStream,
         peer: std::net::SocketAddr,
         tls: Option<Arc<rustls::ServerConfig>>,
         service: S,
-    ) where
-        S: hyper::service::Service<
-                http::Request<Incoming>,
-                Response = http::Response<Body>,
-                Error = std::convert::Infallible,
-            > + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    ) {
         // Registered with this worker's runtime, which polls it from now on.
         let stream = match tokio::net::TcpStream::from_std(stream) {
             Ok(stream) => stream,
@@ -217,14 +234,7 @@ impl Conn {
     async fn serve<I, S>(self, io: I, service: S)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::Service<
-                http::Request<Incoming>,
-                Response = http::Response<Body>,
-                Error = std::convert::Infallible,
-            > + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
+        S: AppService,
     {
         let io = WriteDeadline::new(io, self.write_after);
         let conn = self

@@ -91,7 +91,7 @@ fn reload_and_log(state: &AppState, path: &Path, why: &str) {
     }
 }
 
-/// Keeps the watcher alive; dropping it stops watching.
+/// Keeps the reloads going; dropping it stops them (and the watch, see [`watch_file`]).
 pub struct Reloader {
     _watcher: Option<Watcher>,
     task: tokio::task::JoinHandle<()>,

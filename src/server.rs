@@ -528,7 +528,7 @@ pub async fn run(
         None => None,
     };
     let scheme = if tls { "https" } else { "http" };
-    tracing::info!(addr = %local, users, tls, workers = workers.len(), config = %opts.config_path.display(), "bedrock-gate listening");
+    tracing::info!(addr = %local, users, tls, workers = workers.threads(), config = %opts.config_path.display(), "bedrock-gate listening");
     // Plain lines on stdout for scripts and tests that start us on port 0.
     println!("bedrock-gate listening on {scheme}://{local}");
     let admin_task = match admin {

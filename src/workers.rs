@@ -79,14 +79,9 @@ impl Workers {
         &self.handles[i]
     }
 
-    /// How many workers there are.
-    pub fn len(&self) -> usize {
+    /// How many worker threads there are (at least one).
+    pub fn threads(&self) -> usize {
         self.handles.len()
-    }
-
-    /// Never true: there is at least one worker.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
     }
 
     /// Stops every worker: the tasks still on them are dropped (each request records its row

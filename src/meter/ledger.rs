@@ -10,10 +10,11 @@
 //! a second developers make, handing each entry to the writer and back cost several thread
 //! wake-ups, more than the commit. A caller never waits for the database to do so: the sink
 //! is taken only if free, SQLite's busy wait is off for it, and anything in the way (the writer
-//! busy, entries queued, a lock held by another connection) sends the entry to the writer. The response body holds back its end until its receipt resolves (see
-//! `stream`), so a call whose answer a client has read whole is on disk: a crash or `kill -9`
-//! loses no answered call. The database runs in WAL mode with `synchronous` as
-//! `ledger.synchronous` says: `full` syncs the log at every commit (rows survive a power
+//! busy, entries queued, a lock held by another connection) sends the entry to the writer.
+//!
+//! The response body holds back its end until its receipt resolves (see `stream`), so a call
+//! whose answer a client has read whole is on disk: a crash or `kill -9` loses no answered
+//! call. The database runs in WAL mode with `synchronous` as `ledger.synchronous` says: `full` syncs the log at every commit (rows survive a power
 //! loss), `normal` leaves that to the checkpoint (rows survive a crash of the process).
 //!
 //! A call is also written down *before* it is sent to Bedrock: [`Ledger::sent`] commits a
