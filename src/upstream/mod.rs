@@ -1,9 +1,11 @@
 //! The way out to AWS: header hygiene, SigV4 signing and the pooled HTTP client.
 //!
 //! Owns the proxy's AWS identity. Credentials come from aws-config's default chain (or a named
-//! profile) and are asked for on every request, so rotation and refresh work; the provider
-//! caches. This module must never forward a caller credential: it signs only headers it built.
+//! profile), held between requests and fetched again before they expire (see `credentials`), so
+//! rotation and refresh work. This module must never forward a caller credential: it signs only
+//! headers it built.
 
+pub mod credentials;
 pub mod headers;
 pub mod payload;
 pub mod sessions;
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
-use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
@@ -25,6 +27,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::AwsSettings;
 use crate::refusal::{Reason, Refusal};
+use credentials::CachedCredentials;
 use payload::{Chunks, Payload};
 
 /// SigV4 service name for both Bedrock Runtime and the Bedrock control plane.
@@ -111,7 +114,7 @@ impl tower::Service<http::Uri> for Connector {
 pub struct Upstream {
     connector: Connector,
     pools: Arc<thread_local::ThreadLocal<Client<Connector, Chunks>>>,
-    credentials: SharedCredentialsProvider,
+    credentials: CachedCredentials,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -179,7 +182,7 @@ impl Upstream {
         Upstream {
             connector,
             pools: Arc::default(),
-            credentials,
+            credentials: CachedCredentials::new(credentials),
         }
     }
 
@@ -267,7 +270,7 @@ impl Upstream {
 
         let creds = match out.credentials {
             Some(c) => c,
-            None => self.credentials.provide_credentials().await.map_err(|e| {
+            None => self.credentials.get().await.map_err(|e| {
                 tracing::error!(error = %error_chain(&e), "no AWS credentials to sign with");
                 Refusal::internal(
                     "bedrock-gate has no AWS credentials to sign with; the operator must fix its AWS credential chain.",

@@ -3,6 +3,9 @@
 
 use crate::common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use common::*;
 use http::Method;
 
@@ -507,4 +510,92 @@ async fn json_logs_have_one_line_per_request_with_user_profile_and_status() {
     assert_eq!(v["outcome"], "complete");
     assert_eq!(v["bytes_out"].as_u64().unwrap(), r.body.len() as u64);
     assert!(v["latency_ms"].is_u64());
+}
+
+/// A container-credentials endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI`, as ECS and EKS Pod
+/// Identity give a task) handing out the test keys with a session token that expires
+/// `lifetime` after each fetch; counts the fetches.
+async fn container_credentials(lifetime: chrono::Duration) -> (String, Arc<AtomicUsize>) {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counted = fetches.clone();
+    let app = axum::Router::new().route(
+        "/creds",
+        axum::routing::get(move || {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let expiration = (chrono::Utc::now() + lifetime)
+                    .format("%Y-%m-%dT%H:%M:%SZ")
+                    .to_string();
+                axum::Json(serde_json::json!({
+                    "AccessKeyId": sigv4::ACCESS_KEY,
+                    "SecretAccessKey": sigv4::SECRET_KEY,
+                    "Token": "container-session-token",
+                    "Expiration": expiration,
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/creds", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, fetches)
+}
+
+/// The proxy on credentials from the container endpoint only (the static test keys blanked).
+async fn proxy_on_container_credentials(fake: &FakeBedrock, url: &str) -> Proxy {
+    Proxy::start_with_env(
+        &two_user_config(fake, ""),
+        &[],
+        &[
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", url),
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn credentials_from_the_container_endpoint_are_fetched_once_not_per_request() {
+    let fake = FakeBedrock::start().await;
+    let (url, fetches) = container_credentials(chrono::Duration::hours(6)).await;
+    let proxy = proxy_on_container_credentials(&fake, &url).await;
+
+    for _ in 0..5 {
+        let r = converse(&proxy, &format!("us.{SONNET}"), ALICE_KEY).await;
+        assert_eq!(r.status, 200, "{:?}\n{}", r.body, proxy.logs());
+    }
+    let received = fake.received();
+    assert_eq!(received.len(), 5);
+    for r in &received {
+        r.signature.as_ref().expect("signed with the fetched keys");
+        assert_eq!(
+            r.headers["x-amz-security-token"], "container-session-token",
+            "the session token is sent"
+        );
+    }
+    // Every request asking the endpoint again would be a round trip per call, and on EKS
+    // (web identity) an STS call per call, throttled at a few per second.
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        1,
+        "fetched once for 5 requests"
+    );
+}
+
+#[tokio::test]
+async fn credentials_about_to_expire_are_fetched_again_before_signing() {
+    let fake = FakeBedrock::start().await;
+    // Inside the refresh margin from the start: each signature needs fresh ones.
+    let (url, fetches) = container_credentials(chrono::Duration::seconds(30)).await;
+    let proxy = proxy_on_container_credentials(&fake, &url).await;
+
+    for _ in 0..3 {
+        let r = converse(&proxy, &format!("us.{SONNET}"), ALICE_KEY).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert_eq!(fetches.load(Ordering::SeqCst), 3);
 }
