@@ -695,7 +695,7 @@ pub fn recover_interrupted(conn: &mut Connection) -> rusqlite::Result<usize> {
 /// PostgreSQL (see [`crate::store::writer`]).
 enum Sink {
     Sqlite(Connection),
-    Postgres(Box<crate::store::writer::PgSink>),
+    Postgres(Box<crate::store::writer::SpoolSink>),
 }
 
 impl Sink {
@@ -889,7 +889,7 @@ impl Ledger {
     /// Starts the writer on PostgreSQL (with its spool); `spool_path` also stands in for the
     /// file path of [`Ledger::path`].
     pub fn open_postgres(
-        sink: crate::store::writer::PgSink,
+        sink: crate::store::writer::SpoolSink,
         spool_path: &Path,
         sync: Synchronous,
     ) -> anyhow::Result<Ledger> {

@@ -285,12 +285,10 @@ impl Meter {
         );
         // The sink owns a runtime of its own for its shipper thread, so it is made off this one.
         let sink = tokio::task::spawn_blocking(move || {
-            crate::store::writer::PgSink::open(
-                s,
-                &d,
+            crate::store::writer::SpoolSink::open(
+                Box::new(crate::store::writer::PgTarget::new(s, &d, r)?),
                 &p,
                 synchronous == Synchronous::Full,
-                r,
                 writer_health,
             )
         })

@@ -1,5 +1,6 @@
-//! The ledger writer's PostgreSQL side: the spool the writer commits each batch to, and the
-//! shipper thread that moves what the spool holds into the database.
+//! The ledger writer's spooled side: the spool the writer commits each batch to, and the
+//! shipper thread that moves what the spool holds into the database (a [`Target`]: PostgreSQL
+//! here, see [`PgTarget`]).
 //!
 //! On PostgreSQL, as on SQLite, an answer ends once its row is committed on this replica's
 //! disk: [`PgSink::write`] appends the batch to the spool (synced as `ledger.synchronous`
@@ -62,42 +63,67 @@ pub struct Health {
     pub spool_bytes: AtomicU64,
 }
 
+/// Where the shipper commits what the spool holds.
+pub trait Target: Send + 'static {
+    /// Commits `entries` in one transaction: markers first, then rows, then the markers those
+    /// rows replace. Must be idempotent: after a crash a batch may come again.
+    fn commit(&mut self, entries: &[&Entry]) -> anyhow::Result<()>;
+    /// The store, for logs (no secret in it).
+    fn name(&self) -> String;
+}
+
 /// The writer's side: the spool it commits to, and the shipper it wakes.
-pub struct PgSink {
+pub struct SpoolSink {
     spool: Arc<Mutex<Spool>>,
     health: Arc<Health>,
     wake: Option<SyncSender<()>>,
     shipper: Option<JoinHandle<()>>,
 }
 
-impl PgSink {
-    /// Opens the spool (`sync`: each append synced to disk, for `ledger.synchronous =
-    /// "full"`), ships what a previous run left in it (if the database answers; else the
-    /// shipper keeps trying) and starts the shipper thread.
-    pub fn open(
-        settings: Settings,
-        dir: &Path,
-        spool_path: &Path,
-        sync: bool,
-        replica: String,
-        health: Arc<Health>,
-    ) -> anyhow::Result<PgSink> {
+/// The PostgreSQL store as the shipper's target: a runtime and a connection of its own.
+pub struct PgTarget {
+    rt: tokio::runtime::Runtime,
+    settings: Settings,
+    dir: PathBuf,
+    client: Option<Client>,
+    replica: String,
+}
+
+impl PgTarget {
+    /// The target; connects on its first commit.
+    pub fn new(settings: Settings, dir: &Path, replica: String) -> anyhow::Result<PgTarget> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("the store writer's runtime")?;
+        Ok(PgTarget {
+            rt,
+            settings,
+            dir: dir.to_path_buf(),
+            client: None,
+            replica,
+        })
+    }
+}
+
+impl SpoolSink {
+    /// Opens the spool (`sync`: each append synced to disk, for `ledger.synchronous =
+    /// "full"`), ships what a previous run left in it (if the target takes it; else the
+    /// shipper keeps trying) and starts the shipper thread.
+    pub fn open(
+        target: Box<dyn Target>,
+        spool_path: &Path,
+        sync: bool,
+        health: Arc<Health>,
+    ) -> anyhow::Result<SpoolSink> {
         let spool = Arc::new(Mutex::new(Spool::open(
             spool_path,
             DEFAULT_SPOOL_MAX,
             sync,
         )?));
         let mut shipper = Shipper {
-            rt,
-            settings,
-            dir: dir.to_path_buf(),
-            client: None,
+            target,
             spool: spool.clone(),
-            replica,
             health: health.clone(),
         };
         let left = lock(&spool).len();
@@ -111,7 +137,7 @@ impl PgSink {
             .name("ledger-shipper".into())
             .spawn(move || shipper.run(&woken))
             .context("cannot start the ledger shipper")?;
-        Ok(PgSink {
+        Ok(SpoolSink {
             spool,
             health,
             wake: Some(wake),
@@ -158,7 +184,7 @@ impl PgSink {
     }
 }
 
-impl Drop for PgSink {
+impl Drop for SpoolSink {
     fn drop(&mut self) {
         self.close();
     }
@@ -170,14 +196,10 @@ fn lock(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The shipper thread: its own runtime and connection, and the spool it empties.
+/// The shipper thread: its target, and the spool it empties.
 struct Shipper {
-    rt: tokio::runtime::Runtime,
-    settings: Settings,
-    dir: PathBuf,
-    client: Option<Client>,
+    target: Box<dyn Target>,
     spool: Arc<Mutex<Spool>>,
-    replica: String,
     health: Arc<Health>,
 }
 
@@ -231,13 +253,12 @@ impl Shipper {
             let mut shipped = 0;
             for chunk in entries.chunks(SHIP_BATCH) {
                 let batch: Vec<&Entry> = chunk.iter().map(|(e, _)| e).collect();
-                if let Err(e) = self.commit(&batch) {
+                if let Err(e) = self.target.commit(&batch) {
                     if !self.health.degraded.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(error = %format!("{e:#}"), store = %self.settings.redacted_url(), "the store did not take a ledger batch; rows wait in the spool");
+                        tracing::warn!(error = %format!("{e:#}"), store = %self.target.name(), "the store did not take a ledger batch; rows wait in the spool");
                     } else {
                         tracing::debug!(error = %format!("{e:#}"), "the store is still away; the spool waits");
                     }
-                    self.client = None;
                     return false;
                 }
                 shipped += chunk.len();
@@ -277,6 +298,12 @@ impl Shipper {
             .spool_bytes
             .store(spool.len(), Ordering::Relaxed);
         same
+    }
+}
+
+impl Target for PgTarget {
+    fn name(&self) -> String {
+        self.settings.redacted_url()
     }
 
     fn commit(&mut self, entries: &[&Entry]) -> anyhow::Result<()> {
