@@ -1,30 +1,38 @@
-//! The ledger: one SQLite row per request, committed before the request's answer ends.
+//! The ledger: one SQLite row per request, on disk before the request's answer ends.
 //!
-//! The request path does a non-blocking `try_send` of a finished [`Record`] into a bounded
-//! channel and gets a [`Receipt`] back. A writer thread sleeps on the channel and commits as
-//! soon as something arrives, together with whatever queued while it was committing the last
-//! batch (a group commit, [`MAX_BATCH`] rows per transaction at most), then wakes every receipt
-//! of the batch. With `ledger.synchronous = "normal"` a commit waits for no disk (tens of
-//! microseconds of CPU), so a caller that finds the writer idle, with nothing queued, commits its
-//! own entry itself, on its own thread, and its receipt is resolved at once: at the few requests
-//! a second developers make, handing each entry to the writer and back cost several thread
-//! wake-ups, more than the commit. A caller never waits for the database to do so: the sink
-//! is taken only if free, SQLite's busy wait is off for it, and anything in the way (the writer
-//! busy, entries queued, a lock held by another connection) sends the entry to the writer.
+//! An entry (a [`Sent`] marker before a call, its [`Record`] after) is committed first to the
+//! spool beside the database (`<ledger>-spool`, [`spool_path_of`]): an append-only file of
+//! entries, one `write` each (see [`crate::store::writer`], which PostgreSQL uses the same way).
+//! The request path gets a [`Receipt`] back. A caller that finds the writer idle, with nothing
+//! queued, appends its own entry, on its own thread, and its receipt is resolved at once;
+//! otherwise (the writer busy, entries queued, `ledger.synchronous = "full"`) it does a
+//! non-blocking `try_send` into a bounded channel, and a writer thread appends it with whatever
+//! queued meanwhile (a group commit, [`MAX_BATCH`] entries at most), then wakes every receipt
+//! of the batch. A shipper thread moves what the spool holds into the SQLite file, at most
+//! every [`crate::store::writer::SHIP_INTERVAL`], in one transaction per shipment. At the few
+//! requests a second developers make, a SQLite transaction per entry cost more CPU than the
+//! rest of the request (a dozen page writes and as many lock calls each), and handing every
+//! entry to another thread and back cost several wake-ups. What this costs: readers of the
+//! file (reports, `usage`, the dashboard) see a row up to a tenth of a second after its answer
+//! ended. Budgets and rate limits count in memory, at once.
 //!
 //! The response body holds back its end until its receipt resolves (see `stream`), so a call
 //! whose answer a client has read whole is on disk: a crash or `kill -9` loses no answered
-//! call. The database runs in WAL mode with `synchronous` as `ledger.synchronous` says: `full` syncs the log at every commit (rows survive a power
-//! loss), `normal` leaves that to the checkpoint (rows survive a crash of the process).
+//! call. `ledger.synchronous = "full"` syncs the spool at every append and the database's WAL at
+//! every shipment (rows survive a power loss); `normal` leaves both to the operating system and
+//! the checkpoint (rows survive a crash of the process).
 //!
 //! A call is also written down *before* it is sent to Bedrock: [`Ledger::sent`] commits a
-//! [`Sent`] marker (request id, user, model, profile, time) in the `sent` table, and the call
-//! goes out once it is committed. The call's row deletes its marker in the same transaction
-//! that inserts the row, so at any moment a call Bedrock may have seen has exactly one of the
-//! two. At the next start, [`recover_interrupted`] turns every marker left by a crash into a
-//! row with outcome `interrupted` (incomplete: Bedrock may have run and billed it); one
-//! `serve` per ledger file, since a second one would take the first one's calls in flight for
-//! a crash's.
+//! [`Sent`] marker (request id, user, model, profile, time), and the call goes out once it is
+//! committed. In the database the marker is in the `sent` table, and the call's row deletes it
+//! in the transaction that inserts the row (a marker whose row ships in the same batch is
+//! never inserted), so at any moment a call Bedrock may have seen has exactly one of the two.
+//! At the next start, [`Ledger::open`] ships what the spool kept first, then
+//! [`recover_interrupted`] turns every marker left by a crash into a row with outcome
+//! `interrupted` (incomplete: Bedrock may have run and billed it); one `serve` per ledger
+//! file, since a second one would take the first one's calls in flight for a crash's. A batch
+//! shipped again (a crash after its commit, before the spool was cut) changes nothing: a row
+//! already there (same time and request id) is skipped with its rollup, a marker replaced.
 //!
 //! Every row is also added to its line in `usage_daily` (one per UTC day, user, model,
 //! profile, project, session and front) in the transaction that inserts it, so budgets at start
@@ -38,10 +46,10 @@
 //! Checkpoints (copying the WAL into the database file, and syncing it) run on a thread of
 //! their own every [`CHECKPOINT_EVERY`], so no commit waits for one.
 //!
-//! [`Ledger::close`] (called on SIGTERM) drains and commits everything before the process
-//! exits. This module never blocks a request: a full queue drops the row (counted and logged)
-//! and a receipt waits at most [`COMMIT_WAIT`], so a stalled disk slows answers down by that
-//! much, never holds them.
+//! [`Ledger::close`] (called on SIGTERM) drains and commits everything, and ships the spool,
+//! before the process exits. This module never blocks a request: a full queue drops the row
+//! (counted and logged) and a receipt waits at most [`COMMIT_WAIT`], so a stalled disk slows
+//! answers down by that much, never holds them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -54,6 +62,7 @@ use anyhow::Context as _;
 use rusqlite::{Connection, OpenFlags, params};
 
 use crate::domain::{Outcome, Usage};
+use crate::store::writer::Entry as SpoolEntry;
 
 /// Rows waiting in memory at most; beyond this a row is dropped and counted, never blocking.
 const CHANNEL_CAPACITY: usize = 65_536;
@@ -245,6 +254,8 @@ pub struct Ledger {
     /// Checkpoints off the writer thread, so a commit (and the answers waiting on it) never
     /// pays for copying the WAL and syncing the database file; stops when its sender drops.
     checkpointer: Mutex<Option<(SyncSender<()>, JoinHandle<()>)>>,
+    /// Whether the spool is in the database yet (for a flush), without taking the sink.
+    shipped: crate::store::writer::Shipped,
     pub stats: Arc<LedgerStats>,
     path: PathBuf,
 }
@@ -543,15 +554,19 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 /// only way a row reaches `requests` (the writer and [`recover_interrupted`] both use it), so
 /// the rollups never miss a row nor count one twice.
 fn put_row(tx: &rusqlite::Transaction<'_>, r: &Record) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO requests (ts_ms, user, operation, model, base_model, profile_arn, status,
+    // A row already there (the spool shipped again after a crash) is left as it is, and so
+    // is its rollup.
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO requests (ts_ms, user, operation, model, base_model, profile_arn, status,
             input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
             latency_ms, ttfb_ms, request_id, upstream_request_id, complete, admitted, outcome,
             front, project, session)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-            ?20, ?21, ?22)",
-    )?
-    .execute(params![
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+            ?20, ?21, ?22
+         WHERE NOT EXISTS (SELECT 1 FROM requests WHERE ts_ms = ?1 AND request_id = ?15)",
+        )?
+        .execute(params![
         r.ts_ms,
         r.user,
         r.operation,
@@ -575,6 +590,9 @@ fn put_row(tx: &rusqlite::Transaction<'_>, r: &Record) -> rusqlite::Result<()> {
         r.project,
         r.session,
     ])?;
+    if inserted == 0 {
+        return Ok(());
+    }
     let u = &r.usage;
     let tokens = u
         .input_tokens
@@ -603,7 +621,18 @@ fn put_row(tx: &rusqlite::Transaction<'_>, r: &Record) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Queued]) -> rusqlite::Result<()> {
+/// Commits a batch the spool's shipper read back, in one transaction (see [`SqliteTarget`]).
+fn write_entries(conn: &mut Connection, entries: &[&SpoolEntry]) -> rusqlite::Result<()> {
+    // A marker whose row is in the same batch would be inserted and deleted in one
+    // transaction: it is left out (the row's own delete still runs, for a marker an earlier
+    // batch committed).
+    let ended: std::collections::HashSet<&str> = entries
+        .iter()
+        .filter_map(|e| match e {
+            SpoolEntry::Row(r) => Some(r.request_id.as_str()),
+            SpoolEntry::Mark(_) => None,
+        })
+        .collect();
     let tx = conn.transaction()?;
     {
         let mut unmark = tx.prepare_cached("DELETE FROM sent WHERE request_id = ?1")?;
@@ -612,16 +641,16 @@ fn write_batch(conn: &mut Connection, batch: &[Queued]) -> rusqlite::Result<()> 
                 operation, model, base_model, profile_arn, admitted)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
-        for q in batch {
-            match &q.entry {
-                Entry::Row(r) => {
+        for e in entries {
+            match e {
+                SpoolEntry::Row(r) => {
                     put_row(&tx, r)?;
                     // In the row's own transaction: never a row and its marker, never neither.
                     if r.marked {
                         unmark.execute([&r.request_id])?;
                     }
                 }
-                Entry::Sent(m) => {
+                SpoolEntry::Mark(m) if !ended.contains(m.request_id.as_str()) => {
                     mark.execute(params![
                         m.request_id,
                         m.ts_ms,
@@ -636,10 +665,35 @@ fn write_batch(conn: &mut Connection, batch: &[Queued]) -> rusqlite::Result<()> 
                         m.admitted,
                     ])?;
                 }
+                SpoolEntry::Mark(_) => {}
             }
         }
     }
     tx.commit()
+}
+
+/// The SQLite file as the spool shipper's target: its own connection, the only one that writes
+/// `requests` and `sent` while `serve` runs.
+pub struct SqliteTarget {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl crate::store::writer::Target for SqliteTarget {
+    fn commit(&mut self, entries: &[&SpoolEntry]) -> anyhow::Result<()> {
+        Ok(write_entries(&mut self.conn, entries)?)
+    }
+
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// The spool of the SQLite ledger at `path`: beside it, as its `-wal` is.
+pub fn spool_path_of(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-spool");
+    PathBuf::from(name)
 }
 
 /// Turns every [`Sent`] marker a crash left (a call that was on its way to or from Bedrock
@@ -691,50 +745,25 @@ pub fn recover_interrupted(conn: &mut Connection) -> rusqlite::Result<usize> {
     Ok(cut.len())
 }
 
-/// Where the writer commits: the SQLite file, or the spool a shipper thread moves into
-/// PostgreSQL (see [`crate::store::writer`]).
-enum Sink {
-    Sqlite(Connection),
-    Postgres(Box<crate::store::writer::SpoolSink>),
-}
+/// Where the writer and the callers commit: the spool, which a shipper thread moves into the
+/// SQLite file or PostgreSQL (see [`crate::store::writer`]).
+struct Sink(Box<crate::store::writer::SpoolSink>);
 
 impl Sink {
     fn write(&mut self, batch: &[Queued]) -> anyhow::Result<()> {
-        match self {
-            Sink::Sqlite(conn) => Ok(write_batch(conn, batch)?),
-            Sink::Postgres(pg) => {
-                use crate::store::writer::Entry as E;
-                let entries: Vec<E> = batch
-                    .iter()
-                    .map(|q| match &q.entry {
-                        Entry::Row(r) => E::Row((**r).clone()),
-                        Entry::Sent(m) => E::Mark((**m).clone()),
-                    })
-                    .collect();
-                pg.write(&entries)
-            }
-        }
+        let entries: Vec<SpoolEntry> = batch
+            .iter()
+            .map(|q| match &q.entry {
+                Entry::Row(r) => SpoolEntry::Row((**r).clone()),
+                Entry::Sent(m) => SpoolEntry::Mark((**m).clone()),
+            })
+            .collect();
+        self.0.write(&entries)
     }
 
-    /// Commits one entry for a caller, without waiting on a lock another connection holds
-    /// (SQLite's busy wait is off for it): an error sends the entry to the writer instead.
-    fn write_now(&mut self, entry: &[Queued]) -> anyhow::Result<()> {
-        match self {
-            Sink::Sqlite(conn) => {
-                conn.busy_timeout(Duration::ZERO)?;
-                let written = write_batch(conn, entry);
-                conn.busy_timeout(BUSY_WAIT)?;
-                Ok(written?)
-            }
-            Sink::Postgres(_) => self.write(entry),
-        }
-    }
-
-    /// Before the writer stops: lets the PostgreSQL shipper take what the spool holds.
+    /// Before the writer stops: lets the shipper take what the spool holds.
     fn close(&mut self) {
-        if let Sink::Postgres(pg) = self {
-            pg.close();
-        }
+        self.0.close();
     }
 }
 
@@ -871,14 +900,25 @@ impl Writer {
 }
 
 impl Ledger {
-    /// Opens the database and starts the writer thread.
+    /// Opens the database and its spool ([`spool_path_of`]), commits what a previous run left
+    /// in the spool, and starts the writer and the shipper.
     pub fn open(path: &Path, sync: Synchronous) -> anyhow::Result<Ledger> {
         let conn = open_db_with(path, sync)?;
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
         let checkpointer = spawn_checkpointer(path)?;
+        let target = SqliteTarget {
+            conn,
+            path: path.to_path_buf(),
+        };
+        let sink = crate::store::writer::SpoolSink::open(
+            Box::new(target),
+            &spool_path_of(path),
+            sync == Synchronous::Full,
+            Arc::default(),
+        )?;
         let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
         Self::start(
-            Sink::Sqlite(conn),
+            Sink(Box::new(sink)),
             Some(checkpointer),
             path,
             sync == Synchronous::Normal,
@@ -894,7 +934,7 @@ impl Ledger {
         sync: Synchronous,
     ) -> anyhow::Result<Ledger> {
         Self::start(
-            Sink::Postgres(Box::new(sink)),
+            Sink(Box::new(sink)),
             None,
             spool_path,
             sync == Synchronous::Normal,
@@ -910,6 +950,7 @@ impl Ledger {
         (tx, rx): (SyncSender<Msg>, Receiver<Msg>),
     ) -> anyhow::Result<Ledger> {
         let stats = Arc::new(LedgerStats::default());
+        let shipped = sink.0.shipped();
         let sink = Arc::new(Mutex::new(sink));
         let queued = Arc::new(AtomicU64::new(0));
         let writer = Writer {
@@ -931,6 +972,7 @@ impl Ledger {
             closed: Arc::default(),
             thread: Mutex::new(Some(thread)),
             checkpointer: Mutex::new(checkpointer),
+            shipped,
             stats,
             path: path.to_path_buf(),
         })
@@ -959,7 +1001,7 @@ impl Ledger {
             at: Instant::now(),
             ack: None,
         }];
-        match sink.write_now(&one) {
+        match sink.write(&one) {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::debug!(error = %format!("{e:#}"), "ledger entry handed to the writer");
@@ -1026,12 +1068,19 @@ impl Ledger {
         })
     }
 
-    /// Commits every row queued so far; blocks until done (call from a blocking context).
+    /// Commits every row queued so far and waits (up to [`COMMIT_WAIT`]) until the shipper has
+    /// moved it into the database; blocks (call from a blocking context).
     pub fn flush(&self) {
         let (ack, done) = sync_channel(1);
         if self.tx.send(Msg::Flush(ack)).is_ok() {
             let _ = done.recv();
         }
+        self.shipped.wait(COMMIT_WAIT);
+    }
+
+    /// Whether entries a previous run committed wait in the spool for the database still.
+    pub fn has_spooled(&self) -> bool {
+        self.shipped.pending()
     }
 
     /// Commits everything queued and stops the writer. Later rows are dropped (and counted).
@@ -1175,7 +1224,14 @@ mod tests {
             cost_usd: cost,
             latency_ms: 5,
             ttfb_ms: Some(1),
-            request_id: "r".into(),
+            // Unique, as every request's is: the ledger takes a row once per time and id.
+            request_id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                format!(
+                    "req-{}",
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                )
+            },
             upstream_request_id: None,
             complete: true,
             admitted: true,
@@ -1274,12 +1330,13 @@ mod tests {
         for r in receipts {
             assert!(r.committed().await);
         }
-        // Another connection sees them all, with no flush or close.
-        let conn = open_read_only(&path).unwrap();
-        let n: i64 = conn
-            .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, 100);
+        // Another connection sees them all a shipment later, with no flush or close.
+        let until = Instant::now() + Duration::from_secs(5);
+        while count(&path, "requests") < 100 {
+            assert!(Instant::now() < until, "the spool was not shipped");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(count(&path, "requests"), 100);
         ledger.close();
         let late = ledger.record(record("alice", 1, 1, None));
         assert!(!late.committed().await, "a closed ledger commits nothing");
@@ -1314,6 +1371,7 @@ mod tests {
         row.request_id = "done".into();
         row.marked = true;
         assert!(ledger.record(row).committed().await);
+        ledger.flush();
         // The process dies here: nothing more is written.
         drop(ledger);
 
@@ -1638,15 +1696,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.db");
         let ledger = Ledger::open(&path, Synchronous::Normal).unwrap();
-        // Committed by the call itself: on disk when it returns, nothing left to wait for.
+        // Committed to the spool by the call itself: nothing left to wait for.
         let marker = ledger.sent(sent("r1", 1_000));
         assert!(marker.0.is_none(), "the marker was committed by its caller");
+        ledger.flush();
         assert_eq!(count(&path, "sent"), 1);
         let mut row = record("alice", 1_000, 1, Some(0.0));
         row.request_id = "r1".into();
         row.marked = true;
         let receipt = ledger.record(row);
         assert!(receipt.0.is_none(), "the row was committed by its caller");
+        ledger.flush();
         assert_eq!((count(&path, "requests"), count(&path, "sent")), (1, 0));
         assert_eq!(ledger.stats.written.load(Ordering::Relaxed), 1);
         ledger.close();
@@ -1656,7 +1716,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_caller_never_waits_on_another_connections_lock_and_the_writer_commits_later() {
+    async fn a_locked_database_costs_the_callers_nothing_and_the_shipper_commits_later() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.db");
         let ledger = Ledger::open(&path, Synchronous::Normal).unwrap();
@@ -1672,17 +1732,87 @@ mod tests {
             t.elapsed()
         );
         assert!(
-            receipts.iter().all(|r| r.0.is_some()),
-            "with the database locked every row goes to the writer"
+            receipts.iter().all(|r| r.0.is_none()),
+            "every row was committed to the spool by its caller"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            count(&path, "requests"),
+            0,
+            "the shipper waits for the lock"
         );
         other.execute_batch("COMMIT").unwrap();
-        for r in receipts {
-            assert!(r.committed().await);
-        }
+        ledger.flush();
         assert_eq!(count(&path, "requests"), 10);
-        // The writer is idle again: the next caller commits its own row.
-        assert!(ledger.record(record("alice", 11, 1, None)).0.is_none());
         ledger.close();
+    }
+
+    /// What a crash leaves: entries in the spool, some of them maybe in the database already
+    /// (committed, the spool not cut yet).
+    #[test]
+    fn a_spool_left_by_a_crash_is_shipped_at_open_and_shipping_it_again_changes_nothing() {
+        use crate::store::spool::Spool;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let mut done = record("alice", 10, 5, Some(0.5));
+        done.request_id = "done".into();
+        done.marked = true;
+        let mut bob = record("bob", 30, 7, Some(0.25));
+        bob.request_id = "bob".into();
+        let left = [
+            SpoolEntry::Mark(sent("done", 10)),
+            SpoolEntry::Mark(sent("cut", 20)),
+            SpoolEntry::Row(done),
+            SpoolEntry::Row(bob),
+        ];
+        let spill = |entries: &[SpoolEntry]| {
+            let mut spool = Spool::open(&spool_path_of(&path), 1 << 20, false).unwrap();
+            spool.append(entries).unwrap();
+        };
+        let seen = || {
+            let conn = open_read_only(&path).unwrap();
+            let rows: Vec<(String, String)> = conn
+                .prepare("SELECT request_id, outcome FROM requests ORDER BY ts_ms")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let rolled: (i64, i64, f64) = conn
+                .query_row(
+                    "SELECT sum(requests), sum(input_tokens), sum(cost_usd) FROM usage_daily",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .unwrap();
+            (rows, rolled, count(&path, "sent"))
+        };
+        spill(&left);
+        let meter = crate::meter::Meter::open(&path, Synchronous::Normal).unwrap();
+        meter.ledger.close();
+        let first = seen();
+        assert_eq!(
+            first,
+            (
+                vec![
+                    ("done".into(), "complete".into()),
+                    ("cut".into(), "interrupted".into()),
+                    ("bob".into(), "complete".into()),
+                ],
+                (3, 12, 0.75),
+                0
+            ),
+            "the spool's rows and the one call left without a row"
+        );
+        assert!(
+            std::fs::metadata(spool_path_of(&path)).unwrap().len() == 0,
+            "the shipped spool is empty"
+        );
+        // The same entries again, as if the last shipment's commit made it and its cut did not.
+        spill(&left[2..]);
+        let ledger = Ledger::open(&path, Synchronous::Normal).unwrap();
+        ledger.close();
+        assert_eq!(seen(), first, "nothing counted twice");
     }
 
     #[tokio::test]

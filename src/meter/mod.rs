@@ -348,20 +348,28 @@ impl Meter {
     pub fn open(path: &Path, sync: Synchronous) -> anyhow::Result<Meter> {
         let now = Utc::now();
         let month = Month::of(now);
+        // First the ledger, which commits what the spool of the last run holds: a marker's row
+        // may be in it.
+        let ledger = Ledger::open(path, sync)?;
         let mut conn = ledger::open_db_with(path, sync)?;
-        let interrupted = ledger::recover_interrupted(&mut conn)?;
-        if interrupted > 0 {
+        if ledger.has_spooled() {
             tracing::warn!(
-                calls = interrupted,
-                "calls that were in flight when the proxy last stopped without closing the ledger are recorded as `interrupted`"
+                "the spool from the last run is not all in the ledger yet, so the calls in flight then are left to the next start"
             );
+        } else {
+            let interrupted = ledger::recover_interrupted(&mut conn)?;
+            if interrupted > 0 {
+                tracing::warn!(
+                    calls = interrupted,
+                    "calls that were in flight when the proxy last stopped without closing the ledger are recorded as `interrupted`"
+                );
+            }
         }
         let totals = ledger::totals_since(&conn, month.start().timestamp_millis())?;
         let recent = ledger::recent(&conn, now.timestamp_millis() - 60_000)?;
         drop(conn);
         let rebuilt = totals.len();
         let accounts = Accounts::rebuild(month, totals, recent);
-        let ledger = Ledger::open(path, sync)?;
         tracing::info!(ledger = %path.display(), users_with_usage = rebuilt, "ledger open; counters rebuilt for {month}");
         Ok(Meter {
             ledger,

@@ -1,14 +1,14 @@
 //! The ledger writer's spooled side: the spool the writer commits each batch to, and the
-//! shipper thread that moves what the spool holds into the database (a [`Target`]: PostgreSQL
-//! here, see [`PgTarget`]).
+//! shipper thread that moves what the spool holds into the database (a [`Target`]: the SQLite
+//! file, `crate::meter::ledger::SqliteTarget`, or PostgreSQL, [`PgTarget`]).
 //!
-//! On PostgreSQL, as on SQLite, an answer ends once its row is committed on this replica's
-//! disk: [`PgSink::write`] appends the batch to the spool (synced as `ledger.synchronous`
-//! says) and returns, so no request waits on a round trip to the database. The shipper wakes
-//! on an append, at most once per [`SHIP_INTERVAL`], reads everything not yet shipped and
+//! An answer ends once its row is committed on this machine's disk: [`SpoolSink::write`]
+//! appends the batch to the spool (synced as `ledger.synchronous` says) and returns, so no
+//! request waits on a database transaction, nor on a round trip to PostgreSQL. The shipper
+//! wakes on an append, at most once per [`SHIP_INTERVAL`], reads everything not yet shipped and
 //! commits it (markers first, then rows, then the markers those rows replace) in transactions
 //! of up to [`SHIP_BATCH`] entries, in order: under a steady load the database sees a few
-//! transactions a second per replica, however many requests they carry. When the
+//! transactions a second, however many requests they carry. When the
 //! database cannot take a batch (down, unreachable, slow past [`STATEMENT_WAIT`]) the store is
 //! degraded and the shipper tries again every second; the spool keeps everything meanwhile.
 //! Commits are idempotent (rows are unique by request id), so a batch shipped again after a
@@ -150,6 +150,13 @@ impl SpoolSink {
         !lock(&self.spool).is_empty()
     }
 
+    /// A handle that tells when the spool is shipped, without the sink.
+    pub fn shipped(&self) -> Shipped {
+        Shipped {
+            spool: self.spool.clone(),
+        }
+    }
+
     /// Appends `entries` to the spool and wakes the shipper; an error means they are not
     /// kept.
     pub fn write(&mut self, entries: &[Entry]) -> anyhow::Result<()> {
@@ -187,6 +194,33 @@ impl SpoolSink {
 impl Drop for SpoolSink {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Whether the spool is shipped: for a flush, and for the start, which must not take a
+/// marker in the spool for a call that never ended. It holds no sender, so it never keeps the
+/// shipper from stopping; every append has woken the shipper already.
+#[derive(Clone)]
+pub struct Shipped {
+    spool: Arc<Mutex<Spool>>,
+}
+
+impl Shipped {
+    /// Whether entries wait in the spool for the database.
+    pub fn pending(&self) -> bool {
+        !lock(&self.spool).is_empty()
+    }
+
+    /// Waits until the spool is empty, `wait` at most; true if it is.
+    pub fn wait(&self, wait: Duration) -> bool {
+        let until = std::time::Instant::now() + wait;
+        while self.pending() {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
     }
 }
 

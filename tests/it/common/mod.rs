@@ -224,30 +224,33 @@ impl Proxy {
         Self::start_with_args(config, &[]).await
     }
 
-    /// The spool of a proxy whose ledger is in PostgreSQL: the file its answers commit to.
-    fn spool_path(&self) -> Option<std::path::PathBuf> {
-        let config: toml::Table = std::fs::read_to_string(&self.config_path)
-            .ok()?
-            .parse()
-            .ok()?;
-        let store = config.get("store")?;
-        store.get("url")?;
-        let name = store
-            .get("spool_path")
-            .and_then(|p| p.as_str())
-            .unwrap_or("bedrock-gate.spool");
-        Some(self.dir.path().join(name))
+    /// The spool of this proxy's ledger, the file its answers commit to: `[store] spool_path`
+    /// for PostgreSQL, `<ledger>-spool` beside the SQLite file.
+    fn spool_path(&self) -> std::path::PathBuf {
+        let config: Option<toml::Table> = std::fs::read_to_string(&self.config_path)
+            .ok()
+            .and_then(|c| c.parse().ok());
+        let store = config.as_ref().and_then(|c| c.get("store"));
+        if store.is_some_and(|s| s.get("url").is_some()) {
+            let name = store
+                .and_then(|s| s.get("spool_path"))
+                .and_then(|p| p.as_str())
+                .unwrap_or("bedrock-gate.spool");
+            return self.dir.path().join(name);
+        }
+        let mut name = self.ledger_path().into_os_string();
+        name.push("-spool");
+        name.into()
     }
 
-    /// Whether everything this proxy's answers committed is in the store (its spool is empty);
-    /// always for a proxy on SQLite, where the answer's commit is the ledger's.
+    /// Whether everything this proxy's answers committed is in the database (its spool is
+    /// empty).
     pub fn is_shipped(&self) -> bool {
-        self.spool_path()
-            .is_none_or(|p| std::fs::metadata(p).map_or(true, |m| m.len() == 0))
+        std::fs::metadata(self.spool_path()).map_or(true, |m| m.len() == 0)
     }
 
-    /// Waits until [`Proxy::is_shipped`]: on PostgreSQL an answer ends once its row is in the
-    /// spool, and the row reaches the database a moment later.
+    /// Waits until [`Proxy::is_shipped`]: an answer ends once its row is in the spool, and the
+    /// row reaches the database a moment later.
     pub async fn shipped(&self) {
         eventually("the proxy's spool is shipped to the store", || async {
             self.is_shipped().then_some(())
@@ -639,17 +642,15 @@ pub fn ledger_query<T>(
     sql: &str,
     mut row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
 ) -> Vec<T> {
-    let conn = match proxy.store_url() {
-        Some(url) => {
-            // The rows of answers that ended may still be on their way from the spool.
-            for _ in 0..400 {
-                if proxy.is_shipped() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(25));
-            }
-            pg_requests_in_memory(&url)
+    // The rows of answers that ended may still be on their way from the spool.
+    for _ in 0..400 {
+        if proxy.is_shipped() {
+            break;
         }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let conn = match proxy.store_url() {
+        Some(url) => pg_requests_in_memory(&url),
         None => rusqlite::Connection::open(proxy.ledger_path()).expect("open the ledger"),
     };
     let Ok(mut stmt) = conn.prepare(sql) else {
