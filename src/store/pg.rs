@@ -916,8 +916,20 @@ pub struct Imported {
 }
 
 /// Moves every row of the SQLite ledger at `path` into the database, in batches, each request
-/// id once: a second run inserts nothing.
+/// id once: a second run inserts nothing. Refuses a ledger whose spool still holds entries (a
+/// `serve` that crashed, or runs): those rows are not in the file yet.
 pub async fn import_sqlite(client: &mut Client, path: &Path) -> anyhow::Result<Imported> {
+    let spool = crate::meter::ledger::spool_path_of(path);
+    if let Ok(m) = std::fs::metadata(&spool)
+        && m.len() > 0
+    {
+        anyhow::bail!(
+            "{} holds {} byte(s) of ledger entries not yet in {}: stop `bedrock-gate serve` on this ledger, or if it is not running start it once and stop it (it moves them in at start), then import again",
+            spool.display(),
+            m.len(),
+            path.display()
+        );
+    }
     let conn = rusqlite::Connection::open_with_flags(
         path,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,

@@ -98,6 +98,18 @@ async fn import_sqlite_twice_moves_each_row_once_with_its_rollup() {
         "-c",
         path.to_str().unwrap(),
     ];
+    // Rows a crashed `serve` left in the ledger's spool are not in the file yet: refused.
+    let spool = proxy.dir.path().join("bedrock-gate.db-spool");
+    assert_eq!(std::fs::metadata(&spool).map_or(0, |m| m.len()), 0);
+    std::fs::write(&spool, "{\"Row\":{}}\n").unwrap();
+    let refused = run(proxy.dir.path(), &args).await;
+    assert!(!refused.ok, "{refused}");
+    assert!(
+        refused.stderr.contains("bedrock-gate.db-spool")
+            && refused.stderr.contains("start it once"),
+        "{refused}"
+    );
+    std::fs::write(&spool, "").unwrap();
     let first = run(proxy.dir.path(), &args).await;
     assert!(first.ok, "{first}");
     assert!(first.stdout.contains("6 were new"), "{first}");
