@@ -170,10 +170,13 @@ pub struct Sent {
     pub admitted: bool,
 }
 
-/// What the writer commits.
+/// What the writer commits. It is written to the spool as it is, from the queue: it
+/// serializes as the spool's [`SpoolEntry`] (same variant names, a box is transparent), which
+/// is what the shipper reads back.
+#[derive(serde::Serialize)]
 enum Entry {
     Row(Box<Record>),
-    Sent(Box<Sent>),
+    Mark(Box<Sent>),
 }
 
 /// An entry on its way to the database, with the receipt to wake once it is there.
@@ -751,13 +754,7 @@ struct Sink(Box<crate::store::writer::SpoolSink>);
 
 impl Sink {
     fn write(&mut self, batch: &[Queued]) -> anyhow::Result<()> {
-        let entries: Vec<SpoolEntry> = batch
-            .iter()
-            .map(|q| match &q.entry {
-                Entry::Row(r) => SpoolEntry::Row((**r).clone()),
-                Entry::Sent(m) => SpoolEntry::Mark((**m).clone()),
-            })
-            .collect();
+        let entries: Vec<&Entry> = batch.iter().map(|q| &q.entry).collect();
         self.0.write(&entries)
     }
 
@@ -1058,7 +1055,7 @@ impl Ledger {
     /// Queues the marker of a call about to be sent; send it once the receipt resolves (see
     /// the module doc). A full queue loses the marker (logged), never the call.
     pub fn sent(&self, sent: Sent) -> Receipt {
-        let entry = match self.commit_here(Entry::Sent(Box::new(sent))) {
+        let entry = match self.commit_here(Entry::Mark(Box::new(sent))) {
             Ok(()) => return Receipt::none(),
             Err(entry) => entry,
         };
@@ -1745,6 +1742,24 @@ mod tests {
         ledger.flush();
         assert_eq!(count(&path, "requests"), 10);
         ledger.close();
+    }
+
+    /// The writer spools its own entries, unconverted; the shipper must read each back as the
+    /// same entry.
+    #[test]
+    fn an_entry_is_spooled_as_the_shipper_reads_it() {
+        let row = record("alice", 10, 5, Some(0.5));
+        let mark = sent("m", 20);
+        let json = serde_json::to_string(&[
+            Entry::Row(Box::new(row.clone())),
+            Entry::Mark(Box::new(mark.clone())),
+        ])
+        .unwrap();
+        let back: Vec<SpoolEntry> = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            serde_json::to_string(&back).unwrap(),
+            serde_json::to_string(&[SpoolEntry::Row(row), SpoolEntry::Mark(mark)]).unwrap()
+        );
     }
 
     /// What a crash leaves: entries in the spool, some of them maybe in the database already

@@ -157,9 +157,9 @@ impl SpoolSink {
         }
     }
 
-    /// Appends `entries` to the spool and wakes the shipper; an error means they are not
-    /// kept.
-    pub fn write(&mut self, entries: &[Entry]) -> anyhow::Result<()> {
+    /// Appends `entries` (each serialized as an [`Entry`], which the shipper reads them back
+    /// as) to the spool and wakes the shipper; an error means they are not kept.
+    pub fn write<T: serde::Serialize>(&mut self, entries: &[T]) -> anyhow::Result<()> {
         let waiting = {
             let mut spool = lock(&self.spool);
             spool.append(entries)?;
