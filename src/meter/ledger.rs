@@ -1196,6 +1196,17 @@ pub fn recent(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<(String,
     rows.collect()
 }
 
+/// A request id no other test row has, as every request's is unique: the ledger takes a row
+/// once per time and id, so test rows that shared one would be skipped.
+#[cfg(test)]
+pub(crate) fn unique_request_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "req-{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1221,14 +1232,7 @@ mod tests {
             cost_usd: cost,
             latency_ms: 5,
             ttfb_ms: Some(1),
-            // Unique, as every request's is: the ledger takes a row once per time and id.
-            request_id: {
-                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                format!(
-                    "req-{}",
-                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                )
-            },
+            request_id: unique_request_id(),
             upstream_request_id: None,
             complete: true,
             admitted: true,

@@ -373,14 +373,7 @@ mod tests {
             cost_usd: cost,
             latency_ms: 1,
             ttfb_ms: Some(1),
-            // Unique, as every request's is: the ledger takes a row once per time and id.
-            request_id: {
-                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                format!(
-                    "req-{}",
-                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                )
-            },
+            request_id: crate::meter::ledger::unique_request_id(),
             upstream_request_id: None,
             complete: true,
             admitted: true,

@@ -238,9 +238,7 @@ impl Proxy {
                 .unwrap_or("bedrock-gate.spool");
             return self.dir.path().join(name);
         }
-        let mut name = self.ledger_path().into_os_string();
-        name.push("-spool");
-        name.into()
+        bedrock_gate::meter::ledger::spool_path_of(&self.ledger_path())
     }
 
     /// Whether everything this proxy's answers committed is in the database (its spool is
