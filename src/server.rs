@@ -362,37 +362,44 @@ async fn finish_unread(body: axum::body::Body, headers: &http::HeaderMap, respon
 }
 
 /// Picks up sessions revoked by `bedrock-gate sessions revoke` (another process) within a
-/// second.
-fn spawn_session_poll(state: Arc<AppState>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(crate::signin::sessions::POLL_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_prune: Option<std::time::Instant> = None;
-        loop {
-            tick.tick().await;
-            // Hourly (and at start): rows of sessions dead for a month go.
-            if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
-                last_prune = Some(std::time::Instant::now());
-                let s = state.clone();
-                match tokio::task::spawn_blocking(move || s.signin.store.prune()).await {
-                    Ok(Ok(n)) if n > 0 => tracing::info!(sessions = n, "dead sessions pruned"),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %format!("{e:#}"), "could not prune the sessions table")
+/// second, on a thread of its own: one wake-up per poll. (A timer on the server's runtime
+/// handing the query to a blocking thread and back woke three threads a poll, which was most
+/// of an idle proxy's CPU.) The thread ends at the first poll after the state is gone.
+fn spawn_session_poll(state: &Arc<AppState>) {
+    let state = Arc::downgrade(state);
+    let started = std::thread::Builder::new()
+        .name("session-poll".into())
+        .spawn(move || {
+            let mut last_prune: Option<std::time::Instant> = None;
+            loop {
+                std::thread::sleep(crate::signin::sessions::POLL_INTERVAL);
+                let Some(state) = state.upgrade() else {
+                    return;
+                };
+                let store = &state.signin.store;
+                // Hourly (and at start): rows of sessions dead for a month go.
+                if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+                    last_prune = Some(std::time::Instant::now());
+                    match store.prune() {
+                        Ok(n) if n > 0 => tracing::info!(sessions = n, "dead sessions pruned"),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "could not prune the sessions table")
+                        }
                     }
-                    _ => {}
+                }
+                match store.poll() {
+                    Ok(true) => tracing::debug!("sessions reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "could not read the sessions table")
+                    }
                 }
             }
-            let s = state.clone();
-            match tokio::task::spawn_blocking(move || s.signin.store.poll()).await {
-                Ok(Ok(true)) => tracing::debug!("sessions reloaded"),
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %format!("{e:#}"), "could not read the sessions table")
-                }
-                Err(_) => {}
-            }
-        }
-    });
+        });
+    if let Err(e) = started {
+        tracing::error!(error = %e, "cannot start the session poll: revocations by other processes are seen only after a restart");
+    }
 }
 
 /// `GET /healthz`: the proxy is up, with the live config's identity and, on PostgreSQL,
@@ -514,7 +521,7 @@ pub async fn run(
         opts.allow_empty_reload,
         std::sync::atomic::Ordering::Relaxed,
     );
-    spawn_session_poll(state.clone());
+    spawn_session_poll(&state);
     if let Some((replica, settings)) = on_store {
         crate::meter::spawn_store_poll(state.meter.clone(), settings, config_dir, replica);
     }

@@ -53,7 +53,7 @@ INSERT OR IGNORE INTO session_changes (id, generation) VALUES (1, 0);
 ";
 
 /// How often the server looks for revocations made by another process.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// SHA-256 of a token, hex: what the store keeps and compares.
 fn hash(token: &str) -> String {
