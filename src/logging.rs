@@ -2,7 +2,9 @@
 //!
 //! A request thread never writes to stderr: it appends its line to a shared buffer in memory
 //! and goes on. A background thread swaps the buffer out and writes it every [`FLUSH_EVERY`],
-//! or at once when a WARN or ERROR line arrives. A reader of stderr that is slow or gone (a
+//! or at once when a WARN or ERROR line arrives or the buffer passes [`FLUSH_AT`]. (A second:
+//! at the few requests a second developers make, each wake-up of the writer costs more than
+//! the lines it writes.) A reader of stderr that is slow or gone (a
 //! pipe, journald, a container runtime restarting) therefore never stalls a request: the buffer
 //! holds up to [`MAX_BUFFERED`] bytes, and lines beyond that are dropped and counted (the count
 //! is logged once writing works again). [`flush`] runs at exit and, without waiting on a lock,
@@ -20,7 +22,10 @@ use tracing_subscriber::fmt::MakeWriter;
 use crate::cli::LogFormat;
 
 /// Longest time a line waits in the buffer.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Buffered bytes at which the writer is woken before [`FLUSH_EVERY`] (at thousands of
+/// requests a second, a few times a second), so a busy proxy stays far from [`MAX_BUFFERED`].
+pub const FLUSH_AT: usize = 256 * 1024;
 /// Bytes held for a stderr that does not keep up; lines beyond are dropped and counted.
 pub const MAX_BUFFERED: usize = 4 * 1024 * 1024;
 
@@ -153,16 +158,18 @@ impl Drop for LineWriter<'_> {
         if self.line.is_empty() {
             return;
         }
+        let mut wake = self.urgent;
         if let Ok(mut p) = self.shared.pending.lock() {
-            if p.bytes.len() + self.line.len() > MAX_BUFFERED {
+            let before = p.bytes.len();
+            if before + self.line.len() > MAX_BUFFERED {
                 p.dropped_lines += 1;
             } else {
                 p.bytes.extend_from_slice(&self.line);
+                // Once, as the buffer passes the mark: the writer empties it on waking.
+                wake |= before < FLUSH_AT && p.bytes.len() >= FLUSH_AT;
             }
         }
-        if self.urgent
-            && let Some(writer) = self.shared.writer.get()
-        {
+        if wake && let Some(writer) = self.shared.writer.get() {
             writer.unpark();
         }
     }

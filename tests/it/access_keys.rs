@@ -500,7 +500,8 @@ async fn keys_add_sigv4_issues_a_pair_a_running_proxy_accepts_and_revoke_ends_it
         .send()
         .await
         .unwrap();
-    assert!(!proxy.logs().contains(&secret) && !proxy.logs().contains(&secret2));
+    let logs = proxy.settled_logs().await;
+    assert!(!logs.contains(&secret) && !logs.contains(&secret2));
 }
 
 #[tokio::test]

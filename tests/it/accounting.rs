@@ -71,7 +71,8 @@ async fn a_stream_still_open_when_the_grace_period_ends_is_cut_and_recorded() {
     assert_eq!(rows.len(), 1, "{rows:?}\n{}", proxy.logs());
     assert_eq!(rows[0].4, "shutdown");
     assert!(!rows[0].2);
-    assert!(!proxy.logs().contains("dropped"), "{}", proxy.logs());
+    let logs = proxy.settled_logs().await;
+    assert!(!logs.contains("dropped"), "{logs}");
 }
 
 #[tokio::test]
@@ -253,7 +254,8 @@ async fn a_request_still_uploading_at_shutdown_is_recorded_and_never_sent() {
     assert_eq!(rows[0].4, "shutdown");
     assert!(rows[0].2, "never sent, so nothing is missing");
     assert!(fake.received().is_empty());
-    assert!(!proxy.logs().contains("dropped"), "{}", proxy.logs());
+    let logs = proxy.settled_logs().await;
+    assert!(!logs.contains("dropped"), "{logs}");
     drop(conn);
 }
 

@@ -561,7 +561,7 @@ async fn each_user_is_signed_by_a_session_of_their_own_assumed_once() {
     assert_ne!(alice.access_key, bob.access_key);
     // The proxy signed STS with its own identity, and said nothing secret.
     billing.assert_clean();
-    let logs = proxy.logs();
+    let logs = proxy.settled_logs().await;
     for secret in [&alice.secret_key, &alice.session_token, &bob.secret_key] {
         assert!(!logs.contains(secret.as_str()), "a credential in the log");
     }

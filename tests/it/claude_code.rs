@@ -203,10 +203,8 @@ async fn claude_code_falls_back_when_a_tier_is_not_mapped() {
     let proxy = Proxy::start(&config_with(&fake, "")).await;
     claude_must_answer(&proxy, &fake, &[]).await;
     assert_all_attributed(&fake);
-    assert!(
-        proxy.logs().contains("AccessDeniedException"),
-        "the opus probe was refused"
-    );
+    // The opus probe was refused.
+    proxy.wait_for_log("AccessDeniedException").await;
 }
 
 #[tokio::test]
@@ -301,10 +299,7 @@ async fn claude_code_in_bedrock_mode_signs_with_an_issued_key_pair() {
         rows.iter().all(|r| r.user.as_deref() == Some("dev")),
         "{rows:#?}"
     );
-    assert!(
-        !proxy.logs().contains("InvalidSignatureException"),
-        "{}",
-        proxy.logs()
-    );
-    assert!(!proxy.logs().contains(&secret));
+    let logs = proxy.settled_logs().await;
+    assert!(!logs.contains("InvalidSignatureException"), "{logs}");
+    assert!(!logs.contains(&secret));
 }

@@ -289,9 +289,5 @@ async fn kill_9_under_load_loses_no_answered_call_and_records_the_interrupted_on
     for r in &interrupted {
         assert!(!r.complete && total(r.tokens) == 0, "{r:?}");
     }
-    assert!(
-        proxy.logs().contains("recorded as `interrupted`"),
-        "{}",
-        proxy.logs()
-    );
+    proxy.wait_for_log("recorded as `interrupted`").await;
 }

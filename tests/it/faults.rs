@@ -197,7 +197,7 @@ async fn a_stream_that_goes_silent_is_cut_after_stream_idle_secs_and_recorded() 
     assert_eq!(seen, Seen::TransferError);
     let rows = ledger_rows(&proxy).await;
     assert_eq!(rows[0].2, "upstream_idle");
-    assert!(proxy.logs().contains("stream_idle_secs"));
+    proxy.wait_for_log("stream_idle_secs").await;
 }
 
 #[tokio::test]
@@ -276,7 +276,7 @@ async fn a_request_that_reached_bedrock_is_never_sent_again() {
     // The row says Bedrock may have run it.
     let conn_rows = ledger_rows(&proxy).await;
     assert_eq!(conn_rows.len(), 1);
-    assert!(!proxy.logs().contains("retrying"));
+    assert!(!proxy.settled_logs().await.contains("retrying"));
 }
 
 #[tokio::test]
@@ -300,7 +300,9 @@ async fn a_tls_handshake_that_never_finishes_is_a_connect_failure_and_retried() 
     assert_eq!(reply.status, 502, "{:?}", reply.body);
     // The first try and three retries, each cut at connect_secs.
     assert_eq!(accepted.load(Ordering::SeqCst), 4);
-    assert!(proxy.logs().contains("TLS handshake took longer than 1 s"));
+    proxy
+        .wait_for_log("TLS handshake took longer than 1 s")
+        .await;
 }
 
 /// Reads until the peer closes the connection; returns what it sent.
@@ -595,10 +597,6 @@ async fn a_client_that_stops_reading_is_cut_and_recorded() {
     );
     assert_eq!(rows[0].user.as_deref(), Some("alice"));
     assert_eq!(rows[0].outcome, "client_gone", "{rows:?}");
-    assert!(
-        proxy.logs().contains("timeouts.client_write_secs"),
-        "{}",
-        proxy.logs()
-    );
+    proxy.wait_for_log("timeouts.client_write_secs").await;
     drop(sock);
 }

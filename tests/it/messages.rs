@@ -511,7 +511,7 @@ async fn the_proxys_own_refusals_are_anthropic_shaped_and_never_reach_bedrock() 
         1,
         "only the good call reached Bedrock"
     );
-    let logs = proxy.logs();
+    let logs = proxy.settled_logs().await;
     assert!(!logs.contains(ALICE_KEY), "{logs}");
 }
 

@@ -410,7 +410,7 @@ async fn the_device_flow_as_claude_code_drives_it_then_refresh_and_revoke() {
     );
 
     // Nothing secret in the log.
-    let logs = g.proxy.logs();
+    let logs = g.proxy.settled_logs().await;
     for secret in [
         first.as_str(),
         second.as_str(),
@@ -735,7 +735,7 @@ async fn on_a_shared_store_a_sign_in_spans_replicas_and_a_revocation_anywhere_en
         .get(0);
     assert_eq!(n, 2, "both sign-ins are rows of the shared store");
     for proxy in [&a, &b] {
-        let logs = proxy.logs();
+        let logs = proxy.settled_logs().await;
         assert!(!logs.contains("could not"), "{logs}");
     }
 }
@@ -866,7 +866,7 @@ async fn bad_input_gets_the_protocols_errors_and_never_a_panic() {
         assert_signed_out(&messages_as(&g.proxy, token).await);
     }
     assert!(g.fake.received().is_empty());
-    assert!(!g.proxy.logs().contains("panicked"));
+    assert!(!g.proxy.settled_logs().await.contains("panicked"));
 }
 
 #[tokio::test]

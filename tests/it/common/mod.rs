@@ -406,6 +406,14 @@ impl Proxy {
         self.logs.lock().expect("lock").clone()
     }
 
+    /// Everything the proxy logged up to now, once it is all written out: waits out the log
+    /// writer's interval (`logging::FLUSH_EVERY`) first. For checks that a line is *absent*,
+    /// which could not fail on lines still in the proxy's buffer.
+    pub async fn settled_logs(&self) -> String {
+        tokio::time::sleep(bedrock_gate::logging::FLUSH_EVERY + Duration::from_millis(500)).await;
+        self.logs()
+    }
+
     /// The main listener's `/healthz`.
     pub async fn health(&self) -> serde_json::Value {
         send(request(
