@@ -9,12 +9,12 @@
 //! non-blocking `try_send` into a bounded channel, and a writer thread appends it with whatever
 //! queued meanwhile (a group commit, [`MAX_BATCH`] entries at most), then wakes every receipt
 //! of the batch. A shipper thread moves what the spool holds into the SQLite file, at most
-//! every [`crate::store::writer::SHIP_INTERVAL`], in one transaction per shipment. At the few
+//! every [`SHIP_EVERY`], in one transaction per shipment. At the few
 //! requests a second developers make, a SQLite transaction per entry cost more CPU than the
 //! rest of the request (a dozen page writes and as many lock calls each), and handing every
 //! entry to another thread and back cost several wake-ups. What this costs: readers of the
-//! file (reports, `usage`, the dashboard) see a row up to a tenth of a second after its answer
-//! ended. Budgets and rate limits count in memory, at once.
+//! file (reports, `usage`, the dashboard) see a row up to a second after its answer ended
+//! (a flush ships at once). Budgets and rate limits count in memory, at once.
 //!
 //! The response body holds back its end until its receipt resolves (see `stream`), so a call
 //! whose answer a client has read whole is on disk: a crash or `kill -9` loses no answered
@@ -76,8 +76,14 @@ pub const COMMIT_WAIT: Duration = Duration::from_secs(5);
 const BUSY_WAIT: Duration = Duration::from_secs(5);
 /// How soon a batch whose commit failed is tried again when nothing new arrives.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
-/// How often the checkpoint thread copies the WAL into the database.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Shortest time between two shipments of the spool into the file. Each is one transaction
+/// whose cost hardly depends on how many rows it holds (at 20 requests a second, shipping ten
+/// times a second cost a fifth of the proxy's CPU); what this delays is only when readers of
+/// the file see a row. A flush ([`Ledger::flush`]) and the close ship at once.
+pub const SHIP_EVERY: Duration = Duration::from_secs(1);
+/// How often the checkpoint thread copies the WAL into the database (and syncs it): a few
+/// [`SHIP_EVERY`]s' worth of pages at a time, many of them the same pages written again.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 /// WAL pages past which the writer checkpoints itself, should the checkpoint thread fall
 /// behind; SQLite's default is 1,000.
 const WRITER_CHECKPOINT_PAGES: i64 = 20_000;
@@ -911,6 +917,7 @@ impl Ledger {
             Box::new(target),
             &spool_path_of(path),
             sync == Synchronous::Full,
+            SHIP_EVERY,
             Arc::default(),
         )?;
         let (tx, rx) = sync_channel(CHANNEL_CAPACITY);

@@ -289,6 +289,7 @@ impl Meter {
                 Box::new(crate::store::writer::PgTarget::new(s, &d, r)?),
                 &p,
                 synchronous == Synchronous::Full,
+                crate::store::writer::SHIP_INTERVAL,
                 writer_health,
             )
         })

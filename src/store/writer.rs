@@ -5,7 +5,8 @@
 //! An answer ends once its row is committed on this machine's disk: [`SpoolSink::write`]
 //! appends the batch to the spool (synced as `ledger.synchronous` says) and returns, so no
 //! request waits on a database transaction, nor on a round trip to PostgreSQL. The shipper
-//! wakes on an append, at most once per [`SHIP_INTERVAL`], reads everything not yet shipped and
+//! wakes on an append, at most once per interval ([`SHIP_INTERVAL`] for PostgreSQL, the
+//! SQLite ledger's own for its file), or at once for a flush, reads everything not yet shipped and
 //! commits it (markers first, then rows, then the markers those rows replace) in transactions
 //! of up to [`SHIP_BATCH`] entries, in order: under a steady load the database sees a few
 //! transactions a second, however many requests they carry. When the
@@ -41,9 +42,9 @@ pub const SHIP_BATCH: usize = 2_000;
 const READ_MAX: u64 = 4 << 20;
 /// How long the shipper waits before trying again after the database failed a batch.
 const BACKOFF: Duration = Duration::from_secs(1);
-/// Shortest time between two shipments. The rows are already safe in the spool; what this
-/// delays is only when the other replicas see them, and their spend poll (twice a second)
-/// is slower. A transaction per request would cost the database about ten times the CPU of
+/// Shortest time between two shipments to PostgreSQL. The rows are already safe in the
+/// spool; what this delays is only when the other replicas see them, and their spend poll
+/// (twice a second) is slower. A transaction per request would cost the database about ten times the CPU of
 /// the request itself at 1,000 req/s, and that CPU is the answers' latency on a shared machine.
 pub const SHIP_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -77,6 +78,8 @@ pub struct SpoolSink {
     spool: Arc<Mutex<Spool>>,
     health: Arc<Health>,
     wake: Option<SyncSender<()>>,
+    /// Ends the shipper's wait for the interval: ship now (a flush, the close).
+    now: SyncSender<()>,
     shipper: Option<JoinHandle<()>>,
 }
 
@@ -109,11 +112,13 @@ impl PgTarget {
 impl SpoolSink {
     /// Opens the spool (`sync`: each append synced to disk, for `ledger.synchronous =
     /// "full"`), ships what a previous run left in it (if the target takes it; else the
-    /// shipper keeps trying) and starts the shipper thread.
+    /// shipper keeps trying) and starts the shipper thread, which ships at most every
+    /// `interval` unless asked to ship now.
     pub fn open(
         target: Box<dyn Target>,
         spool_path: &Path,
         sync: bool,
+        interval: Duration,
         health: Arc<Health>,
     ) -> anyhow::Result<SpoolSink> {
         let spool = Arc::new(Mutex::new(Spool::open(
@@ -125,6 +130,7 @@ impl SpoolSink {
             target,
             spool: spool.clone(),
             health: health.clone(),
+            interval,
         };
         let left = lock(&spool).len();
         health.spool_bytes.store(left, Ordering::Relaxed);
@@ -133,14 +139,16 @@ impl SpoolSink {
             shipper.ship();
         }
         let (wake, woken) = sync_channel(1);
+        let (now, asked) = sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("ledger-shipper".into())
-            .spawn(move || shipper.run(&woken))
+            .spawn(move || shipper.run(&woken, &asked))
             .context("cannot start the ledger shipper")?;
         Ok(SpoolSink {
             spool,
             health,
             wake: Some(wake),
+            now,
             shipper: Some(thread),
         })
     }
@@ -154,6 +162,7 @@ impl SpoolSink {
     pub fn shipped(&self) -> Shipped {
         Shipped {
             spool: self.spool.clone(),
+            now: self.now.clone(),
         }
     }
 
@@ -184,6 +193,8 @@ impl SpoolSink {
     /// [`STATEMENT_WAIT`] per batch); what the database did not take stays in the spool for
     /// the next start.
     pub fn close(&mut self) {
+        // Full: a request to ship now is pending already; disconnected: the shipper is gone.
+        let _ = self.now.try_send(());
         self.wake = None;
         if let Some(thread) = self.shipper.take() {
             let _ = thread.join();
@@ -198,11 +209,13 @@ impl Drop for SpoolSink {
 }
 
 /// Whether the spool is shipped: for a flush, and for the start, which must not take a
-/// marker in the spool for a call that never ended. It holds no sender, so it never keeps the
-/// shipper from stopping; every append has woken the shipper already.
+/// marker in the spool for a call that never ended. It never keeps the shipper from stopping
+/// (only the sink's wake-up sender does); every append has woken the shipper already, and a
+/// wait asks it to ship now rather than at the end of its interval.
 #[derive(Clone)]
 pub struct Shipped {
     spool: Arc<Mutex<Spool>>,
+    now: SyncSender<()>,
 }
 
 impl Shipped {
@@ -211,9 +224,14 @@ impl Shipped {
         !lock(&self.spool).is_empty()
     }
 
-    /// Waits until the spool is empty, `wait` at most; true if it is.
+    /// Asks the shipper to ship now and waits until the spool is empty, `wait` at most; true
+    /// if it is.
     pub fn wait(&self, wait: Duration) -> bool {
         let until = std::time::Instant::now() + wait;
+        if self.pending() {
+            // Full: asked already; disconnected: the shipper is gone, and the wait says so.
+            let _ = self.now.try_send(());
+        }
         while self.pending() {
             if std::time::Instant::now() >= until {
                 return false;
@@ -235,12 +253,14 @@ struct Shipper {
     target: Box<dyn Target>,
     spool: Arc<Mutex<Spool>>,
     health: Arc<Health>,
+    /// Shortest time between two shipments, unless asked to ship now.
+    interval: Duration,
 }
 
 impl Shipper {
-    /// Ships on a wake-up, at most every [`SHIP_INTERVAL`], and every [`BACKOFF`] while the
-    /// database is away; at close, ships once more and returns.
-    fn run(mut self, woken: &Receiver<()>) {
+    /// Ships on a wake-up, at most every `interval` (sooner when `asked` to ship now), and
+    /// every [`BACKOFF`] while the database is away; at close, ships once more and returns.
+    fn run(mut self, woken: &Receiver<()>, asked: &Receiver<()>) {
         let mut behind = false;
         let mut last = std::time::Instant::now();
         loop {
@@ -258,9 +278,9 @@ impl Shipper {
                 }
                 return;
             }
-            // What comes in meanwhile goes in the same transaction. Close waits for this too,
-            // a tenth of a second at most.
-            std::thread::sleep(SHIP_INTERVAL.saturating_sub(last.elapsed()));
+            // What comes in meanwhile goes in the same transaction, unless a flush or the
+            // close wants it shipped now.
+            let _ = asked.recv_timeout(self.interval.saturating_sub(last.elapsed()));
             last = std::time::Instant::now();
             behind = !self.ship();
         }
