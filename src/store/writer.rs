@@ -416,3 +416,97 @@ impl Target for PgTarget {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target that keeps the request ids of what it was given.
+    struct Kept(Arc<Mutex<Vec<String>>>);
+
+    impl Target for Kept {
+        fn commit(&mut self, entries: &[&Entry]) -> anyhow::Result<()> {
+            let mut kept = self.0.lock().unwrap();
+            for e in entries {
+                kept.push(match e {
+                    Entry::Row(r) => r.request_id.clone(),
+                    Entry::Mark(m) => m.request_id.clone(),
+                });
+            }
+            Ok(())
+        }
+
+        fn name(&self) -> String {
+            "kept".into()
+        }
+    }
+
+    fn mark(id: &str) -> Entry {
+        Entry::Mark(Sent {
+            ts_ms: 1_000,
+            request_id: id.into(),
+            user: "alice".into(),
+            front: None,
+            project: None,
+            session: None,
+            operation: "Converse".into(),
+            model: None,
+            base_model: None,
+            profile_arn: None,
+            admitted: true,
+        })
+    }
+
+    /// A sink whose shipper would wait a minute between shipments.
+    fn slow_sink(dir: &Path) -> (SpoolSink, Arc<Mutex<Vec<String>>>) {
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let sink = SpoolSink::open(
+            Box::new(Kept(kept.clone())),
+            &dir.join("spool"),
+            false,
+            Duration::from_secs(60),
+            Arc::default(),
+        )
+        .unwrap();
+        (sink, kept)
+    }
+
+    #[test]
+    fn entries_wait_for_the_interval_and_a_flush_ships_them_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, kept) = slow_sink(dir.path());
+        sink.write(&[mark("r1"), mark("r2")]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            kept.lock().unwrap().is_empty(),
+            "shipped before its interval"
+        );
+        let shipped = sink.shipped();
+        let asked = std::time::Instant::now();
+        assert!(
+            shipped.wait(Duration::from_secs(10)),
+            "a flush did not ship"
+        );
+        assert!(asked.elapsed() < Duration::from_secs(10));
+        assert_eq!(*kept.lock().unwrap(), ["r1", "r2"]);
+        assert!(!shipped.pending());
+    }
+
+    #[test]
+    fn the_close_ships_at_once_and_leaves_the_spool_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, kept) = slow_sink(dir.path());
+        sink.write(&[mark("r1")]).unwrap();
+        let closing = std::time::Instant::now();
+        sink.close();
+        assert!(
+            closing.elapsed() < Duration::from_secs(10),
+            "the close waited out the interval"
+        );
+        assert_eq!(*kept.lock().unwrap(), ["r1"]);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("spool")).unwrap().len(),
+            0
+        );
+    }
+}
