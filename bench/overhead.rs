@@ -511,6 +511,15 @@ impl Bench {
                 .through(mb(rss))
                 .target("< 30 MB", Verdict::of(rss < 30_000_000)),
         );
+        if let Some((anon, file)) = sys::resident_split(self.proxy.pid()) {
+            self.rows.push(
+                Row::new(
+                    "idle",
+                    "of which allocated (RssAnon) / the executable's pages (RssFile)",
+                )
+                .through(format!("{} / {}", mb(anon), mb(file))),
+            );
+        }
     }
 
     fn slow_streams(&mut self) {

@@ -99,13 +99,28 @@ fn io_full_us() -> Option<u64> {
 
 /// (VmRSS, VmHWM) of a process in bytes.
 pub fn memory(pid: u32) -> Option<(u64, u64)> {
+    let [rss, hwm] = status_bytes(pid, ["VmRSS:", "VmHWM:"])?;
+    Some((rss, hwm))
+}
+
+/// The resident set of a process split into (anonymous, file) bytes: what it allocated (heap,
+/// stacks), and its executable's mapped pages, whose count depends on what the page cache
+/// holds (the same binary reads a few MB apart with a warm or a dropped cache).
+pub fn resident_split(pid: u32) -> Option<(u64, u64)> {
+    let [anon, file] = status_bytes(pid, ["RssAnon:", "RssFile:"])?;
+    Some((anon, file))
+}
+
+/// `kB` fields of one read of `/proc/PID/status`, in bytes.
+fn status_bytes<const N: usize>(pid: u32, names: [&str; N]) -> Option<[u64; N]> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
+    let mut out = [0; N];
+    for (slot, name) in out.iter_mut().zip(names) {
         let line = status.lines().find(|l| l.starts_with(name))?;
         let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+        *slot = kb * 1024;
+    }
+    Some(out)
 }
 
 /// CPU counters at one instant.
