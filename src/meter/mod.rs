@@ -294,7 +294,7 @@ impl Meter {
             )
         })
         .await??;
-        if sink.has_spooled() {
+        if sink.shipped().pending() {
             tracing::warn!(
                 replica = %replica,
                 "the spool from the last run is not all in the store yet, so the calls this replica had in flight then are left to the next start"

@@ -153,11 +153,6 @@ impl SpoolSink {
         })
     }
 
-    /// Whether entries wait in the spool for the database.
-    pub fn has_spooled(&self) -> bool {
-        !lock(&self.spool).is_empty()
-    }
-
     /// A handle that tells when the spool is shipped, without the sink.
     pub fn shipped(&self) -> Shipped {
         Shipped {
@@ -482,12 +477,11 @@ mod tests {
             "shipped before its interval"
         );
         let shipped = sink.shipped();
-        let asked = std::time::Instant::now();
+        // Within 10 s, against the shipper's minute: the wait returns false past it.
         assert!(
             shipped.wait(Duration::from_secs(10)),
             "a flush did not ship"
         );
-        assert!(asked.elapsed() < Duration::from_secs(10));
         assert_eq!(*kept.lock().unwrap(), ["r1", "r2"]);
         assert!(!shipped.pending());
     }
