@@ -214,7 +214,7 @@ keys = ["sha256:{hash}"]
 [users.bench.models]
 "#,
         ledger = ledger.display(),
-        // To measure what each sync level costs: `full` (the default) or `normal`.
+        // To measure what each sync level costs: `normal` (the default) or `full`.
         synchronous = std::env::var("BENCH_LEDGER_SYNCHRONOUS")
             .map(|v| format!("synchronous = \"{v}\""))
             .unwrap_or_default(),
