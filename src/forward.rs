@@ -43,8 +43,9 @@ pub async fn forward(
     started: Instant,
 ) -> Result<http::Response<Incoming>, Refusal> {
     // With per-user principals, the user's own session signs; never the proxy's identity.
+    // (Boxed: its future is large and most proxies never run it; see `server::proxy`.)
     let credentials = match &state.sessions {
-        Some(sessions) => Some(sessions.credentials(user).await?),
+        Some(sessions) => Some(Box::pin(sessions.credentials(user)).await?),
         None => None,
     };
     let out = Outbound {
