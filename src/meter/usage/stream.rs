@@ -5,14 +5,19 @@
 //! It never buffers more than [`MAX_FRAME_LEN`]; a longer declared frame or any decode error
 //! stops metering for the response instead of resynchronising on a guess.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
 use aws_smithy_types::event_stream::Message;
 use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Buf;
-use serde::Deserialize;
-use serde_json::Value;
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
 use super::{MAX_FRAME_LEN, Metered, Tally};
 
@@ -38,8 +43,101 @@ pub(super) enum Dialect {
 /// The payload of an InvokeModelWithResponseStream `chunk` event; the `p` padding and anything
 /// else is ignored.
 #[derive(Deserialize)]
-struct ChunkPayload {
-    bytes: String,
+struct ChunkPayload<'a> {
+    /// Borrowed from the payload: base64 has nothing JSON must escape.
+    #[serde(borrow)]
+    bytes: Cow<'a, str>,
+}
+
+/// The fields of a provider event (or of Anthropic's `message`) the meter reads, each left
+/// unparsed until it is needed. Every other field is skipped without being built: most events
+/// are text deltas, and none of their fields matter here. A repeated key keeps its last value,
+/// as a `serde_json::Value` would, and a field of an unexpected shape reads as absent when it
+/// is parsed, so one odd field never discards the others.
+#[derive(Default)]
+struct EventFields<'a> {
+    kind: Option<&'a RawValue>,
+    message: Option<&'a RawValue>,
+    usage: Option<&'a RawValue>,
+    invocation_metrics: Option<&'a RawValue>,
+}
+
+impl<'a> EventFields<'a> {
+    /// `None` unless `json` is one JSON object.
+    fn read(json: &'a [u8]) -> Option<EventFields<'a>> {
+        serde_json::from_slice(json).ok()
+    }
+
+    fn kind(&self) -> Option<Cow<'a, str>> {
+        #[derive(Deserialize)]
+        #[serde(transparent)]
+        struct Str<'a>(#[serde(borrow)] Cow<'a, str>);
+        let raw = self.kind?;
+        serde_json::from_str::<Str>(raw.get()).ok().map(|s| s.0)
+    }
+}
+
+/// `raw` as a JSON object, or `None` for any other value.
+fn object(raw: Option<&RawValue>) -> Option<Map<String, Value>> {
+    serde_json::from_str(raw?.get()).ok()
+}
+
+impl<'de> Deserialize<'de> for EventFields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        enum Key {
+            Kind,
+            Message,
+            Usage,
+            InvocationMetrics,
+            Other,
+        }
+        impl<'de> Deserialize<'de> for Key {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct KeyVisitor;
+                impl Visitor<'_> for KeyVisitor {
+                    type Value = Key;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a field name")
+                    }
+                    fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                        Ok(match key {
+                            "type" => Key::Kind,
+                            "message" => Key::Message,
+                            "usage" => Key::Usage,
+                            "amazon-bedrock-invocationMetrics" => Key::InvocationMetrics,
+                            _ => Key::Other,
+                        })
+                    }
+                }
+                deserializer.deserialize_identifier(KeyVisitor)
+            }
+        }
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = EventFields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = EventFields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let slot = match key {
+                        Key::Kind => &mut fields.kind,
+                        Key::Message => &mut fields.message,
+                        Key::Usage => &mut fields.usage,
+                        Key::InvocationMetrics => &mut fields.invocation_metrics,
+                        Key::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
 }
 
 #[derive(Debug)]
@@ -167,16 +265,20 @@ impl EventStreamMeter {
     }
 
     fn on_invoke_chunk(&mut self, payload: &[u8]) {
-        let Some(decoded) = chunk_bytes(payload) else {
+        if let Some(event) = chunk_bytes(payload) {
+            self.on_invoke_event(&event);
+        }
+    }
+
+    /// The provider event one `chunk` carried (its `bytes`, decoded).
+    fn on_invoke_event(&mut self, event: &[u8]) {
+        let Some(event) = EventFields::read(event) else {
             return;
         };
-        let Ok(Value::Object(event)) = serde_json::from_slice::<Value>(&decoded) else {
-            return;
-        };
-        let anthropic = |usage: Option<&Value>| {
-            usage.and_then(Value::as_object).map(|u| {
+        let anthropic = |usage: Option<&RawValue>| {
+            object(usage).map(|u| {
                 Tally::from_object(
-                    u,
+                    &u,
                     [
                         "input_tokens",
                         "output_tokens",
@@ -186,10 +288,15 @@ impl EventStreamMeter {
                 )
             })
         };
-        let from_event = match event.get("type").and_then(Value::as_str) {
-            Some("message_start") => anthropic(event.get("message").and_then(|m| m.get("usage"))),
+        let from_event = match event.kind().as_deref() {
+            Some("message_start") => anthropic(
+                event
+                    .message
+                    .and_then(|m| EventFields::read(m.get().as_bytes()))
+                    .and_then(|m| m.usage),
+            ),
             // Counts here are cumulative, so the latest simply replaces what came before.
-            Some("message_delta") => anthropic(event.get("usage")),
+            Some("message_delta") => anthropic(event.usage),
             Some("message_stop") => {
                 self.terminal = true;
                 None
@@ -201,12 +308,9 @@ impl EventStreamMeter {
         }
         // Bedrock adds this to the last chunk of every provider's stream; it is what Bedrock
         // bills, so it wins over the provider's own figures.
-        if let Some(metrics) = event
-            .get("amazon-bedrock-invocationMetrics")
-            .and_then(Value::as_object)
-        {
+        if let Some(metrics) = object(event.invocation_metrics) {
             let tally = Tally::from_object(
-                metrics,
+                &metrics,
                 [
                     "inputTokenCount",
                     "outputTokenCount",
@@ -220,11 +324,14 @@ impl EventStreamMeter {
     }
 
     fn on_converse_metadata(&mut self, payload: &[u8]) {
-        let Ok(Value::Object(metadata)) = serde_json::from_slice::<Value>(payload) else {
+        let Some(metadata) = EventFields::read(payload) else {
             return;
         };
-        if let Some(usage) = metadata.get("usage") {
-            self.events = self.events.overlaid_with(Tally::from_converse_usage(usage));
+        if let Some(usage) = metadata.usage {
+            let usage = object(Some(usage)).map_or(Value::Null, Value::Object);
+            self.events = self
+                .events
+                .overlaid_with(Tally::from_converse_usage(&usage));
         }
         self.terminal = true;
     }

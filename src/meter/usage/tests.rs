@@ -659,6 +659,47 @@ fn frames_of_unknown_shape_are_skipped() {
     assert!(m.found && m.complete);
 }
 
+/// The meter reads four fields of a provider event and skips the rest unbuilt; what it reads
+/// must be what a full JSON parse would give: escapes decoded, the last of a repeated key, a
+/// field of another shape as absent, nested look-alikes ignored.
+#[test]
+fn provider_event_fields_read_like_a_full_parse() {
+    let raw = |text: &str| event("chunk", &json!({ "bytes": STANDARD.encode(text) }));
+    let mut body = raw(concat!(
+        r#"{"type":"message_start","message":{"usage":{"input_tokens":9},"#,
+        r#""content":[{"type":"message_stop"}],"#,
+        r#""usage":{"input_tokens":25,"output_tokens":"1","cache_read_input_tokens":100}}}"#,
+    ));
+    body.extend(raw(
+        r#"{"type":"message_start","message":[{"usage":{"input_tokens":1}}]}"#,
+    ));
+    body.extend(raw(r#"{"type":"message_delta","usage":7}"#));
+    body.extend(raw(concat!(
+        r#"{"type":"message_stop","\u0074ype":"message\u005fdelta","#,
+        r#""usage":{"output_tokens":42},"delta":{"type":"message_stop"},"#,
+        r#""x":{"amazon-bedrock-invocationMetrics":{"inputTokenCount":1}}}"#,
+    )));
+    let m = meter(RuntimeOp::InvokeStream, &es(), &body);
+    assert_eq!(
+        m.usage,
+        Usage {
+            input_tokens: 25,
+            output_tokens: 42,
+            cache_read_tokens: 100,
+            cache_write_tokens: 0,
+        }
+    );
+    assert!(m.found && !m.complete, "{m:?}");
+
+    body.extend(raw(concat!(
+        r#"{"amazon-bedrock-invocationMetrics":{"inputTokenCount":1},"#,
+        r#""amazon-bedrock-invocationMetrics":{"inputTokenCount":26,"outputTokenCount":-3}}"#,
+    )));
+    let m = meter(RuntimeOp::InvokeStream, &es(), &body);
+    assert_eq!((m.usage.input_tokens, m.usage.output_tokens), (26, 42));
+    assert!(m.complete);
+}
+
 // ---- ConverseStream ----
 
 #[test]
