@@ -71,8 +71,19 @@ impl SseEncoder {
         }
     }
 
-    /// Writes one decoded frame as SSE; `Err` carries the error event that ends the stream.
-    fn message(&mut self, message: &Message, out: &mut BytesMut) -> Result<(), Bytes> {
+    /// Writes one decoded frame as SSE and shows it to `usage`; `Err` carries the error event
+    /// that ends the stream. A `chunk` is decoded once, for both.
+    fn message(
+        &mut self,
+        message: &Message,
+        mut usage: Option<&mut UsageMeter>,
+        out: &mut BytesMut,
+    ) -> Result<(), Bytes> {
+        let chunk = header_str(message, ":message-type") == Some("event")
+            && header_str(message, ":event-type") == Some("chunk");
+        if !chunk && let Some(usage) = usage.take() {
+            usage.observe(message);
+        }
         match header_str(message, ":message-type") {
             Some("event") => {}
             Some("exception") | Some("error") => {
@@ -98,6 +109,9 @@ impl SseEncoder {
             )
         };
         let event = chunk_bytes(message.payload()).ok_or_else(unreadable)?;
+        if let Some(usage) = usage {
+            usage.observe_chunk(&event);
+        }
         // serde_json does not check the UTF-8 of fields it skips; SSE must be UTF-8 throughout.
         if std::str::from_utf8(&event).is_err() {
             return Err(unreadable());
@@ -159,10 +173,7 @@ impl Encoder for SseEncoder {
                     };
                 }
             };
-            if let Some(usage) = usage.as_deref_mut() {
-                usage.observe(&message);
-            }
-            if let Err(end) = self.message(&message, &mut out) {
+            if let Err(end) = self.message(&message, usage.as_deref_mut(), &mut out) {
                 out.put(end);
                 return Encoded {
                     out: Some(out.freeze()),
@@ -290,6 +301,49 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// The encoder shows the meter each frame it decodes; the meter must count exactly what it
+    /// would from the same bytes fed whole, exceptions and events it ignores included.
+    #[test]
+    fn usage_counts_as_if_the_bytes_were_fed_to_the_meter() {
+        use crate::domain::RuntimeOp;
+        let start = r#"{"type":"message_start","message":{"usage":{"input_tokens":3,"cache_read_input_tokens":5}}}"#;
+        let delta = r#"{"type":"message_delta","delta":{},"usage":{"output_tokens":9}}"#;
+        let stop = r#"{"type":"message_stop","amazon-bedrock-invocationMetrics":{"inputTokenCount":4,"outputTokenCount":10}}"#;
+        let mut whole = chunk(start);
+        whole.extend(frame(
+            &[(":event-type", "metadata"), (":message-type", "event")],
+            br#"{"usage":{"inputTokens":77}}"#,
+        ));
+        whole.extend(chunk(delta));
+        let mut cut = whole.clone();
+        whole.extend(chunk(stop));
+        cut.extend(frame(
+            &[
+                (":exception-type", "modelStreamErrorException"),
+                (":message-type", "exception"),
+            ],
+            br#"{"message":"boom"}"#,
+        ));
+        let headers = http::HeaderMap::from_iter([(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/vnd.amazon.eventstream"),
+        )]);
+        for (bytes, complete) in [(whole, true), (cut, false)] {
+            let mut fed = UsageMeter::new(RuntimeOp::InvokeStream, 200, &headers);
+            fed.feed(&bytes);
+            let fed = fed.finish(true);
+            let mut seen = UsageMeter::new(RuntimeOp::InvokeStream, 200, &headers);
+            let mut e = encoder();
+            for piece in bytes.chunks(7) {
+                e.encode(Bytes::copy_from_slice(piece), Some(&mut seen));
+            }
+            let seen = seen.finish(true);
+            assert_eq!(seen, fed);
+            assert_eq!(seen.complete, complete, "{seen:?}");
+            assert!(seen.usage.input_tokens > 0, "{seen:?}");
+        }
     }
 
     #[test]

@@ -204,6 +204,15 @@ impl UsageMeter {
         }
     }
 
+    /// The provider event one InvokeModelWithResponseStream `chunk` message carried (its
+    /// `bytes`, decoded by [`chunk_bytes`]), for a front that has decoded it already: counts
+    /// exactly as [`UsageMeter::observe`] of that message would, without decoding it again.
+    pub fn observe_chunk(&mut self, event: &[u8]) {
+        if let Mode::Stream(meter) = &mut self.mode {
+            meter.on_chunk_event(event);
+        }
+    }
+
     /// Call when the body ended normally (`ended = true`) or was cut (client went away /
     /// upstream error: `ended = false`). A cut stream returns what was seen with
     /// complete = false.

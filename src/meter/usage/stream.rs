@@ -270,6 +270,14 @@ impl EventStreamMeter {
         }
     }
 
+    /// A `chunk` event's decoded `bytes`, given by a front that decoded the message itself;
+    /// ignored unless this is an InvokeModel stream, as [`EventStreamMeter::on_message`] would.
+    pub(super) fn on_chunk_event(&mut self, event: &[u8]) {
+        if matches!(self.dialect, Dialect::InvokeModel) {
+            self.on_invoke_event(event);
+        }
+    }
+
     /// The provider event one `chunk` carried (its `bytes`, decoded).
     fn on_invoke_event(&mut self, event: &[u8]) {
         let Some(event) = EventFields::read(event) else {
