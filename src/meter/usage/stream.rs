@@ -51,7 +51,10 @@ struct ChunkPayload<'a> {
 
 /// The fields of a provider event (or of Anthropic's `message`) the meter reads, each left
 /// unparsed until it is needed. Every other field is skipped without being built: most events
-/// are text deltas, and none of their fields matter here. A repeated key keeps its last value,
+/// are text deltas, and none of their fields matter here. Nor is it checked beyond JSON's
+/// syntax (serde_json skips a string's UTF-8, a number's range and nesting depth unread), so
+/// an event whose only odd part is a field the meter does not read is counted, as Bedrock
+/// bills it; the fields it reads must be well-formed. A repeated key keeps its last value,
 /// as a `serde_json::Value` would, and a field of an unexpected shape reads as absent when it
 /// is parsed, so one odd field never discards the others.
 #[derive(Default)]

@@ -700,6 +700,26 @@ fn provider_event_fields_read_like_a_full_parse() {
     assert!(m.complete);
 }
 
+/// A field the meter does not read is skipped, not checked: an event whose other fields a
+/// `serde_json::Value` would refuse (invalid UTF-8, a number beyond f64, deep nesting) is still
+/// counted, as Bedrock bills it. A field it reads must be well-formed.
+#[test]
+fn fields_the_meter_does_not_read_are_not_checked() {
+    let raw = |text: &[u8]| event("chunk", &json!({ "bytes": STANDARD.encode(text) }));
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let odd: [&[u8]; 3] = [b"\"\xff\xfe\"", b"1e999", deep.as_bytes()];
+    for odd in odd {
+        let mut text = br#"{"type":"message_delta","usage":{"output_tokens":5},"x":"#.to_vec();
+        text.extend_from_slice(odd);
+        text.push(b'}');
+        assert!(serde_json::from_slice::<Value>(&text).is_err());
+        let m = meter(RuntimeOp::InvokeStream, &es(), &raw(&text));
+        assert_eq!(m.usage.output_tokens, 5, "{}", String::from_utf8_lossy(odd));
+    }
+    let bad_type = raw(b"{\"type\":\"message_\xffdelta\",\"usage\":{\"output_tokens\":5}}");
+    assert!(!meter(RuntimeOp::InvokeStream, &es(), &bad_type).found);
+}
+
 // ---- ConverseStream ----
 
 #[test]
