@@ -680,15 +680,14 @@ fn provider_event_fields_read_like_a_full_parse() {
         r#""x":{"amazon-bedrock-invocationMetrics":{"inputTokenCount":1}}}"#,
     )));
     let m = meter(RuntimeOp::InvokeStream, &es(), &body);
-    assert_eq!(
-        m.usage,
-        Usage {
-            input_tokens: 25,
-            output_tokens: 42,
-            cache_read_tokens: 100,
-            cache_write_tokens: 0,
-        }
+    let u = m.usage;
+    let counts = (
+        u.input_tokens,
+        u.output_tokens,
+        u.cache_read_tokens,
+        u.cache_write_tokens,
     );
+    assert_eq!(counts, (25, 42, 100, 0), "{m:?}");
     assert!(m.found && !m.complete, "{m:?}");
 
     body.extend(raw(concat!(
