@@ -79,12 +79,13 @@ impl SseEncoder {
         mut usage: Option<&mut UsageMeter>,
         out: &mut BytesMut,
     ) -> Result<(), Bytes> {
-        let chunk = header_str(message, ":message-type") == Some("event")
-            && header_str(message, ":event-type") == Some("chunk");
+        let message_type = header_str(message, ":message-type");
+        let chunk =
+            message_type == Some("event") && header_str(message, ":event-type") == Some("chunk");
         if !chunk && let Some(usage) = usage.take() {
             usage.observe(message);
         }
-        match header_str(message, ":message-type") {
+        match message_type {
             Some("event") => {}
             Some("exception") | Some("error") => {
                 let kind = header_str(message, ":exception-type")
@@ -99,7 +100,7 @@ impl SseEncoder {
             }
             _ => return Ok(()),
         }
-        if header_str(message, ":event-type") != Some("chunk") {
+        if !chunk {
             return Ok(());
         }
         let unreadable = || {

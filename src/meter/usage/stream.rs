@@ -339,7 +339,7 @@ impl EventStreamMeter {
             return;
         };
         if let Some(usage) = metadata.usage {
-            let usage = object(Some(usage)).map_or(Value::Null, Value::Object);
+            let usage = serde_json::from_str(usage.get()).unwrap_or(Value::Null);
             self.events = self
                 .events
                 .overlaid_with(Tally::from_converse_usage(&usage));
