@@ -771,33 +771,49 @@ impl Bench {
             self.rows.extend(report::latency_rows(
                 &phase, what, &dh, &th, target_us, false,
             ));
-            for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
-                let (d, rv) = (dh.value_at_quantile(q), rh.value_at_quantile(q));
-                self.rows.push(
-                    Row::new(
-                        &phase,
-                        &format!("{what} {name}: the minimal relay (the floor)"),
-                    )
-                    .direct(ms(d))
-                    .through(ms(rv))
-                    .added(added_ms(rv, d)),
-                );
-            }
+            self.relay_latency_rows(&phase, what, &dh, &rh);
             self.error_and_cpu_rows(&phase, &dr, &tr);
+            self.relay_cost_rows(&phase, &rr);
+        }
+    }
+
+    /// The p50 and p99 of `what` through the minimal relay beside the direct ones: this
+    /// machine's floor for one extra hop, in the same run as the proxy's figures.
+    fn relay_latency_rows(
+        &mut self,
+        phase: &str,
+        what: &str,
+        direct: &hdrhistogram::Histogram<u64>,
+        relay: &hdrhistogram::Histogram<u64>,
+    ) {
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            let (d, rv) = (direct.value_at_quantile(q), relay.value_at_quantile(q));
             self.rows.push(
-                Row::new(&phase, "relay CPU per request (the floor)")
-                    .through(cpu_per(rr.cpu.relay, rr.recorded.total())),
-            );
-            // A context switch is a thread put to sleep or woken: the hand-offs this phase is
-            // about, counted rather than inferred.
-            let per = |n: u64, run: &load::OpenRun| {
-                format!("{:.1}", n as f64 / run.recorded.total().max(1) as f64)
-            };
-            self.rows.push(
-                Row::new(&phase, "relay context switches per request (the floor)")
-                    .through(per(rr.cpu.relay_switches, &rr)),
+                Row::new(
+                    phase,
+                    &format!("{what} {name}: the minimal relay (the floor)"),
+                )
+                .direct(ms(d))
+                .through(ms(rv))
+                .added(added_ms(rv, d)),
             );
         }
+    }
+
+    /// What the minimal relay's threads spent per request of `rr`, beside the proxy's.
+    fn relay_cost_rows(&mut self, phase: &str, rr: &load::OpenRun) {
+        self.rows.push(
+            Row::new(phase, "relay CPU per request (the floor)")
+                .through(cpu_per(rr.cpu.relay, rr.recorded.total())),
+        );
+        // A context switch is a thread put to sleep or woken: the hand-offs this phase is
+        // about, counted rather than inferred.
+        self.rows.push(
+            Row::new(phase, "relay context switches per request (the floor)").through(format!(
+                "{:.1}",
+                rr.cpu.relay_switches as f64 / rr.recorded.total().max(1) as f64
+            )),
+        );
     }
 
     fn error_and_cpu_rows(&mut self, phase: &str, d: &load::OpenRun, t: &load::OpenRun) {
