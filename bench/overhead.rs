@@ -13,7 +13,7 @@
 //! - `load.rs`: open-loop (latency-corrected) and closed-loop load generation.
 //! - `proxy.rs`: the `bedrock-gate` child process and its config.
 //! - `pg.rs`: a PostgreSQL database per store phase, and the cluster's CPU time.
-//! - `relay.rs`: a minimal in-process relay, the reference point for the throughput ratio.
+//! - `relay.rs`: a minimal in-process relay, the floor beside every phase that sends load.
 //! - `sys.rs`: CPU and memory from /proc.
 //! - `report.rs`: the markdown table.
 
@@ -127,6 +127,8 @@ struct Bench {
     max_other: f64,
     /// The SQLite ledger `ledger_scale` measured, kept for `ledger_scale_pg` to import.
     scale: Option<ScaleLedger>,
+    /// The minimal relay in front of the fake, started by the first phase that needs it.
+    relay: Option<std::net::SocketAddr>,
 }
 
 /// A month's ledger of [`scale_rows`] rows, and what `usage` printed from it.
@@ -173,6 +175,7 @@ fn main() {
         through_sent: 0,
         max_other: 0.0,
         scale: None,
+        relay: None,
     };
     let started = Instant::now();
 
@@ -457,6 +460,17 @@ impl Bench {
         })
     }
 
+    /// `target` with the minimal relay as its address: the same request with one do-nothing
+    /// hop on the way to the fake.
+    fn via_relay(&mut self, target: &Arc<Target>) -> Arc<Target> {
+        let fake = self.fake.addr;
+        let addr = *self.relay.get_or_insert_with(|| relay::start(fake, 2));
+        Arc::new(Target {
+            addr,
+            ..(**target).clone()
+        })
+    }
+
     fn open(&mut self, label: &str, target: &Arc<Target>, schedule: Schedule) -> load::OpenRun {
         let probe = self.probe;
         self.open_probed(label, target, schedule, &probe)
@@ -580,6 +594,40 @@ impl Bench {
         self.rows.push(
             Row::new(&phase, "proxy CPU per stream").through(cpu_per(run.cpu.proxy, r.total())),
         );
+        // The same streams through the minimal relay, after the proxy's (so they do not share
+        // its measured window): the floor of what holding them open costs.
+        let direct = self.direct(
+            SLOW_PROFILE,
+            "invoke-with-response-stream",
+            anthropic_body(2048),
+            "application/vnd.amazon.eventstream",
+        );
+        let relayed = self.via_relay(&direct);
+        let rr = self.open(
+            &format!("slow streams via the minimal relay ({n})"),
+            &relayed,
+            schedule,
+        );
+        let rec = &rr.recorded;
+        self.rows.push(
+            Row::new(&phase, "streams completed: the minimal relay (the floor)")
+                .through(format!("{} / {n}", rec.ok)),
+        );
+        self.rows.push(
+            Row::new(
+                &phase,
+                "time to last byte p50 / max: the minimal relay (the floor)",
+            )
+            .through(format!(
+                "{} / {}",
+                ms(rec.ttlb.value_at_quantile(0.5)),
+                ms(rec.ttlb.max())
+            )),
+        );
+        self.rows.push(
+            Row::new(&phase, "relay CPU per stream (the floor)")
+                .through(cpu_per(rr.cpu.relay, rec.total())),
+        );
     }
 
     fn small_bodies(&mut self) {
@@ -588,8 +636,10 @@ impl Bench {
         let d = self.direct(FAST_PROFILE, "converse", body.clone(), "application/json");
         let t = self.through(SONNET, "converse", body, "application/json");
         let schedule = self.plan.small;
+        let r = self.via_relay(&d);
         let dr = self.open("small direct", &d, schedule);
         let tr = self.open("small through", &t, schedule);
+        let rr = self.open("small via the minimal relay", &r, schedule);
         self.rows.extend(report::latency_rows(
             &phase,
             "latency",
@@ -598,7 +648,9 @@ impl Bench {
             Some(1000),
             true,
         ));
+        self.relay_latency_rows(&phase, "latency", &dr.recorded.ttlb, &rr.recorded.ttlb);
         self.error_and_cpu_rows(&phase, &dr, &tr);
+        self.relay_cost_rows(&phase, &rr);
     }
 
     fn big_bodies(&mut self) {
@@ -611,8 +663,10 @@ impl Bench {
         let d = self.direct(FAST_PROFILE, "converse", body.clone(), "application/json");
         let t = self.through(SONNET, "converse", body, "application/json");
         let schedule = self.plan.big;
+        let r = self.via_relay(&d);
         let dr = self.open("500 KB direct", &d, schedule);
         let tr = self.open("500 KB through", &t, schedule);
+        let rr = self.open("500 KB via the minimal relay", &r, schedule);
         self.rows.extend(report::latency_rows(
             &phase,
             "latency",
@@ -621,7 +675,9 @@ impl Bench {
             Some(2000),
             true,
         ));
+        self.relay_latency_rows(&phase, "latency", &dr.recorded.ttlb, &rr.recorded.ttlb);
         self.error_and_cpu_rows(&phase, &dr, &tr);
+        self.relay_cost_rows(&phase, &rr);
     }
 
     fn streaming(&mut self) {
@@ -636,8 +692,10 @@ impl Bench {
         );
         let t = self.through(SONNET, "invoke-with-response-stream", body, accept);
         let schedule = self.plan.stream;
+        let r = self.via_relay(&d);
         let dr = self.open("stream direct", &d, schedule);
         let tr = self.open("stream through", &t, schedule);
+        let rr = self.open("stream via the minimal relay", &r, schedule);
         self.rows.extend(report::latency_rows(
             &phase,
             "TTFB",
@@ -646,6 +704,7 @@ impl Bench {
             Some(1000),
             true,
         ));
+        self.relay_latency_rows(&phase, "TTFB", &dr.recorded.ttfb, &rr.recorded.ttfb);
         self.rows.extend(report::latency_rows(
             &phase,
             "TTLB",
@@ -654,7 +713,9 @@ impl Bench {
             None,
             false,
         ));
+        self.relay_latency_rows(&phase, "TTLB", &dr.recorded.ttlb, &rr.recorded.ttlb);
         self.error_and_cpu_rows(&phase, &dr, &tr);
+        self.relay_cost_rows(&phase, &rr);
     }
 
     /// The Messages API: JSON answers (latency to the last byte) and SSE streams (time to the
@@ -672,16 +733,28 @@ impl Bench {
                 let phase = format!("Messages {kind} {} B @ {rate} req/s", body.len());
                 let d = self.messages_target(false, stream, body.clone());
                 let t = self.messages_target(true, stream, body);
+                let r = self.via_relay(&d);
                 let dr = self.open(&format!("messages {kind} @ {rate} direct"), &d, schedule);
                 let tr = self.open(&format!("messages {kind} @ {rate} through"), &t, schedule);
-                let (dh, th) = if stream {
-                    (&dr.recorded.ttfb, &tr.recorded.ttfb)
-                } else {
-                    (&dr.recorded.ttlb, &tr.recorded.ttlb)
+                let rr = self.open(
+                    &format!("messages {kind} @ {rate} via the minimal relay"),
+                    &r,
+                    schedule,
+                );
+                let pick = |run: &load::OpenRun| {
+                    if stream {
+                        run.recorded.ttfb.clone()
+                    } else {
+                        run.recorded.ttlb.clone()
+                    }
                 };
-                self.rows
-                    .extend(report::latency_rows(&phase, what, dh, th, target_ms, true));
+                let (dh, th, rh) = (pick(&dr), pick(&tr), pick(&rr));
+                self.rows.extend(report::latency_rows(
+                    &phase, what, &dh, &th, target_ms, true,
+                ));
+                self.relay_latency_rows(&phase, what, &dh, &rh);
                 self.error_and_cpu_rows(&phase, &dr, &tr);
+                self.relay_cost_rows(&phase, &rr);
             }
         }
     }
@@ -704,13 +777,6 @@ impl Bench {
                 Duration::from_secs(30)
             },
             timeout: Duration::from_secs(10),
-        };
-        let relay = relay::start(self.fake.addr, 2);
-        let via_relay = |d: &Arc<Target>| {
-            Arc::new(Target {
-                addr: relay,
-                ..(**d).clone()
-            })
         };
         let converse = converse_body(2048);
         let stream = anthropic_body(2048);
@@ -754,7 +820,7 @@ impl Bench {
             ),
         ];
         for (phase, d, t, rate, first_byte, target_us) in cases {
-            let r = via_relay(&d);
+            let r = self.via_relay(&d);
             let s = schedule(rate);
             let dr = self.open(&format!("{phase} direct"), &d, s);
             let tr = self.open(&format!("{phase} through"), &t, s);
@@ -814,6 +880,12 @@ impl Bench {
                 rr.cpu.relay_switches as f64 / rr.recorded.total().max(1) as f64
             )),
         );
+        if rr.recorded.error_count() > 0 {
+            self.notes.push(format!(
+                "{phase}: the minimal relay's run had errors{}",
+                errors_note(&rr.recorded)
+            ));
+        }
     }
 
     fn error_and_cpu_rows(&mut self, phase: &str, d: &load::OpenRun, t: &load::OpenRun) {
@@ -846,10 +918,7 @@ impl Bench {
         let d = self.direct(FAST_PROFILE, "converse", body.clone(), "application/json");
         let t = self.through(SONNET, "converse", body.clone(), "application/json");
         // The same requests as through the proxy, to a relay that does nothing but relay.
-        let r = Arc::new(Target {
-            addr: relay::start(self.fake.addr, 2),
-            ..(*self.through(SONNET, "converse", body, "application/json")).clone()
-        });
+        let r = self.via_relay(&self.through(SONNET, "converse", body, "application/json"));
         let (warmup, measure) = (self.plan.closed_warmup, self.plan.closed_measure);
         let mut runs = Vec::new();
         for (label, target) in [

@@ -1,4 +1,4 @@
-//! A reference point for the throughput phase: the least a proxy can do. It is a hyper HTTP/1.1
+//! The floor beside every phase that sends load: the least a proxy can do. It is a hyper HTTP/1.1
 //! server that passes each request to the fake through a pooled hyper client. It swaps in a
 //! SigV4-looking Authorization header and does nothing else: no key lookup, no signing, no
 //! metering, no log line. It runs in the bench process on its own runtime, and its threads are
