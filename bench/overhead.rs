@@ -269,6 +269,14 @@ fn main() {
             let _ = writeln!(md, "- {n}");
         }
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/RESULTS.md");
+        // The run replaces the table at the top; the sections under it (`## …`: runs of single
+        // phases, before-and-after comparisons) are kept as they were.
+        if let Some(kept) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|old| old.find("\n## ").map(|at| old[at..].to_string()))
+        {
+            md.push_str(&kept);
+        }
         std::fs::write(path, md).expect("write bench/RESULTS.md");
         eprintln!("overhead: wrote {path}");
     }
