@@ -126,6 +126,11 @@ impl Recorded {
     pub fn total(&self) -> u64 {
         self.ok + self.error_count()
     }
+
+    /// Time to the first byte when `first_byte`, else to the last.
+    pub fn latency(&self, first_byte: bool) -> &Histogram<u64> {
+        if first_byte { &self.ttfb } else { &self.ttlb }
+    }
 }
 
 /// Reads a response to its end; times are from `since`.

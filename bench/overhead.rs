@@ -131,6 +131,15 @@ struct Bench {
     relay: Option<std::net::SocketAddr>,
 }
 
+/// Whose threads a phase's CPU rows count.
+#[derive(Clone, Copy)]
+enum Whose {
+    /// bedrock-gate, the child process.
+    Proxy,
+    /// The minimal relay's runtime in this process.
+    Relay,
+}
+
 /// A month's ledger of [`scale_rows`] rows, and what `usage` printed from it.
 struct ScaleLedger {
     _dir: tempfile::TempDir,
@@ -749,18 +758,14 @@ impl Bench {
                     &r,
                     schedule,
                 );
-                let pick = |run: &load::OpenRun| {
-                    if stream {
-                        run.recorded.ttfb.clone()
-                    } else {
-                        run.recorded.ttlb.clone()
-                    }
-                };
-                let (dh, th, rh) = (pick(&dr), pick(&tr), pick(&rr));
-                self.rows.extend(report::latency_rows(
-                    &phase, what, &dh, &th, target_ms, true,
-                ));
-                self.relay_latency_rows(&phase, what, &dh, &rh);
+                let (dh, th, rh) = (
+                    dr.recorded.latency(stream),
+                    tr.recorded.latency(stream),
+                    rr.recorded.latency(stream),
+                );
+                self.rows
+                    .extend(report::latency_rows(&phase, what, dh, th, target_ms, true));
+                self.relay_latency_rows(&phase, what, dh, rh);
                 self.error_and_cpu_rows(&phase, &dr, &tr);
                 self.relay_cost_rows(&phase, &rr);
             }
@@ -833,19 +838,15 @@ impl Bench {
             let dr = self.open(&format!("{phase} direct"), &d, s);
             let tr = self.open(&format!("{phase} through"), &t, s);
             let rr = self.open(&format!("{phase} via the minimal relay"), &r, s);
-            let pick = |run: &load::OpenRun| {
-                if first_byte {
-                    run.recorded.ttfb.clone()
-                } else {
-                    run.recorded.ttlb.clone()
-                }
-            };
-            let (dh, th, rh) = (pick(&dr), pick(&tr), pick(&rr));
+            let (dh, th, rh) = (
+                dr.recorded.latency(first_byte),
+                tr.recorded.latency(first_byte),
+                rr.recorded.latency(first_byte),
+            );
             let what = if first_byte { "TTFB" } else { "latency" };
-            self.rows.extend(report::latency_rows(
-                &phase, what, &dh, &th, target_us, false,
-            ));
-            self.relay_latency_rows(&phase, what, &dh, &rh);
+            self.rows
+                .extend(report::latency_rows(&phase, what, dh, th, target_us, false));
+            self.relay_latency_rows(&phase, what, dh, rh);
             self.error_and_cpu_rows(&phase, &dr, &tr);
             self.relay_cost_rows(&phase, &rr);
         }
@@ -876,18 +877,7 @@ impl Bench {
 
     /// What the minimal relay's threads spent per request of `rr`, beside the proxy's.
     fn relay_cost_rows(&mut self, phase: &str, rr: &load::OpenRun) {
-        self.rows.push(
-            Row::new(phase, "relay CPU per request (the floor)")
-                .through(cpu_per(rr.cpu.relay, rr.recorded.total())),
-        );
-        // A context switch is a thread put to sleep or woken: the hand-offs this phase is
-        // about, counted rather than inferred.
-        self.rows.push(
-            Row::new(phase, "relay context switches per request (the floor)").through(format!(
-                "{:.1}",
-                rr.cpu.relay_switches as f64 / rr.recorded.total().max(1) as f64
-            )),
-        );
+        self.cost_rows(phase, rr, Whose::Relay);
         if rr.recorded.error_count() > 0 {
             self.notes.push(format!(
                 "{phase}: the minimal relay's run had errors{}",
@@ -904,15 +894,29 @@ impl Bench {
                 .through(format!("{te} / {}", t.recorded.total()))
                 .target("0", Verdict::of(de == 0 && te == 0)),
         );
+        self.cost_rows(phase, t, Whose::Proxy);
+    }
+
+    /// The CPU time and context switches per request of `run` that the proxy's or the relay's
+    /// threads spent. A context switch is a thread put to sleep or woken: the hand-offs the
+    /// low rates are about, counted rather than inferred.
+    fn cost_rows(&mut self, phase: &str, run: &load::OpenRun, whose: Whose) {
+        let (who, floor, cpu, switches) = match whose {
+            Whose::Proxy => ("proxy", "", run.cpu.proxy, run.cpu.proxy_switches),
+            Whose::Relay => (
+                "relay",
+                " (the floor)",
+                run.cpu.relay,
+                run.cpu.relay_switches,
+            ),
+        };
+        let n = run.recorded.total();
         self.rows.push(
-            Row::new(phase, "proxy CPU per request")
-                .through(cpu_per(t.cpu.proxy, t.recorded.total())),
+            Row::new(phase, &format!("{who} CPU per request{floor}")).through(cpu_per(cpu, n)),
         );
         self.rows.push(
-            Row::new(phase, "proxy context switches per request").through(format!(
-                "{:.1}",
-                t.cpu.proxy_switches as f64 / t.recorded.total().max(1) as f64
-            )),
+            Row::new(phase, &format!("{who} context switches per request{floor}"))
+                .through(format!("{:.1}", switches as f64 / n.max(1) as f64)),
         );
     }
 
