@@ -262,7 +262,7 @@ struct Browser {
     driver: std::process::Child,
     base: String,
     session: String,
-    _profile: tempfile::TempDir,
+    profile: tempfile::TempDir,
 }
 
 impl Browser {
@@ -315,8 +315,13 @@ impl Browser {
             driver,
             base,
             session,
-            _profile: profile,
+            profile,
         }
+    }
+
+    /// The browser's profile directory, which its command line names.
+    fn profile_dir(&self) -> String {
+        self.profile.path().display().to_string()
     }
 
     fn url(&self, path: &str) -> String {
@@ -364,9 +369,27 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // The session first: ending it is what makes chromedriver close Chromium. Killed with a
+        // session open, chromedriver leaves the browser running, orphaned, after the tests.
+        let _ = end_session(&self.base, &self.session);
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// WebDriver's `DELETE /session/{id}`, on a blocking socket: a `Drop` cannot await. Returns
+/// once chromedriver has answered (it answers when the browser is closed).
+fn end_session(base: &str, session: &str) -> std::io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let addr = base.trim_start_matches("http://");
+    let mut socket = std::net::TcpStream::connect(addr)?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+    write!(
+        socket,
+        "DELETE /session/{session} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    socket.read_to_end(&mut Vec::new())?;
+    Ok(())
 }
 
 async fn post_json(url: &str, body: &Value) -> Value {
@@ -505,6 +528,25 @@ async fn the_pages_in_a_real_browser_show_the_users_their_budgets_and_one_series
     assert_eq!(detail["models"], 2, "{detail}");
     assert_eq!(detail["recent"], 4, "{detail}");
     browser.screenshot("user-alice").await;
+
+    // Nothing of the browser outlives the test.
+    let profile = browser.profile_dir();
+    drop(browser);
+    eventually("Chromium has exited", || async {
+        (!running_with(&profile)).then_some(())
+    })
+    .await;
+}
+
+/// Whether a process on this machine has `arg` in its command line.
+fn running_with(arg: &str) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        std::fs::read(p.path().join("cmdline"))
+            .is_ok_and(|c| c.windows(arg.len()).any(|w| w == arg.as_bytes()))
+    })
 }
 
 const CLIENT_ID: &str = "bedrock-gate-admin-test";
