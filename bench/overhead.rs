@@ -601,13 +601,8 @@ impl Bench {
                 .through(format!("{} (sampled {})", mb(hwm), mb(sampled_peak)))
                 .target("< 150 MB", Verdict::of(hwm < 150_000_000)),
         );
-        self.rows.push(
-            Row::new(&phase, "time to last byte p50 / max").through(format!(
-                "{} / {}",
-                ms(r.ttlb.value_at_quantile(0.5)),
-                ms(r.ttlb.max())
-            )),
-        );
+        self.rows
+            .push(Row::new(&phase, "time to last byte p50 / max").through(p50_and_max(&r.ttlb)));
         self.rows.push(
             Row::new(&phase, "proxy CPU per stream").through(cpu_per(run.cpu.proxy, r.total())),
         );
@@ -635,11 +630,7 @@ impl Bench {
                 &phase,
                 "time to last byte p50 / max: the minimal relay (the floor)",
             )
-            .through(format!(
-                "{} / {}",
-                ms(rec.ttlb.value_at_quantile(0.5)),
-                ms(rec.ttlb.max())
-            )),
+            .through(p50_and_max(&rec.ttlb)),
         );
         self.rows.push(
             Row::new(&phase, "relay CPU per stream (the floor)")
@@ -861,17 +852,9 @@ impl Bench {
         direct: &hdrhistogram::Histogram<u64>,
         relay: &hdrhistogram::Histogram<u64>,
     ) {
-        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
-            let (d, rv) = (direct.value_at_quantile(q), relay.value_at_quantile(q));
-            self.rows.push(
-                Row::new(
-                    phase,
-                    &format!("{what} {name}: the minimal relay (the floor)"),
-                )
-                .direct(ms(d))
-                .through(ms(rv))
-                .added(added_ms(rv, d)),
-            );
+        for mut row in report::latency_rows(phase, what, direct, relay, None, false) {
+            row.metric.push_str(": the minimal relay (the floor)");
+            self.rows.push(row);
         }
     }
 
@@ -2359,6 +2342,11 @@ fn tree_version() -> String {
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map_or_else(|| "unknown".into(), |s| s.trim().to_string())
+}
+
+/// `p50 / max` of `h`, in milliseconds.
+fn p50_and_max(h: &hdrhistogram::Histogram<u64>) -> String {
+    format!("{} / {}", ms(h.value_at_quantile(0.5)), ms(h.max()))
 }
 
 fn errors_note(r: &load::Recorded) -> String {
